@@ -1,0 +1,184 @@
+//! PID 1 duties inside the guest.
+
+use std::convert::Infallible;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use husk_protocols::{ReadyLine, AGENT_API_VERSION};
+use nix::errno::Errno;
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{sync, Pid};
+
+/// Kernel filesystems every guest needs, in mount order: (source, target, fstype, flags, data).
+const MOUNTS: &[(&str, &str, &str, MsFlags, &str)] = &[
+    (
+        "proc",
+        "/proc",
+        "proc",
+        MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        "",
+    ),
+    (
+        "sysfs",
+        "/sys",
+        "sysfs",
+        MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        "",
+    ),
+    ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, "mode=0755"),
+    (
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        "newinstance,ptmxmode=0666,mode=620",
+    ),
+    (
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        "mode=1777",
+    ),
+    (
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        "mode=0755",
+    ),
+    (
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        "mode=1777",
+    ),
+    (
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        "nsdelegate",
+    ),
+];
+
+/// Kernel command-line flag that starts a shell on the console (needs busybox in the image).
+const DEBUG_CONSOLE_FLAG: &str = "husk.debug_console";
+
+/// Brings the guest up and serves as PID 1 until asked to power off.
+pub fn run() -> Result<Infallible> {
+    // Block the signals PID 1 handles synchronously below, before any child can exist.
+    let signals = handled_signals();
+    signals.thread_block().context("blocking signals")?;
+
+    mount_kernel_filesystems()?;
+    println!("{}", ready_line()?.render());
+
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|arg| arg == DEBUG_CONSOLE_FLAG) {
+        start_debug_console();
+    }
+    serve_signals(&signals)
+}
+
+fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGPWR] {
+        set.add(signal);
+    }
+    set
+}
+
+fn mount_kernel_filesystems() -> Result<()> {
+    for &(source, target, fstype, flags, data) in MOUNTS {
+        fs::create_dir_all(target).with_context(|| format!("creating mount point {target}"))?;
+        let data = (!data.is_empty()).then_some(data);
+        match mount(Some(source), target, Some(fstype), flags, data) {
+            Ok(()) | Err(Errno::EBUSY) => {}
+            Err(err) => return Err(err).with_context(|| format!("mounting {fstype} on {target}")),
+        }
+    }
+    Ok(())
+}
+
+fn ready_line() -> Result<ReadyLine> {
+    let cpus_online = read_trimmed("/sys/devices/system/cpu/online")?;
+    let uptime = read_trimmed("/proc/uptime")?;
+    let seconds: f64 = uptime
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("unexpected /proc/uptime: {uptime:?}"))?;
+    Ok(ReadyLine {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        api: AGENT_API_VERSION,
+        cpus_online,
+        uptime_ms: (seconds * 1000.0) as u64,
+    })
+}
+
+fn read_trimmed(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    Ok(fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+fn start_debug_console() {
+    match Command::new("/bin/sh")
+        .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
+        .spawn()
+    {
+        Ok(child) => println!("husk-agent: debug console started (pid {})", child.id()),
+        Err(err) => println!("husk-agent: cannot start the debug console /bin/sh: {err}"),
+    }
+}
+
+/// Reaps children on SIGCHLD; powers off on SIGTERM/SIGINT/SIGPWR.
+fn serve_signals(signals: &SigSet) -> Result<Infallible> {
+    loop {
+        match signals.wait().context("waiting for signals")? {
+            Signal::SIGCHLD => reap_children(),
+            other => {
+                println!("husk-agent: {other} received, powering off");
+                power_off()
+            }
+        }
+    }
+}
+
+fn reap_children() {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Flushes file systems and powers the guest off. Never returns.
+pub fn power_off() -> ! {
+    sync();
+    let err = match reboot(RebootMode::RB_POWER_OFF) {
+        Ok(never) => match never {},
+        Err(err) => err,
+    };
+    println!("husk-agent: power off failed: {err}");
+    // Nothing else PID 1 can do; idle rather than exit (which would panic the kernel).
+    loop {
+        std::thread::park();
+    }
+}

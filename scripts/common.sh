@@ -1,0 +1,41 @@
+# Shared helpers for Husk's build and test scripts. Source it; do not run it.
+#
+# HUSK_CACHE_DIR holds outputs that are expensive to rebuild (guest kernel, test
+# host images), each under a directory named by the hash of its inputs, so a
+# rebuild with unchanged inputs is a copy, and changed inputs never reuse a
+# stale output.
+
+HUSK_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HUSK_CACHE_DIR=${HUSK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/husk}
+export HUSK_ROOT HUSK_CACHE_DIR
+
+log() { printf '[%s] %s\n' "${0##*/}" "$*" >&2; }
+die() { printf '[%s] error: %s\n' "${0##*/}" "$*" >&2; exit 1; }
+
+# inputs_hash FILE|-STRING... : sha256 over the named files' contents and any
+# literal strings (prefixed with '=') such as package versions.
+inputs_hash() {
+    local item
+    for item in "$@"; do
+        case "$item" in
+        =*) printf 'str:%s\n' "${item#=}" ;;
+        *) [ -f "$item" ] || die "hash input missing: $item"
+           printf 'file:%s:%s\n' "${item#"$HUSK_ROOT"/}" "$(sha256sum <"$item" | cut -d' ' -f1)" ;;
+        esac
+    done | sha256sum | cut -c1-16
+}
+
+# deb_version PKG : installed version of a Debian package, or fail loudly.
+deb_version() {
+    dpkg-query -W -f='${Version}' "$1" 2>/dev/null || die "Debian package '$1' is not installed (run .ci/run or 'make deps')"
+}
+
+# cache_publish DIR_TMP DIR_FINAL : move a fully built cache entry into place
+# atomically, so an interrupted build never leaves a half-written entry.
+cache_publish() {
+    mkdir -p "$(dirname "$2")"
+    rm -rf "$2.old"
+    [ -e "$2" ] && mv "$2" "$2.old"
+    mv "$1" "$2"
+    rm -rf "$2.old"
+}

@@ -1,0 +1,7 @@
+//! Host side of Husk: the containerd shim (`containerd-shim-husk-v2`) and the `husk` tool.
+//!
+//! - [`guest_image`]: locating and verifying the guest kernel + initramfs built by `make guest-image`.
+//! - [`check`]: `husk check`, whether this host can run Husk and why not.
+
+pub mod check;
+pub mod guest_image;
