@@ -16,24 +16,8 @@ use nix::unistd::{sync, Pid};
 
 /// Kernel filesystems every guest needs, in mount order: (source, target, fstype, flags, data).
 const MOUNTS: &[(&str, &str, &str, MsFlags, &str)] = &[
-    (
-        "proc",
-        "/proc",
-        "proc",
-        MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
-        "",
-    ),
-    (
-        "sysfs",
-        "/sys",
-        "sysfs",
-        MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
-        "",
-    ),
+    ("proc", "/proc", "proc", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), ""),
+    ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), ""),
     ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, "mode=0755"),
     (
         "devpts",
@@ -42,34 +26,14 @@ const MOUNTS: &[(&str, &str, &str, MsFlags, &str)] = &[
         MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
         "newinstance,ptmxmode=0666,mode=620",
     ),
-    (
-        "shm",
-        "/dev/shm",
-        "tmpfs",
-        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
-        "mode=1777",
-    ),
-    (
-        "tmpfs",
-        "/run",
-        "tmpfs",
-        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
-        "mode=0755",
-    ),
-    (
-        "tmpfs",
-        "/tmp",
-        "tmpfs",
-        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
-        "mode=1777",
-    ),
+    ("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), "mode=1777"),
+    ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), "mode=1777"),
     (
         "cgroup2",
         "/sys/fs/cgroup",
         "cgroup2",
-        MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC),
         "nsdelegate",
     ),
 ];
@@ -131,17 +95,11 @@ fn ready_line() -> Result<ReadyLine> {
 
 fn read_trimmed(path: impl AsRef<Path>) -> Result<String> {
     let path = path.as_ref();
-    Ok(fs::read_to_string(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .trim()
-        .to_owned())
+    Ok(fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned())
 }
 
 fn start_debug_console() {
-    match Command::new("/bin/sh")
-        .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
-        .spawn()
-    {
+    match Command::new("/bin/sh").env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin").spawn() {
         Ok(child) => println!("husk-agent: debug console started (pid {})", child.id()),
         Err(err) => println!("husk-agent: cannot start the debug console /bin/sh: {err}"),
     }

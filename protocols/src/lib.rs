@@ -58,12 +58,7 @@ impl ReadyLine {
                 _ => {}
             }
         }
-        Some(ReadyLine {
-            version: version?,
-            api: api?,
-            cpus_online: cpus?,
-            uptime_ms: uptime?,
-        })
+        Some(ReadyLine { version: version?, api: api?, cpus_online: cpus?, uptime_ms: uptime? })
     }
 }
 
@@ -73,22 +68,14 @@ mod tests {
 
     #[test]
     fn ready_line_round_trips_through_console_noise() {
-        let line = ReadyLine {
-            version: "0.1.0".into(),
-            api: 1,
-            cpus_online: "0-1".into(),
-            uptime_ms: 812,
-        };
+        let line = ReadyLine { version: "0.1.0".into(), api: 1, cpus_online: "0-1".into(), uptime_ms: 812 };
         let console = format!("[    0.81] random: crng init done\r\n{}\r\nmore\n", line.render());
         assert_eq!(ReadyLine::find_in(&console), Some(line));
     }
 
     #[test]
     fn malformed_ready_lines_are_rejected() {
-        assert_eq!(
-            ReadyLine::find_in("husk-agent: ready version=1 api=x cpus_online=0 uptime_ms=1"),
-            None
-        );
+        assert_eq!(ReadyLine::find_in("husk-agent: ready version=1 api=x cpus_online=0 uptime_ms=1"), None);
         assert_eq!(ReadyLine::find_in("husk-agent: ready version=1"), None);
         assert_eq!(ReadyLine::find_in("husk-agent: ready garbage"), None);
         assert_eq!(ReadyLine::find_in(""), None);

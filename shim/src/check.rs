@@ -17,6 +17,25 @@ const REQUIRED_CGROUP_CONTROLLERS: &[&str] = &["cpu", "memory", "pids"];
 /// The oldest containerd major version whose task API (v3) the shim speaks.
 const MIN_CONTAINERD_MAJOR: u32 = 2;
 
+/// The checks `husk check` knows, in the order it runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckName {
+    /// /dev/kvm is hardware virtualisation and runs a probe VM.
+    Kvm,
+    /// The guest kernel and initramfs are present and match their manifest.
+    GuestImage,
+    /// cgroup v2 with the controllers the shim uses.
+    Cgroup,
+    /// containerd 2.x is installed.
+    Containerd,
+}
+
+impl CheckName {
+    /// Every check, in run order.
+    pub const ALL: [CheckName; 4] =
+        [CheckName::Kvm, CheckName::GuestImage, CheckName::Cgroup, CheckName::Containerd];
+}
+
 /// All checks and the overall verdict.
 #[derive(Debug, Serialize)]
 pub struct CheckReport {
@@ -35,18 +54,19 @@ pub struct Check {
 }
 
 impl CheckReport {
-    /// Runs every check.
-    pub fn run() -> CheckReport {
-        let checks = vec![
-            check_kvm(),
-            check_guest_image(),
-            check_cgroup2(),
-            check_containerd(),
-        ];
-        CheckReport {
-            ready: checks.iter().all(|c| c.ok),
-            checks,
-        }
+    /// Runs every check, or only those named in `only` (all when empty).
+    pub fn run(only: &[CheckName]) -> CheckReport {
+        let checks: Vec<Check> = CheckName::ALL
+            .iter()
+            .filter(|name| only.is_empty() || only.contains(name))
+            .map(|name| match name {
+                CheckName::Kvm => check_kvm(),
+                CheckName::GuestImage => check_guest_image(),
+                CheckName::Cgroup => check_cgroup2(),
+                CheckName::Containerd => check_containerd(),
+            })
+            .collect();
+        CheckReport { ready: checks.iter().all(|c| c.ok), checks }
     }
 
     /// The report as aligned text lines for a terminal.
@@ -63,14 +83,7 @@ impl CheckReport {
 fn check_kvm() -> Check {
     let report = match KvmReport::probe() {
         Ok(report) => report,
-        Err(err) => {
-            return Check {
-                name: "kvm",
-                ok: false,
-                summary: err.to_string(),
-                details: Value::Null,
-            }
-        }
+        Err(err) => return Check { name: "kvm", ok: false, summary: err.to_string(), details: Value::Null },
     };
     let details = serde_json::to_value(&report).unwrap_or(Value::Null);
     match report.usable() {
@@ -85,12 +98,7 @@ fn check_kvm() -> Check {
             ),
             details,
         },
-        Err(reason) => Check {
-            name: "kvm",
-            ok: false,
-            summary: reason,
-            details,
-        },
+        Err(reason) => Check { name: "kvm", ok: false, summary: reason, details },
     }
 }
 
@@ -109,12 +117,7 @@ fn check_guest_image() -> Check {
             ),
             details: json!({ "dir": image.dir, "manifest": image.manifest }),
         },
-        Err(err) => Check {
-            name: "guest image",
-            ok: false,
-            summary: err.to_string(),
-            details: Value::Null,
-        },
+        Err(err) => Check { name: "guest image", ok: false, summary: err.to_string(), details: Value::Null },
     }
 }
 
@@ -124,12 +127,7 @@ fn mib(bytes: u64) -> f64 {
 
 fn check_cgroup2() -> Check {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let fail = |summary: String| Check {
-        name: "cgroup v2",
-        ok: false,
-        summary,
-        details: Value::Null,
-    };
+    let fail = |summary: String| Check { name: "cgroup v2", ok: false, summary, details: Value::Null };
     if !is_cgroup2_mount(&mountinfo, "/sys/fs/cgroup") {
         return fail(
             "/sys/fs/cgroup is not a cgroup v2 (unified) mount; boot the host with cgroup v2 \
@@ -141,10 +139,8 @@ fn check_cgroup2() -> Check {
         Ok(text) => text.split_whitespace().map(str::to_owned).collect::<Vec<_>>(),
         Err(err) => return fail(format!("/sys/fs/cgroup/cgroup.controllers: {err}")),
     };
-    let missing: Vec<_> = REQUIRED_CGROUP_CONTROLLERS
-        .iter()
-        .filter(|c| !controllers.iter().any(|have| have == *c))
-        .collect();
+    let missing: Vec<_> =
+        REQUIRED_CGROUP_CONTROLLERS.iter().filter(|c| !controllers.iter().any(|have| have == *c)).collect();
     let details = json!({ "controllers": controllers });
     if missing.is_empty() {
         Check {
@@ -154,11 +150,7 @@ fn check_cgroup2() -> Check {
             details,
         }
     } else {
-        let missing = missing
-            .iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let missing = missing.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
         Check {
             name: "cgroup v2",
             ok: false,
@@ -179,35 +171,21 @@ fn is_cgroup2_mount(mountinfo: &str, target: &str) -> bool {
 }
 
 fn check_containerd() -> Check {
-    let fail = |summary: String| Check {
-        name: "containerd",
-        ok: false,
-        summary,
-        details: Value::Null,
-    };
+    let fail = |summary: String| Check { name: "containerd", ok: false, summary, details: Value::Null };
     let output = match Command::new("containerd").arg("--version").output() {
         Ok(output) if output.status.success() => output,
         Ok(output) => return fail(format!("`containerd --version` failed with {}", output.status)),
-        Err(err) => {
-            return fail(format!(
-                "containerd not found in PATH ({err}); Husk needs containerd 2.x"
-            ))
-        }
+        Err(err) => return fail(format!("containerd not found in PATH ({err}); Husk needs containerd 2.x")),
     };
     let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     match containerd_major(&text) {
-        Some(major) if major >= MIN_CONTAINERD_MAJOR => Check {
-            name: "containerd",
-            ok: true,
-            summary: text.clone(),
-            details: json!({ "version": text }),
-        },
+        Some(major) if major >= MIN_CONTAINERD_MAJOR => {
+            Check { name: "containerd", ok: true, summary: text.clone(), details: json!({ "version": text }) }
+        }
         Some(_) => fail(format!(
             "{text}: Husk speaks task API v3 and needs containerd {MIN_CONTAINERD_MAJOR}.x or newer"
         )),
-        None => fail(format!(
-            "cannot read a version in `containerd --version` output: {text:?}"
-        )),
+        None => fail(format!("cannot read a version in `containerd --version` output: {text:?}")),
     }
 }
 
@@ -218,9 +196,7 @@ fn containerd_major(version_output: &str) -> Option<u32> {
     version_output.split_whitespace().skip(1).find_map(|token| {
         let token = token.strip_prefix('v').unwrap_or(token);
         let (major, rest) = token.split_once('.')?;
-        rest.starts_with(|c: char| c.is_ascii_digit())
-            .then(|| major.parse().ok())
-            .flatten()
+        rest.starts_with(|c: char| c.is_ascii_digit()).then(|| major.parse().ok()).flatten()
     })
 }
 
@@ -234,14 +210,8 @@ mod tests {
             containerd_major("containerd github.com/containerd/containerd/v2 2.1.9+ds1 2.1.9+ds1"),
             Some(2)
         );
-        assert_eq!(
-            containerd_major("containerd containerd.io v1.6.20 2806fc1"),
-            Some(1)
-        );
-        assert_eq!(
-            containerd_major("containerd github.com/containerd/containerd v1.7.24 e8f"),
-            Some(1)
-        );
+        assert_eq!(containerd_major("containerd containerd.io v1.6.20 2806fc1"), Some(1));
+        assert_eq!(containerd_major("containerd github.com/containerd/containerd v1.7.24 e8f"), Some(1));
         assert_eq!(containerd_major("nonsense"), None);
     }
 
@@ -266,9 +236,6 @@ mod tests {
             }],
         };
         let text = report.render_text();
-        assert!(
-            text.contains("NOT READY") && text.contains("[FAIL] kvm") && text.contains("PVM"),
-            "{text}"
-        );
+        assert!(text.contains("NOT READY") && text.contains("[FAIL] kvm") && text.contains("PVM"), "{text}");
     }
 }

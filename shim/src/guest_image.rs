@@ -55,21 +55,13 @@ pub enum GuestImageError {
     #[error("{path}: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error("{path}: not a valid guest image manifest: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Parse { path: PathBuf, source: serde_json::Error },
     #[error("{path}: manifest format {found}, this husk reads format {MANIFEST_FORMAT}; rebuild with `make guest-image`")]
     Format { path: PathBuf, found: u32 },
     #[error(
         "{path}: {what} is {found}, the manifest says {expected}; the image was changed after it was built"
     )]
-    Mismatch {
-        path: PathBuf,
-        what: &'static str,
-        found: String,
-        expected: String,
-    },
+    Mismatch { path: PathBuf, what: &'static str, found: String, expected: String },
     #[error(
         "the image's agent speaks API {found}, this husk speaks {expected}; rebuild with `make guest-image`"
     )]
@@ -91,11 +83,7 @@ impl GuestImage {
         if let Some(dir) = std::env::var_os("HUSK_GUEST_DIR") {
             dirs.push(PathBuf::from(dir));
         }
-        if let Some(root) = std::env::current_exe()
-            .ok()
-            .as_deref()
-            .and_then(workspace_root_of)
-        {
+        if let Some(root) = std::env::current_exe().ok().as_deref().and_then(workspace_root_of) {
             dirs.push(root.join(WORKSPACE_GUEST_DIR));
         }
         dirs.push(PathBuf::from(INSTALLED_GUEST_DIR));
@@ -108,11 +96,7 @@ impl GuestImage {
         match candidates.iter().find(|dir| dir.join(MANIFEST_FILE).is_file()) {
             Some(dir) => Self::open(dir),
             None => Err(GuestImageError::NotFound {
-                searched: candidates
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                searched: candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
             }),
         }
     }
@@ -121,19 +105,12 @@ impl GuestImage {
     /// and that the agent speaks this host's API version.
     pub fn open(dir: &Path) -> Result<GuestImage, GuestImageError> {
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = fs::read_to_string(&manifest_path).map_err(|source| GuestImageError::Read {
-            path: manifest_path.clone(),
-            source,
-        })?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|source| GuestImageError::Parse {
-            path: manifest_path.clone(),
-            source,
-        })?;
+        let text = fs::read_to_string(&manifest_path)
+            .map_err(|source| GuestImageError::Read { path: manifest_path.clone(), source })?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|source| GuestImageError::Parse { path: manifest_path.clone(), source })?;
         if manifest.format != MANIFEST_FORMAT {
-            return Err(GuestImageError::Format {
-                path: manifest_path,
-                found: manifest.format,
-            });
+            return Err(GuestImageError::Format { path: manifest_path, found: manifest.format });
         }
         for file in [&manifest.kernel, &manifest.initramfs] {
             verify_file(&dir.join(&file.path), file)?;
@@ -144,10 +121,7 @@ impl GuestImage {
                 expected: husk_protocols::AGENT_API_VERSION,
             });
         }
-        Ok(GuestImage {
-            dir: dir.to_path_buf(),
-            manifest,
-        })
+        Ok(GuestImage { dir: dir.to_path_buf(), manifest })
     }
 
     /// Path of the guest kernel.
@@ -173,10 +147,8 @@ fn workspace_root_of(exe: &Path) -> Option<PathBuf> {
 }
 
 fn verify_file(path: &Path, expected: &ImageFile) -> Result<(), GuestImageError> {
-    let bytes = fs::read(path).map_err(|source| GuestImageError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes =
+        fs::read(path).map_err(|source| GuestImageError::Read { path: path.to_path_buf(), source })?;
     if bytes.len() as u64 != expected.size {
         return Err(GuestImageError::Mismatch {
             path: path.to_path_buf(),
@@ -217,11 +189,7 @@ mod tests {
             format: MANIFEST_FORMAT,
             kernel: file("vmlinux", b"kernel"),
             initramfs: file("initramfs.cpio", b"initramfs"),
-            agent: AgentInfo {
-                version: "0.1.0".into(),
-                api,
-                sha256: "00".into(),
-            },
+            agent: AgentInfo { version: "0.1.0".into(), api, sha256: "00".into() },
             inputs: Default::default(),
         };
         fs::write(dir.join(MANIFEST_FILE), serde_json::to_string(&manifest).unwrap()).unwrap();
@@ -248,10 +216,7 @@ mod tests {
     fn an_agent_of_another_api_version_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         write_image(dir.path(), husk_protocols::AGENT_API_VERSION + 1);
-        assert!(matches!(
-            GuestImage::open(dir.path()),
-            Err(GuestImageError::AgentApi { .. })
-        ));
+        assert!(matches!(GuestImage::open(dir.path()), Err(GuestImageError::AgentApi { .. })));
     }
 
     #[test]

@@ -120,16 +120,10 @@ impl KvmReport {
     /// `Ok(())` when Husk guests can run on this KVM, otherwise the reason they cannot.
     pub fn usable(&self) -> Result<(), String> {
         if self.api_version != KVM_API_VERSION {
-            return Err(format!(
-                "KVM API version {} (expected {KVM_API_VERSION})",
-                self.api_version
-            ));
+            return Err(format!("KVM API version {} (expected {KVM_API_VERSION})", self.api_version));
         }
         if !self.missing_caps.is_empty() {
-            return Err(format!(
-                "KVM lacks required capabilities: {}",
-                self.missing_caps.join(", ")
-            ));
+            return Err(format!("KVM lacks required capabilities: {}", self.missing_caps.join(", ")));
         }
         if let Err(err) = &self.vm_probe {
             return Err(format!("creating and running a probe VM failed: {err}"));
@@ -150,10 +144,9 @@ impl KvmReport {
         match &self.kind {
             KvmKind::Hardware { vendor } => format!("hardware {}", vendor.extension()),
             KvmKind::Nested { vendor } => format!("nested {} (this host is itself a VM)", vendor.extension()),
-            KvmKind::Pvm { native_mode } => format!(
-                "PVM (kvm_pvm, pvm_native={})",
-                if *native_mode { 'Y' } else { 'N' }
-            ),
+            KvmKind::Pvm { native_mode } => {
+                format!("PVM (kvm_pvm, pvm_native={})", if *native_mode { 'Y' } else { 'N' })
+            }
             KvmKind::Unknown => "unknown implementation (no kvm_intel, kvm_amd or kvm_pvm module)".to_owned(),
         }
     }
@@ -174,9 +167,7 @@ fn detect_kind(sysfs_module: &Path, cpuinfo: &str) -> KvmKind {
     if sysfs_module.join("kvm_pvm").exists() {
         let native =
             fs::read_to_string(sysfs_module.join("kvm_pvm/parameters/pvm_native")).unwrap_or_default();
-        return KvmKind::Pvm {
-            native_mode: native.trim() == "Y",
-        };
+        return KvmKind::Pvm { native_mode: native.trim() == "Y" };
     }
     let vendor = if sysfs_module.join("kvm_intel").exists() {
         CpuVendor::Intel
@@ -204,9 +195,8 @@ fn run_probe_guest(kvm: &Kvm) -> Result<(), String> {
         .map_err(|e| format!("allocating probe memory: {e}"))?;
     mem.write_slice(&PROBE_CODE, GuestAddress(PROBE_CODE_GPA))
         .map_err(|e| format!("writing probe code: {e}"))?;
-    let host_addr: *mut u8 = mem
-        .get_host_address(GuestAddress(PROBE_CODE_GPA))
-        .map_err(|e| format!("probe memory: {e}"))?;
+    let host_addr: *mut u8 =
+        mem.get_host_address(GuestAddress(PROBE_CODE_GPA)).map_err(|e| format!("probe memory: {e}"))?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -222,8 +212,7 @@ fn run_probe_guest(kvm: &Kvm) -> Result<(), String> {
     let mut sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs)
-        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+    vcpu.set_sregs(&sregs).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
     let mut regs = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
     regs.rip = PROBE_CODE_GPA;
     regs.rflags = 0x2;
@@ -270,16 +259,12 @@ mod tests {
         let sysfs = fake_sysfs(&["kvm", "kvm_amd"]);
         assert_eq!(
             detect_kind(sysfs.path(), "flags\t\t: fpu svm hypervisor\n"),
-            KvmKind::Nested {
-                vendor: CpuVendor::Amd
-            }
+            KvmKind::Nested { vendor: CpuVendor::Amd }
         );
         let sysfs = fake_sysfs(&["kvm", "kvm_intel"]);
         assert_eq!(
             detect_kind(sysfs.path(), "flags\t\t: fpu vmx\n"),
-            KvmKind::Hardware {
-                vendor: CpuVendor::Intel
-            }
+            KvmKind::Hardware { vendor: CpuVendor::Intel }
         );
         assert_eq!(detect_kind(fake_sysfs(&["kvm"]).path(), ""), KvmKind::Unknown);
     }
@@ -294,9 +279,6 @@ mod tests {
             vm_probe: Ok(()),
         };
         let reason = report.usable().unwrap_err();
-        assert!(
-            reason.contains("PVM") && reason.contains("user space"),
-            "{reason}"
-        );
+        assert!(reason.contains("PVM") && reason.contains("user space"), "{reason}");
     }
 }

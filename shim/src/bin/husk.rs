@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use husk_shim::check::CheckReport;
+use husk_shim::check::{CheckName, CheckReport};
 
 #[derive(Debug, Parser)]
 #[command(name = "husk", version, about = "Husk: containers in KVM microVMs")]
@@ -20,23 +20,22 @@ enum Commands {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Run only these checks (repeatable).
+        #[arg(long, value_enum)]
+        only: Vec<CheckName>,
     },
 }
 
 fn main() -> Result<ExitCode> {
     match Cli::parse().command {
-        Commands::Check { json } => {
-            let report = CheckReport::run();
+        Commands::Check { json, only } => {
+            let report = CheckReport::run(&only);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.render_text());
             }
-            Ok(if report.ready {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if report.ready { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }
