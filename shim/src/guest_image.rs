@@ -76,13 +76,14 @@ pub struct GuestImage {
 }
 
 impl GuestImage {
-    /// Candidate directories, in the order they are tried: `$HUSK_GUEST_DIR`, the workspace's
+    /// Candidate directories, in the order they are tried: only `$HUSK_GUEST_DIR` when it is set
+    /// (an explicit choice never falls back to another image), otherwise the workspace's
     /// `build/guest` when running from a cargo target directory, then the installed location.
     pub fn candidate_dirs() -> Vec<PathBuf> {
-        let mut dirs = Vec::new();
         if let Some(dir) = std::env::var_os("HUSK_GUEST_DIR") {
-            dirs.push(PathBuf::from(dir));
+            return vec![PathBuf::from(dir)];
         }
+        let mut dirs = Vec::new();
         if let Some(root) = std::env::current_exe().ok().as_deref().and_then(workspace_root_of) {
             dirs.push(root.join(WORKSPACE_GUEST_DIR));
         }

@@ -1,1 +1,103 @@
-//! placeholder
+//! Harness for Husk's integration tests: where the workspace and its build outputs are, and how to
+//! run a command where Husk guests can run (directly on a KVM that can run them, otherwise inside the
+//! nested test host, `tests/testhost/run`).
+//!
+//! The tests expect `make build guest-image testhost` to have run (`make test` does that first).
+
+pub mod cpio;
+pub mod elf;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// A host binary built by `make build` (`target/debug/<name>`).
+///
+/// # Panics
+/// When the binary is missing, with the command that builds it.
+pub fn target_bin(name: &str) -> PathBuf {
+    let path = workspace_root().join("target/debug").join(name);
+    assert!(path.is_file(), "{} is missing: run `make build` first", path.display());
+    path
+}
+
+/// The guest image directory built by `make guest-image`.
+///
+/// # Panics
+/// When the image has not been built.
+pub fn guest_dir() -> PathBuf {
+    let dir = workspace_root().join("build/guest");
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "{} has no guest image: run `make guest-image`",
+        dir.display()
+    );
+    dir
+}
+
+/// Where VM tests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmHost {
+    /// This machine's KVM runs Husk guests.
+    Direct,
+    /// This machine's KVM cannot (e.g. PVM): use the nested test host.
+    TestHost,
+}
+
+impl VmHost {
+    /// `HUSK_VM_HOST=direct|testhost` when set, otherwise what `husk check --only kvm` would decide.
+    ///
+    /// # Panics
+    /// On an unknown `HUSK_VM_HOST` value.
+    pub fn detect() -> VmHost {
+        match std::env::var("HUSK_VM_HOST").as_deref() {
+            Ok("direct") => VmHost::Direct,
+            Ok("testhost") => VmHost::TestHost,
+            Ok(other) => panic!("HUSK_VM_HOST must be `direct` or `testhost`, not {other:?}"),
+            Err(_) => match husk_vmm::host::KvmReport::probe() {
+                Ok(report) if report.usable().is_ok() => VmHost::Direct,
+                _ => VmHost::TestHost,
+            },
+        }
+    }
+
+    /// A command running `args` on this VM host, killed after `timeout` when it goes through the
+    /// test host.
+    pub fn command(self, timeout: Duration, args: &[&str]) -> Command {
+        match self {
+            VmHost::Direct => {
+                let mut command = Command::new(args[0]);
+                command.args(&args[1..]);
+                command
+            }
+            VmHost::TestHost => testhost_command(timeout, args),
+        }
+    }
+}
+
+/// `tests/testhost/run --timeout <timeout> -- <args>`.
+pub fn testhost_command(timeout: Duration, args: &[&str]) -> Command {
+    let mut command = Command::new(workspace_root().join("tests/testhost/run"));
+    command.arg("--timeout").arg(timeout.as_secs().max(1).to_string()).arg("--").args(args);
+    command
+}
+
+/// Runs `command`, returning its output; panics with the command line if it cannot start.
+pub fn run(command: &mut Command) -> Output {
+    command.output().unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"))
+}
+
+/// Stdout and stderr of `output` as one string, for assertion messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}

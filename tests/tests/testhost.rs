@@ -1,0 +1,67 @@
+//! The nested test host (`tests/testhost/run`): a real KVM inside, exit statuses passed through,
+//! hung commands killed at the timeout with nothing left behind.
+
+// Test code: a failed expectation is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use husk_tests::{describe, run, target_bin, testhost_command};
+
+const BOOT_BUDGET: Duration = Duration::from_secs(300);
+
+#[test]
+fn the_test_host_has_svm_and_a_kvm_device() {
+    let output = run(&mut testhost_command(
+        BOOT_BUDGET,
+        &["sh", "-c", "grep -qw svm /proc/cpuinfo && test -c /dev/kvm"],
+    ));
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+}
+
+#[test]
+fn kvm_in_the_test_host_creates_and_runs_a_vm() {
+    // `husk check` creates a VM and a vCPU through kvm-ioctls and runs a real-mode probe guest.
+    let husk = target_bin("husk");
+    let output = run(&mut testhost_command(
+        BOOT_BUDGET,
+        &[husk.to_str().unwrap(), "check", "--json", "--only", "kvm"],
+    ));
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("husk check --json output");
+    let kvm = &report["checks"][0];
+    assert_eq!(kvm["name"], "kvm");
+    assert_eq!(kvm["ok"], true, "{report:#}");
+    assert_eq!(kvm["details"]["vm_probe"], "ok", "{report:#}");
+    assert_eq!(kvm["details"]["kind"]["kind"], "nested", "{report:#}");
+    assert_eq!(kvm["details"]["kind"]["vendor"], "amd", "{report:#}");
+}
+
+#[test]
+fn output_streams_back_and_the_exit_status_is_unchanged() {
+    let output =
+        run(&mut testhost_command(BOOT_BUDGET, &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"]));
+    assert_eq!(output.status.code(), Some(7), "{}", describe(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("to-stdout\n") && stdout.contains("to-stderr\n"), "{}", describe(&output));
+}
+
+#[test]
+fn a_hung_command_is_killed_at_the_timeout_and_qemu_does_not_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("qemu.pid");
+    let started = Instant::now();
+    let output =
+        run(testhost_command(Duration::from_secs(20), &["sleep", "3600"])
+            .env("HUSK_TESTHOST_PIDFILE", &pidfile));
+    let elapsed = started.elapsed();
+
+    assert_eq!(output.status.code(), Some(124), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("timeout"), "{}", describe(&output));
+    // The 20 s budget plus boot and the kill grace period, far below the command's hour.
+    assert!(elapsed < Duration::from_secs(120), "took {elapsed:?}");
+    let pid = fs::read_to_string(&pidfile).expect("run writes QEMU's pid to HUSK_TESTHOST_PIDFILE");
+    let comm = fs::read_to_string(format!("/proc/{}/comm", pid.trim())).unwrap_or_default();
+    assert!(!comm.starts_with("qemu"), "QEMU (pid {}) survived the timeout", pid.trim());
+}
