@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use husk_protocols::{ReadyLine, AGENT_API_VERSION};
+use husk_protocols::{GuestEvent, ReadyLine, AGENT_API_VERSION};
+
+use crate::guest_events;
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
@@ -40,6 +42,9 @@ const MOUNTS: &[(&str, &str, &str, MsFlags, &str)] = &[
 
 /// Kernel command-line flag that starts a shell on the console (needs busybox in the image).
 const DEBUG_CONSOLE_FLAG: &str = "husk.debug_console";
+/// Kernel command-line option saying what to do once ready (for boot checks and tests):
+/// `poweroff`, `reboot`, or `exit` (PID 1 exits, so the kernel panics).
+const AFTER_READY_OPTION: &str = "husk.after_ready=";
 
 /// Brings the guest up and serves as PID 1 until asked to power off.
 pub fn run() -> Result<Infallible> {
@@ -49,10 +54,22 @@ pub fn run() -> Result<Infallible> {
 
     mount_kernel_filesystems()?;
     println!("{}", ready_line()?.render());
+    guest_events::send(GuestEvent::Ready);
 
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if cmdline.split_whitespace().any(|arg| arg == DEBUG_CONSOLE_FLAG) {
+    let mut args = cmdline.split_whitespace();
+    if args.clone().any(|arg| arg == DEBUG_CONSOLE_FLAG) {
         start_debug_console();
+    }
+    match args.find_map(|arg| arg.strip_prefix(AFTER_READY_OPTION)) {
+        None => {}
+        Some("poweroff") => power_off(),
+        Some("reboot") => restart(),
+        Some("exit") => {
+            println!("husk-agent: {AFTER_READY_OPTION}exit: PID 1 exits, the kernel will panic");
+            std::process::exit(1)
+        }
+        Some(other) => println!("husk-agent: ignoring unknown {AFTER_READY_OPTION}{other}"),
     }
     serve_signals(&signals)
 }
@@ -127,14 +144,26 @@ fn reap_children() {
     }
 }
 
-/// Flushes file systems and powers the guest off. Never returns.
+/// Flushes file systems, tells the VMM, and powers the guest off. Never returns.
 pub fn power_off() -> ! {
     sync();
-    let err = match reboot(RebootMode::RB_POWER_OFF) {
+    // Without ACPI the kernel cannot power off by itself: the VMM ends the VM on this event.
+    guest_events::send(GuestEvent::Poweroff);
+    end_with(RebootMode::RB_POWER_OFF)
+}
+
+/// Flushes file systems and restarts the guest (the VMM sees the i8042 reset). Never returns.
+fn restart() -> ! {
+    sync();
+    end_with(RebootMode::RB_AUTOBOOT)
+}
+
+fn end_with(mode: RebootMode) -> ! {
+    let err = match reboot(mode) {
         Ok(never) => match never {},
         Err(err) => err,
     };
-    println!("husk-agent: power off failed: {err}");
+    println!("husk-agent: {mode:?} failed: {err}");
     // Nothing else PID 1 can do; idle rather than exit (which would panic the kernel).
     loop {
         std::thread::park();

@@ -4,6 +4,7 @@
 //! reap orphans, power off on SIGTERM or on a fatal error) and offers a debug shell. The agent API
 //! (ttrpc over vsock) and container creation build on this.
 
+mod guest_events;
 mod init;
 
 use std::process::ExitCode;

@@ -1,7 +1,7 @@
 //! The contract between the Husk host side (shim, VMM) and `husk-agent` inside the guest.
 //!
 //! Everything both sides must agree on lives here, so a change to it is one change in one place: the
-//! agent's announcement on the console, the vsock port of the agent API and the API version. The ttrpc
+//! agent's announcement on the console, the guest event port, the vsock port of the agent API and the API version. The ttrpc
 //! service definitions join this crate with the agent API.
 
 /// Version of the host/agent contract. The guest image manifest records the agent's value and
@@ -10,6 +10,31 @@ pub const AGENT_API_VERSION: u32 = 1;
 
 /// Guest vsock port on which the agent serves its API.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// I/O port on which the guest reports events to the VMM with one-byte writes of a
+/// [`GuestEvent`] (the agent uses it; the VMM's boot timer and poweroff detection listen).
+pub const GUEST_EVENT_PORT: u16 = 0x440;
+
+/// Values written to [`GUEST_EVENT_PORT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum GuestEvent {
+    /// The agent is up: the end point of the boot time the VMM measures.
+    Ready = 1,
+    /// The guest is powering off (file systems are synced): the VMM ends the VM.
+    Poweroff = 2,
+}
+
+impl GuestEvent {
+    /// Decodes a byte written by the guest (any value may arrive).
+    pub fn from_byte(value: u8) -> Option<GuestEvent> {
+        match value {
+            1 => Some(GuestEvent::Ready),
+            2 => Some(GuestEvent::Poweroff),
+            _ => None,
+        }
+    }
+}
 
 /// The agent prints one line starting with this prefix on the console once it is ready, followed by
 /// `key=value` fields (see [`ReadyLine`]).
@@ -71,6 +96,14 @@ mod tests {
         let line = ReadyLine { version: "0.1.0".into(), api: 1, cpus_online: "0-1".into(), uptime_ms: 812 };
         let console = format!("[    0.81] random: crng init done\r\n{}\r\nmore\n", line.render());
         assert_eq!(ReadyLine::find_in(&console), Some(line));
+    }
+
+    #[test]
+    fn guest_events_decode_only_known_values() {
+        assert_eq!(GuestEvent::from_byte(GuestEvent::Ready as u8), Some(GuestEvent::Ready));
+        assert_eq!(GuestEvent::from_byte(GuestEvent::Poweroff as u8), Some(GuestEvent::Poweroff));
+        assert_eq!(GuestEvent::from_byte(0), None);
+        assert_eq!(GuestEvent::from_byte(0xff), None);
     }
 
     #[test]

@@ -128,15 +128,7 @@ impl KvmReport {
         if let Err(err) = &self.vm_probe {
             return Err(format!("creating and running a probe VM failed: {err}"));
         }
-        if let KvmKind::Pvm { .. } = self.kind {
-            return Err("KVM here is PVM (module kvm_pvm, pagetable-based virtual machine), not hardware \
-                        virtualisation: guest kernel code is emulated and an unmodified Linux guest cannot run \
-                        its user space (SYSCALL from guest user mode does not enter the guest kernel). Run Husk \
-                        on a host with VT-x or AMD-V, or run VM tests in the nested test host \
-                        (tests/testhost/run)"
-                .to_owned());
-        }
-        Ok(())
+        usable_kind(&self.kind)
     }
 
     /// One-line description of the KVM kind, for humans.
@@ -158,6 +150,24 @@ impl CpuVendor {
             CpuVendor::Intel => "VT-x",
             CpuVendor::Amd => "AMD-V",
         }
+    }
+}
+
+/// The KVM implementation of this host (cheap: reads sysfs and `/proc/cpuinfo`, creates no VM).
+pub fn detect_kind_here() -> KvmKind {
+    detect_kind(Path::new("/sys/module"), &fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+}
+
+/// `Ok(())` unless this kind of KVM cannot run an unmodified Linux guest, with the reason.
+pub fn usable_kind(kind: &KvmKind) -> Result<(), String> {
+    match kind {
+        KvmKind::Pvm { .. } => Err("KVM here is PVM (module kvm_pvm, pagetable-based virtual machine), not hardware \
+                                    virtualisation: guest kernel code is emulated and an unmodified Linux guest cannot \
+                                    run its user space (SYSCALL from guest user mode does not enter the guest kernel). \
+                                    Run Husk on a host with VT-x or AMD-V, or run VM tests in the nested test host \
+                                    (tests/testhost/run)"
+            .to_owned()),
+        _ => Ok(()),
     }
 }
 

@@ -1,6 +1,303 @@
-//! Husk's virtual machine monitor: a library embedded in the containerd shim (one VM per pod).
+//! Husk's virtual machine monitor: a library embedded in the containerd shim (one VM per pod), with
+//! `husk-vmm` as a thin binary over it.
 //!
 //! Modules, one concern each:
 //! - [`host`]: what this host's KVM is and whether it can run Husk guests.
+//! - [`layout`]: the guest physical memory map.
+//! - [`vm`]: the KVM VM, its memory and interrupt controllers.
+//! - [`boot`]: loading Linux (kernel, initrd, command line, boot params), MP table, CPUID, registers.
+//! - [`vcpu`]: vCPU threads and exit dispatch.
+//! - [`devices`]: buses and device models (legacy: serial, i8042, guest event port).
+//! - [`exit`]: why a VM ended.
 
+pub mod boot;
+pub mod devices;
+pub mod exit;
 pub mod host;
+pub mod layout;
+pub mod vcpu;
+pub mod vm;
+
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{cpuid, mptable, regs, BootError};
+use crate::devices::legacy::{
+    Console, GuestEvents, GuestTimestamps, Serial, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
+    SERIAL_PORT_BASE, SERIAL_PORT_LEN,
+};
+use crate::devices::{Bus, BusError};
+use crate::exit::ExitNotifier;
+pub use crate::exit::ExitReason;
+use crate::vcpu::VcpuShared;
+use crate::vm::{Vm, VmSetupError};
+
+/// Kernel command line for Husk's guest kernel: serial console, reset through the i8042, reboot at
+/// once on panic, no PCI or modules, and the fast-boot options of the guest image notes.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodules 8250.nr_uarts=1 no_timer_check io_delay=none quiet";
+
+/// Console text that marks a kernel panic (the kernel then resets through the i8042).
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
+/// Lines of console output included in error reports.
+pub const CONSOLE_TAIL_LINES: usize = 30;
+
+/// What to boot and how.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Number of vCPUs (1 to [`mptable::MAX_VCPUS`], and no more than KVM allows).
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// ELF `vmlinux` or bzImage.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Where the serial console goes.
+    pub console: Console,
+    /// Start point of `vmm_setup` (default: when [`VmHandle::start`] is called); the binary passes
+    /// its process start.
+    pub setup_started: Option<Instant>,
+}
+
+/// Errors starting a VM. Each names what the user can change.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Host(#[from] host::HostError),
+    #[error("this host's KVM cannot run Husk guests: {0}")]
+    UnusableKvm(String),
+    #[error("vcpus: {requested} requested, this VMM supports 1 to {max} (KVM allows {kvm_max})")]
+    Vcpus { requested: u8, max: u8, kvm_max: usize },
+    #[error("memory: {mib} MiB is too small (at least {min} MiB)")]
+    MemoryTooSmall { mib: u64, min: u64 },
+    #[error(transparent)]
+    Setup(#[from] VmSetupError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("vCPU {index}: {source}")]
+    Regs { index: u8, source: regs::RegsError },
+    #[error("{what}: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("registering a device: {0}")]
+    Bus(#[from] BusError),
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+}
+
+/// The smallest guest that can hold a kernel and an initramfs.
+pub const MIN_MEM_MIB: u64 = 32;
+
+/// How long the boot took, with stated start and end points.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimings {
+    /// `setup_started` (process start for `husk-vmm`) to the boot vCPU's first `KVM_RUN`.
+    pub vmm_setup: Option<Duration>,
+    /// First `KVM_RUN` to the agent's ready event on the guest event port.
+    pub boot_to_ready: Option<Duration>,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone)]
+pub struct VmExit {
+    pub reason: ExitReason,
+    /// The last [`CONSOLE_TAIL_LINES`] console lines.
+    pub console_tail: String,
+    pub timings: BootTimings,
+}
+
+/// Stops a running VM from any thread.
+#[derive(Debug, Clone)]
+pub struct VmStopper(ExitNotifier);
+
+impl VmStopper {
+    /// Ends the VM with [`ExitReason::Stopped`] (no effect once it has ended).
+    pub fn stop(&self) {
+        self.0.notify(ExitReason::Stopped);
+    }
+}
+
+/// A running VM. Dropping it stops the VM and joins its threads.
+#[derive(Debug)]
+pub struct VmHandle {
+    exits: Receiver<ExitReason>,
+    notifier: ExitNotifier,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    console: Console,
+    timestamps: Arc<GuestTimestamps>,
+    setup_started: Instant,
+    // Declared last: dropped after the vCPU threads are joined.
+    _vm: Vm,
+}
+
+impl VmHandle {
+    /// Creates the VM, loads the guest and starts its vCPUs.
+    pub fn start(config: VmConfig) -> Result<VmHandle, VmError> {
+        let setup_started = config.setup_started.unwrap_or_else(Instant::now);
+        if let Err(reason) = host::usable_kind(&host::detect_kind_here()) {
+            return Err(VmError::UnusableKvm(reason));
+        }
+        let kvm = Kvm::new().map_err(host::HostError::Open)?;
+        let kvm_max = kvm.get_max_vcpus();
+        if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS || config.vcpus as usize > kvm_max {
+            return Err(VmError::Vcpus { requested: config.vcpus, max: mptable::MAX_VCPUS, kvm_max });
+        }
+        if config.mem_mib < MIN_MEM_MIB {
+            return Err(VmError::MemoryTooSmall { mib: config.mem_mib, min: MIN_MEM_MIB });
+        }
+        let mem_bytes = config.mem_mib << 20;
+        let vm = Vm::new(&kvm, mem_bytes)?;
+        let entry = boot::load_linux(
+            vm.memory(),
+            mem_bytes,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+        )?;
+        mptable::write(vm.memory(), config.vcpus)?;
+        regs::write_boot_tables(vm.memory()).map_err(|source| VmError::Regs { index: 0, source })?;
+
+        let (notifier, exits) = ExitNotifier::new();
+        let timestamps = Arc::new(GuestTimestamps::default());
+        let pio = legacy_devices(&vm, &config.console, &notifier, &timestamps)?;
+        let shared = VcpuShared {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::default()),
+            exit: notifier.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            timestamps: timestamps.clone(),
+        };
+
+        vcpu::install_kick_handler()
+            .map_err(|source| VmError::Io { what: "installing the vCPU kick signal", source })?;
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for index in 0..config.vcpus {
+            let fd = vm
+                .fd()
+                .create_vcpu(index.into())
+                .map_err(|source| VmError::Kvm { what: "KVM_CREATE_VCPU", source })?;
+            let mut vcpu_cpuid = supported.clone();
+            cpuid::normalize(vcpu_cpuid.as_mut_slice(), index, config.vcpus);
+            fd.set_cpuid2(&vcpu_cpuid).map_err(|source| VmError::Kvm { what: "KVM_SET_CPUID2", source })?;
+            let setup =
+                if index == 0 { regs::setup_vcpu(&fd, entry.0) } else { regs::setup_fpu_msrs_lapic(&fd) };
+            setup.map_err(|source| VmError::Regs { index, source })?;
+            vcpus.push(fd);
+        }
+
+        let mut handle = VmHandle {
+            exits,
+            notifier,
+            stop: shared.stop.clone(),
+            threads: Vec::with_capacity(vcpus.len()),
+            console: config.console.clone(),
+            timestamps,
+            setup_started,
+            _vm: vm,
+        };
+        for (index, fd) in vcpus.into_iter().enumerate() {
+            let thread = vcpu::spawn(index as u8, fd, shared.clone())
+                .map_err(|source| VmError::Io { what: "starting a vCPU thread", source })?;
+            handle.threads.push(thread);
+        }
+        Ok(handle)
+    }
+
+    /// A handle that stops this VM from another thread.
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper(self.notifier.clone())
+    }
+
+    /// Boot timings so far.
+    pub fn timings(&self) -> BootTimings {
+        let entry = self.timestamps.first_vcpu_entry.get().copied();
+        let ready = self.timestamps.guest_ready.get().copied();
+        BootTimings {
+            vmm_setup: entry.map(|e| e.duration_since(self.setup_started)),
+            boot_to_ready: entry.zip(ready).map(|(e, r)| r.duration_since(e)),
+        }
+    }
+
+    /// Blocks until the VM ends (guest poweroff/reboot/panic, error, or [`VmStopper::stop`]), then
+    /// stops every vCPU and joins its thread.
+    pub fn wait(mut self) -> VmExit {
+        let reason = self.exits.recv().unwrap_or(ExitReason::Stopped);
+        let reason = match reason {
+            ExitReason::Reboot | ExitReason::TripleFault
+                if self.console.tail_text().contains(PANIC_MARKER) =>
+            {
+                ExitReason::GuestPanic
+            }
+            other => other,
+        };
+        self.shutdown();
+        VmExit { reason, console_tail: self.console.tail_lines(CONSOLE_TAIL_LINES), timings: self.timings() }
+    }
+
+    /// Stops all vCPU threads: raise the stop flag, then kick each thread out of `KVM_RUN` until it
+    /// has exited (a kick that lands just before `KVM_RUN` is repeated, so none is lost).
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for thread in self.threads.drain(..) {
+            while !thread.is_finished() {
+                // SAFETY: the pthread is alive (not yet joined), and the kick signal has a handler.
+                unsafe { libc::pthread_kill(thread.as_pthread_t(), vcpu::kick_signal()) };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// COM1, the i8042 and the guest event port on a new I/O-port bus.
+fn legacy_devices(
+    vm: &Vm,
+    console: &Console,
+    notifier: &ExitNotifier,
+    timestamps: &Arc<GuestTimestamps>,
+) -> Result<Bus, VmError> {
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io { what: "serial eventfd", source })?;
+    vm.fd()
+        .register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|source| VmError::Kvm { what: "KVM_IRQFD (serial)", source })?;
+    let mut pio = Bus::default();
+    pio.insert(
+        SERIAL_PORT_BASE.into(),
+        SERIAL_PORT_LEN.into(),
+        Arc::new(Mutex::new(Serial::new(serial_irq, console.clone()))),
+    )?;
+    pio.insert(
+        I8042_PORT_BASE.into(),
+        I8042_PORT_LEN.into(),
+        Arc::new(Mutex::new(I8042::new(notifier.clone()))),
+    )?;
+    pio.insert(
+        husk_protocols::GUEST_EVENT_PORT.into(),
+        1,
+        Arc::new(Mutex::new(GuestEvents::new(timestamps.clone(), notifier.clone()))),
+    )?;
+    Ok(pio)
+}

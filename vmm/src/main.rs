@@ -1,0 +1,87 @@
+//! `husk-vmm`: boot a guest with Husk's VMM, for development, tests and benchmarks.
+//!
+//! Exit status: 0 when the guest powers off, 3 when it asks for a reboot (the VM is not restarted),
+//! 1 when it panics, triple-faults or the VMM fails (with the console tail), 2 for bad arguments.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use husk_vmm::devices::legacy::Console;
+use husk_vmm::{ExitReason, VmConfig, VmHandle, DEFAULT_CMDLINE};
+
+const EXIT_REBOOT: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(name = "husk-vmm", version, about = "Boot a Linux guest with Husk's VMM")]
+struct Cli {
+    /// Guest kernel: ELF vmlinux or bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk (uncompressed cpio for Husk's guest kernel).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u64,
+    /// Where the guest's serial console goes: a file path, or `-` for stdout (repeatable).
+    #[arg(long, default_value = "-")]
+    console: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    match run(cli, started) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("husk-vmm: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
+    let mut log = None;
+    let mut stdout = false;
+    for target in &cli.console {
+        if target == "-" {
+            stdout = true;
+        } else {
+            log = Some(File::create(target).with_context(|| format!("--console {target}"))?);
+        }
+    }
+    let config = VmConfig {
+        vcpus: cli.vcpus,
+        mem_mib: cli.mem,
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        console: Console::new(log, stdout),
+        setup_started: Some(started),
+    };
+    let exit = VmHandle::start(config)?.wait();
+    let ms = |d: Option<Duration>| d.map_or("n/a".to_owned(), |d| format!("{:.2}", d.as_secs_f64() * 1000.0));
+    eprintln!(
+        "husk-vmm: {}; vmm_setup_ms={} boot_to_ready_ms={}",
+        exit.reason,
+        ms(exit.timings.vmm_setup),
+        ms(exit.timings.boot_to_ready)
+    );
+    match exit.reason {
+        ExitReason::Poweroff | ExitReason::Stopped => Ok(ExitCode::SUCCESS),
+        ExitReason::Reboot => Ok(ExitCode::from(EXIT_REBOOT)),
+        other => {
+            anyhow::bail!("the VM ended: {other}\n--- guest console (last lines) ---\n{}", exit.console_tail)
+        }
+    }
+}

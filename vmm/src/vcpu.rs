@@ -1,0 +1,109 @@
+//! vCPU threads: run the guest and route its I/O and MMIO exits to the buses.
+//!
+//! Every exit is caused by the guest, so nothing here may panic: unknown ports read as all ones,
+//! unexpected exits end the VM with an error.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::devices::legacy::GuestTimestamps;
+use crate::devices::Bus;
+use crate::exit::{ExitNotifier, ExitReason};
+
+/// What every vCPU thread shares.
+#[derive(Debug, Clone)]
+pub struct VcpuShared {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: ExitNotifier,
+    pub stop: Arc<AtomicBool>,
+    pub timestamps: Arc<GuestTimestamps>,
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process: its only job is to make `KVM_RUN` return
+/// `EINTR` so the thread sees the stop flag.
+pub fn install_kick_handler() -> io::Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// Starts vCPU `index` on its own thread.
+pub fn spawn(index: u8, vcpu: VcpuFd, shared: VcpuShared) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || run(index, vcpu, &shared))
+}
+
+fn run(index: u8, mut vcpu: VcpuFd, shared: &VcpuShared) {
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        if index == 0 {
+            let _ = shared.timestamps.first_vcpu_entry.set(Instant::now());
+        }
+        let end = match vcpu.run() {
+            Ok(exit) => handle_exit(index, exit, shared),
+            Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => None,
+            Err(err) => Some(ExitReason::Error(format!("KVM_RUN on vCPU {index}: {err}"))),
+        };
+        if let Some(reason) = end {
+            shared.exit.notify(reason);
+            return;
+        }
+    }
+}
+
+/// Handles one exit; `Some` ends the VM.
+fn handle_exit(index: u8, exit: VcpuExit<'_>, shared: &VcpuShared) -> Option<ExitReason> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            shared.pio.read(port.into(), data);
+            None
+        }
+        VcpuExit::IoOut(port, data) => {
+            shared.pio.write(port.into(), data);
+            None
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            shared.mmio.read(addr, data);
+            None
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            shared.mmio.write(addr, data);
+            None
+        }
+        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
+        VcpuExit::Shutdown => Some(ExitReason::TripleFault),
+        VcpuExit::SystemEvent(kind, _) => Some(match kind {
+            KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::Poweroff,
+            KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
+            KVM_SYSTEM_EVENT_CRASH => ExitReason::GuestPanic,
+            other => ExitReason::Error(format!("vCPU {index}: unknown KVM system event {other}")),
+        }),
+        VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Error(format!(
+            "vCPU {index}: KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x}, host cpu {cpu})"
+        ))),
+        VcpuExit::InternalError => Some(ExitReason::Error(format!(
+            "vCPU {index}: KVM_EXIT_INTERNAL_ERROR (instruction emulation failed)"
+        ))),
+        other => Some(ExitReason::Error(format!("vCPU {index}: unexpected exit {other:?}"))),
+    }
+}
