@@ -9,7 +9,7 @@ AGENT_BIN := target/$(GUEST_TARGET)/guest/husk-agent
 AGENT_ENV := RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build agent guest-image testhost lint test unit-test demo clean
+.PHONY: all deps build agent guest-image testhost lint test demo bench clean
 
 all: build guest-image
 
@@ -42,9 +42,18 @@ lint:
 test: lint build guest-image testhost
 	$(CARGO) test --workspace --locked -- --test-threads=2
 
-## demo: what works end to end so far: build everything and ask the VM host whether it can run Husk
+GUEST := --kernel build/guest/vmlinux --initrd build/guest/initramfs.cpio
+
+## demo: what works end to end so far: boot the guest image with husk-vmm where guests can run
+## (directly, or in the nested test host), print the agent's ready line and the boot time
 demo: build guest-image testhost
-	tests/vm-host-run target/debug/husk check
+	tests/vm-host-run target/debug/husk-vmm $(GUEST) --vcpus 2 --append husk.after_ready=poweroff
+
+## bench: boot benchmark, husk-vmm side by side with QEMU microvm (same kernel, same KVM)
+bench: build guest-image testhost
+	$(CARGO) build --release --locked -p husk-vmm -p husk-tests --bin husk-vmm --bin husk-bench-boot
+	tests/vm-host-run --timeout 1800 --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu -- \
+		target/release/husk-bench-boot --vmm target/release/husk-vmm $(GUEST)
 
 clean:
 	$(CARGO) clean

@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
@@ -13,6 +14,7 @@ use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::termios::tcdrain;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{sync, Pid};
 
@@ -54,7 +56,7 @@ pub fn run() -> Result<Infallible> {
 
     mount_kernel_filesystems()?;
     println!("{}", ready_line()?.render());
-    guest_events::send(GuestEvent::Ready);
+    report(GuestEvent::Ready);
 
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let mut args = cmdline.split_whitespace();
@@ -72,6 +74,15 @@ pub fn run() -> Result<Infallible> {
         Some(other) => println!("husk-agent: ignoring unknown {AFTER_READY_OPTION}{other}"),
     }
     serve_signals(&signals)
+}
+
+/// Sends `event` to the VMM, saying so on the console when this kernel forbids port I/O.
+fn report(event: GuestEvent) {
+    if let Err(err) = guest_events::send(event) {
+        println!(
+            "husk-agent: cannot report {event:?} to the VMM (ioperm: {err}); is CONFIG_X86_IOPL_IOPERM set?"
+        );
+    }
 }
 
 fn handled_signals() -> SigSet {
@@ -146,16 +157,25 @@ fn reap_children() {
 
 /// Flushes file systems, tells the VMM, and powers the guest off. Never returns.
 pub fn power_off() -> ! {
+    drain_console();
     sync();
     // Without ACPI the kernel cannot power off by itself: the VMM ends the VM on this event.
-    guest_events::send(GuestEvent::Poweroff);
+    report(GuestEvent::Poweroff);
     end_with(RebootMode::RB_POWER_OFF)
 }
 
 /// Flushes file systems and restarts the guest (the VMM sees the i8042 reset). Never returns.
 fn restart() -> ! {
+    drain_console();
     sync();
     end_with(RebootMode::RB_AUTOBOOT)
+}
+
+/// Waits until the console has transmitted everything written so far: the VMM ends the VM as soon
+/// as it hears of the poweroff, and the last lines must not be lost.
+fn drain_console() {
+    let _ = std::io::stdout().flush();
+    let _ = tcdrain(std::io::stdout());
 }
 
 fn end_with(mode: RebootMode) -> ! {

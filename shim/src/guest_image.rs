@@ -52,10 +52,10 @@ pub struct AgentInfo {
 pub enum GuestImageError {
     #[error("no guest image found (looked in {searched}); build one with `make guest-image`")]
     NotFound { searched: String },
-    #[error("{path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("{path}: not a valid guest image manifest: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: {cause}")]
+    Read { path: PathBuf, cause: io::Error },
+    #[error("{path}: not a valid guest image manifest: {cause}")]
+    Parse { path: PathBuf, cause: serde_json::Error },
     #[error("{path}: manifest format {found}, this husk reads format {MANIFEST_FORMAT}; rebuild with `make guest-image`")]
     Format { path: PathBuf, found: u32 },
     #[error(
@@ -107,9 +107,9 @@ impl GuestImage {
     pub fn open(dir: &Path) -> Result<GuestImage, GuestImageError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = fs::read_to_string(&manifest_path)
-            .map_err(|source| GuestImageError::Read { path: manifest_path.clone(), source })?;
+            .map_err(|cause| GuestImageError::Read { path: manifest_path.clone(), cause })?;
         let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|source| GuestImageError::Parse { path: manifest_path.clone(), source })?;
+            .map_err(|cause| GuestImageError::Parse { path: manifest_path.clone(), cause })?;
         if manifest.format != MANIFEST_FORMAT {
             return Err(GuestImageError::Format { path: manifest_path, found: manifest.format });
         }
@@ -148,8 +148,7 @@ fn workspace_root_of(exe: &Path) -> Option<PathBuf> {
 }
 
 fn verify_file(path: &Path, expected: &ImageFile) -> Result<(), GuestImageError> {
-    let bytes =
-        fs::read(path).map_err(|source| GuestImageError::Read { path: path.to_path_buf(), source })?;
+    let bytes = fs::read(path).map_err(|cause| GuestImageError::Read { path: path.to_path_buf(), cause })?;
     if bytes.len() as u64 != expected.size {
         return Err(GuestImageError::Mismatch {
             path: path.to_path_buf(),

@@ -92,6 +92,12 @@ pub fn run(command: &mut Command) -> Output {
     command.output().unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"))
 }
 
+/// Stdout followed by stderr. Through the test host both arrive on stdout (one serial line carries
+/// them), so assertions about a message should look here rather than at one stream.
+pub fn combined(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
 /// Stdout and stderr of `output` as one string, for assertion messages.
 pub fn describe(output: &Output) -> String {
     format!(

@@ -67,7 +67,7 @@ pub enum HostError {
     #[error("/dev/kvm does not exist: load kvm_intel or kvm_amd (and enable VT-x/AMD-V in the firmware)")]
     NoDevice,
     #[error("cannot open /dev/kvm: {0} (Husk needs read/write access to it)")]
-    Open(#[source] kvm_ioctls::Error),
+    Open(kvm_ioctls::Error),
 }
 
 /// The result of probing this host's KVM.

@@ -9,12 +9,14 @@
 //! - [`vcpu`]: vCPU threads and exit dispatch.
 //! - [`devices`]: buses and device models (legacy: serial, i8042, guest event port).
 //! - [`exit`]: why a VM ended.
+//! - [`memory_usage`]: the VMM's memory footprint besides guest RAM.
 
 pub mod boot;
 pub mod devices;
 pub mod exit;
 pub mod host;
 pub mod layout;
+pub mod memory_usage;
 pub mod vcpu;
 pub mod vm;
 
@@ -87,14 +89,14 @@ pub enum VmError {
     Boot(#[from] BootError),
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
-    #[error("vCPU {index}: {source}")]
-    Regs { index: u8, source: regs::RegsError },
-    #[error("{what}: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("vCPU {index}: {cause}")]
+    Regs { index: u8, cause: regs::RegsError },
+    #[error("{what}: {cause}")]
+    Kvm { what: &'static str, cause: kvm_ioctls::Error },
     #[error("registering a device: {0}")]
     Bus(#[from] BusError),
-    #[error("{what}: {source}")]
-    Io { what: &'static str, source: std::io::Error },
+    #[error("{what}: {cause}")]
+    Io { what: &'static str, cause: std::io::Error },
 }
 
 /// The smallest guest that can hold a kernel and an initramfs.
@@ -105,8 +107,9 @@ pub const MIN_MEM_MIB: u64 = 32;
 pub struct BootTimings {
     /// `setup_started` (process start for `husk-vmm`) to the boot vCPU's first `KVM_RUN`.
     pub vmm_setup: Option<Duration>,
-    /// First `KVM_RUN` to the agent's ready event on the guest event port.
-    pub boot_to_ready: Option<Duration>,
+    /// First `KVM_RUN` to the boot-timer write: the agent (`/init`) reporting ready on the guest
+    /// event port.
+    pub boot_to_init: Option<Duration>,
 }
 
 /// How a VM ended.
@@ -116,6 +119,8 @@ pub struct VmExit {
     /// The last [`CONSOLE_TAIL_LINES`] console lines.
     pub console_tail: String,
     pub timings: BootTimings,
+    /// Process memory when the VM ended (vCPUs stopped, guest RAM still mapped).
+    pub memory: Option<memory_usage::MemoryUsage>,
 }
 
 /// Stops a running VM from any thread.
@@ -140,13 +145,18 @@ pub struct VmHandle {
     timestamps: Arc<GuestTimestamps>,
     setup_started: Instant,
     // Declared last: dropped after the vCPU threads are joined.
-    _vm: Vm,
+    vm: Vm,
 }
 
 impl VmHandle {
     /// Creates the VM, loads the guest and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<VmHandle, VmError> {
         let setup_started = config.setup_started.unwrap_or_else(Instant::now);
+        // The user's mistakes first, so they are reported whatever the host.
+        if config.mem_mib < MIN_MEM_MIB {
+            return Err(VmError::MemoryTooSmall { mib: config.mem_mib, min: MIN_MEM_MIB });
+        }
+        boot::check_readable(&config.kernel, config.initrd.as_deref())?;
         if let Err(reason) = host::usable_kind(&host::detect_kind_here()) {
             return Err(VmError::UnusableKvm(reason));
         }
@@ -154,9 +164,6 @@ impl VmHandle {
         let kvm_max = kvm.get_max_vcpus();
         if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS || config.vcpus as usize > kvm_max {
             return Err(VmError::Vcpus { requested: config.vcpus, max: mptable::MAX_VCPUS, kvm_max });
-        }
-        if config.mem_mib < MIN_MEM_MIB {
-            return Err(VmError::MemoryTooSmall { mib: config.mem_mib, min: MIN_MEM_MIB });
         }
         let mem_bytes = config.mem_mib << 20;
         let vm = Vm::new(&kvm, mem_bytes)?;
@@ -168,7 +175,7 @@ impl VmHandle {
             &config.cmdline,
         )?;
         mptable::write(vm.memory(), config.vcpus)?;
-        regs::write_boot_tables(vm.memory()).map_err(|source| VmError::Regs { index: 0, source })?;
+        regs::write_boot_tables(vm.memory()).map_err(|cause| VmError::Regs { index: 0, cause })?;
 
         let (notifier, exits) = ExitNotifier::new();
         let timestamps = Arc::new(GuestTimestamps::default());
@@ -182,22 +189,22 @@ impl VmHandle {
         };
 
         vcpu::install_kick_handler()
-            .map_err(|source| VmError::Io { what: "installing the vCPU kick signal", source })?;
+            .map_err(|cause| VmError::Io { what: "installing the vCPU kick signal", cause })?;
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
+            .map_err(|cause| VmError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", cause })?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let fd = vm
                 .fd()
                 .create_vcpu(index.into())
-                .map_err(|source| VmError::Kvm { what: "KVM_CREATE_VCPU", source })?;
+                .map_err(|cause| VmError::Kvm { what: "KVM_CREATE_VCPU", cause })?;
             let mut vcpu_cpuid = supported.clone();
             cpuid::normalize(vcpu_cpuid.as_mut_slice(), index, config.vcpus);
-            fd.set_cpuid2(&vcpu_cpuid).map_err(|source| VmError::Kvm { what: "KVM_SET_CPUID2", source })?;
+            fd.set_cpuid2(&vcpu_cpuid).map_err(|cause| VmError::Kvm { what: "KVM_SET_CPUID2", cause })?;
             let setup =
                 if index == 0 { regs::setup_vcpu(&fd, entry.0) } else { regs::setup_fpu_msrs_lapic(&fd) };
-            setup.map_err(|source| VmError::Regs { index, source })?;
+            setup.map_err(|cause| VmError::Regs { index, cause })?;
             vcpus.push(fd);
         }
 
@@ -209,11 +216,11 @@ impl VmHandle {
             console: config.console.clone(),
             timestamps,
             setup_started,
-            _vm: vm,
+            vm,
         };
         for (index, fd) in vcpus.into_iter().enumerate() {
             let thread = vcpu::spawn(index as u8, fd, shared.clone())
-                .map_err(|source| VmError::Io { what: "starting a vCPU thread", source })?;
+                .map_err(|cause| VmError::Io { what: "starting a vCPU thread", cause })?;
             handle.threads.push(thread);
         }
         Ok(handle)
@@ -230,7 +237,7 @@ impl VmHandle {
         let ready = self.timestamps.guest_ready.get().copied();
         BootTimings {
             vmm_setup: entry.map(|e| e.duration_since(self.setup_started)),
-            boot_to_ready: entry.zip(ready).map(|(e, r)| r.duration_since(e)),
+            boot_to_init: entry.zip(ready).map(|(e, r)| r.duration_since(e)),
         }
     }
 
@@ -247,7 +254,13 @@ impl VmHandle {
             other => other,
         };
         self.shutdown();
-        VmExit { reason, console_tail: self.console.tail_lines(CONSOLE_TAIL_LINES), timings: self.timings() }
+        let memory = memory_usage::MemoryUsage::measure(&self.vm.host_ranges());
+        VmExit {
+            reason,
+            console_tail: self.console.tail_lines(CONSOLE_TAIL_LINES),
+            timings: self.timings(),
+            memory,
+        }
     }
 
     /// Stops all vCPU threads: raise the stop flag, then kick each thread out of `KVM_RUN` until it
@@ -279,10 +292,10 @@ fn legacy_devices(
     timestamps: &Arc<GuestTimestamps>,
 ) -> Result<Bus, VmError> {
     let serial_irq =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io { what: "serial eventfd", source })?;
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|cause| VmError::Io { what: "serial eventfd", cause })?;
     vm.fd()
         .register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(|source| VmError::Kvm { what: "KVM_IRQFD (serial)", source })?;
+        .map_err(|cause| VmError::Kvm { what: "KVM_IRQFD (serial)", cause })?;
     let mut pio = Bus::default();
     pio.insert(
         SERIAL_PORT_BASE.into(),

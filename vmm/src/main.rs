@@ -27,6 +27,9 @@ struct Cli {
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     cmdline: String,
+    /// Extra kernel command-line arguments, appended to --cmdline (e.g. `husk.after_ready=poweroff`).
+    #[arg(long)]
+    append: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
@@ -65,17 +68,21 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
         mem_mib: cli.mem,
         kernel: cli.kernel,
         initrd: cli.initrd,
-        cmdline: cli.cmdline,
+        cmdline: match cli.append {
+            Some(extra) => format!("{} {extra}", cli.cmdline),
+            None => cli.cmdline,
+        },
         console: Console::new(log, stdout),
         setup_started: Some(started),
     };
     let exit = VmHandle::start(config)?.wait();
     let ms = |d: Option<Duration>| d.map_or("n/a".to_owned(), |d| format!("{:.2}", d.as_secs_f64() * 1000.0));
+    let overhead = exit.memory.map_or("n/a".to_owned(), |m| format!("{:.2}", m.overhead_mib()));
     eprintln!(
-        "husk-vmm: {}; vmm_setup_ms={} boot_to_ready_ms={}",
+        "husk-vmm: {}; vmm_setup_ms={} boot_to_init_ms={} vmm_rss_overhead_mib={overhead}",
         exit.reason,
         ms(exit.timings.vmm_setup),
-        ms(exit.timings.boot_to_ready)
+        ms(exit.timings.boot_to_init)
     );
     match exit.reason {
         ExitReason::Poweroff | ExitReason::Stopped => Ok(ExitCode::SUCCESS),

@@ -12,14 +12,14 @@ use crate::layout::{ram_regions, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 /// Errors creating the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmSetupError {
-    #[error("{what}: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("{what}: {cause}")]
+    Kvm { what: &'static str, cause: kvm_ioctls::Error },
     #[error("allocating {mib} MiB of guest memory: {detail}")]
     Memory { mib: u64, detail: String },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmSetupError {
-    move |source| VmSetupError::Kvm { what, source }
+    move |cause| VmSetupError::Kvm { what, cause }
 }
 
 /// A KVM VM and its memory.
@@ -75,5 +75,16 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// Host virtual address ranges of guest RAM.
+    pub fn host_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        self.memory
+            .iter()
+            .filter_map(|region| {
+                let start = self.memory.get_host_address(region.start_addr()).ok()? as u64;
+                Some(start..start + region.len())
+            })
+            .collect()
     }
 }

@@ -32,12 +32,12 @@ const PAGE_SIZE: u64 = 0x1000;
 /// Errors loading the guest's kernel, initrd or command line.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("kernel {path}: {source}")]
-    KernelOpen { path: PathBuf, source: std::io::Error },
+    #[error("kernel {path}: {cause}")]
+    KernelOpen { path: PathBuf, cause: std::io::Error },
     #[error("kernel {path}: neither an ELF vmlinux ({elf}) nor a bzImage ({bzimage})")]
     KernelFormat { path: PathBuf, elf: linux_loader::loader::Error, bzimage: linux_loader::loader::Error },
-    #[error("initrd {path}: {source}")]
-    Initrd { path: PathBuf, source: std::io::Error },
+    #[error("initrd {path}: {cause}")]
+    Initrd { path: PathBuf, cause: std::io::Error },
     #[error(
         "guest memory too small: the kernel ends at {kernel_end:#x} and the initrd needs {initrd_size} bytes \
          below {low_ram_end:#x}; give the VM more memory"
@@ -53,6 +53,15 @@ pub enum BootError {
 #[derive(Debug, Clone, Copy)]
 pub struct KernelEntry(pub u64);
 
+/// Fails early, with the path, when the kernel or initrd cannot be opened.
+pub fn check_readable(kernel: &Path, initrd: Option<&Path>) -> Result<(), BootError> {
+    File::open(kernel).map_err(|cause| BootError::KernelOpen { path: kernel.into(), cause })?;
+    if let Some(initrd) = initrd {
+        File::open(initrd).map_err(|cause| BootError::Initrd { path: initrd.into(), cause })?;
+    }
+    Ok(())
+}
+
 /// Loads everything the kernel needs into `mem` (of `mem_bytes`) and returns its entry point.
 pub fn load_linux(
     mem: &GuestMemoryMmap,
@@ -62,7 +71,7 @@ pub fn load_linux(
     cmdline: &str,
 ) -> Result<KernelEntry, BootError> {
     let mut file =
-        File::open(kernel).map_err(|source| BootError::KernelOpen { path: kernel.into(), source })?;
+        File::open(kernel).map_err(|cause| BootError::KernelOpen { path: kernel.into(), cause })?;
     let (entry, kernel_end, setup_header) = load_kernel(mem, kernel, &mut file)?;
 
     let mut params = boot_params::default();
@@ -111,7 +120,7 @@ fn load_kernel(
         Ok(loaded) => return Ok((KernelEntry(loaded.kernel_load.0), loaded.kernel_end, None)),
         Err(err) => err,
     };
-    file.seek(SeekFrom::Start(0)).map_err(|source| BootError::KernelOpen { path: path.into(), source })?;
+    file.seek(SeekFrom::Start(0)).map_err(|cause| BootError::KernelOpen { path: path.into(), cause })?;
     match BzImage::load(mem, None, file, highmem) {
         Ok(loaded) => Ok((
             KernelEntry(loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET),
@@ -129,7 +138,7 @@ fn load_initrd(
     kernel_end: u64,
     path: &Path,
 ) -> Result<(u64, u64), BootError> {
-    let io_err = |source| BootError::Initrd { path: path.into(), source };
+    let io_err = |cause| BootError::Initrd { path: path.into(), cause };
     let mut file = File::open(path).map_err(io_err)?;
     let size = file.metadata().map_err(io_err)?.len();
     let low_ram_end = mem_bytes.min(MMIO_GAP_START);

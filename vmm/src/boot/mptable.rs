@@ -53,8 +53,7 @@ pub fn build(num_vcpus: u8) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
     for pin in 0..IOAPIC_PINS {
-        let kind = if pin == 0 { INTERRUPT_EXTINT } else { INTERRUPT_INT };
-        entries.extend_from_slice(&[3, kind, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend_from_slice(&[3, INTERRUPT_INT, 0, 0, 0, pin, ioapic_id, pin]);
         count += 1;
     }
     // LINT0 of the boot CPU takes ExtINT (the PIC); LINT1 of every CPU takes NMI.

@@ -14,8 +14,8 @@ use crate::layout::{
 pub enum RegsError {
     #[error("writing boot tables (GDT, IDT, page tables) to guest memory")]
     Tables,
-    #[error("{what}: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("{what}: {cause}")]
+    Kvm { what: &'static str, cause: kvm_ioctls::Error },
     #[error("KVM accepted {set} of {wanted} boot MSRs")]
     Msrs { set: usize, wanted: usize },
     #[error("building the MSR list: {0:?}")]
@@ -23,7 +23,7 @@ pub enum RegsError {
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RegsError {
-    move |source| RegsError::Kvm { what, source }
+    move |cause| RegsError::Kvm { what, cause }
 }
 
 const X86_CR0_PE: u64 = 0x1;

@@ -1,0 +1,143 @@
+//! `husk-vmm` boots the guest image on KVM (directly, or inside the nested test host): the agent
+//! comes up on every vCPU, and the guest's poweroff, reboot and panic end the VM as they should.
+
+// Test code: a failed expectation is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use husk_protocols::ReadyLine;
+use husk_tests::{combined, describe, guest_dir, run, target_bin, VmHost};
+
+const BUDGET: Duration = Duration::from_secs(300);
+
+/// Runs `husk-vmm` on the guest image on the VM host with `extra_cmdline` appended.
+fn boot(vcpus: u8, extra_cmdline: &str) -> Output {
+    let vmm = target_bin("husk-vmm");
+    let guest = guest_dir();
+    let vcpus = vcpus.to_string();
+    let args = [
+        vmm.to_str().unwrap(),
+        "--kernel",
+        guest.join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        guest.join("initramfs.cpio").to_str().unwrap(),
+        "--vcpus",
+        &vcpus,
+        "--mem",
+        "256",
+        "--append",
+        extra_cmdline,
+    ]
+    .map(str::to_owned);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&mut VmHost::detect().command(BUDGET, &args))
+}
+
+fn ready_line(output: &Output) -> ReadyLine {
+    ReadyLine::find_in(&String::from_utf8_lossy(&output.stdout))
+        .unwrap_or_else(|| panic!("no agent ready line on the console: {}", describe(output)))
+}
+
+/// The value of `name=<number>` in husk-vmm's summary line.
+fn figure(output: &Output, name: &str) -> f64 {
+    let text = combined(output);
+    let value = text
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} in the summary: {}", describe(output)));
+    value.parse().unwrap_or_else(|_| panic!("{name}={value} is not a number: {}", describe(output)))
+}
+
+#[test]
+fn the_guest_boots_to_the_agent_and_poweroff_ends_the_vmm_with_success() {
+    let output = boot(1, "husk.after_ready=poweroff");
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let ready = ready_line(&output);
+    assert_eq!(ready.api, husk_protocols::AGENT_API_VERSION);
+    assert_eq!(ready.cpus_online, "0");
+    assert!(combined(&output).contains("guest powered off"), "{}", describe(&output));
+    assert!(figure(&output, "boot_to_init_ms") > 0.0);
+    assert!(figure(&output, "vmm_setup_ms") > 0.0);
+}
+
+#[test]
+fn with_two_vcpus_the_guest_has_two_cpus_online() {
+    let output = boot(2, "husk.after_ready=poweroff");
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    assert_eq!(ready_line(&output).cpus_online, "0-1", "{}", describe(&output));
+}
+
+#[test]
+fn a_guest_reboot_is_reported_as_a_reboot() {
+    let output = boot(1, "husk.after_ready=reboot");
+    assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
+    assert!(combined(&output).contains("guest requested a reboot"), "{}", describe(&output));
+}
+
+#[test]
+fn a_guest_kernel_panic_fails_with_the_console_tail() {
+    let output = boot(1, "husk.after_ready=exit");
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let text = combined(&output);
+    assert!(text.contains("the VM ended: guest kernel panicked"), "{}", describe(&output));
+    let tail = text.split("--- guest console (last lines) ---").nth(1).unwrap_or_default();
+    assert!(
+        tail.contains("Kernel panic - not syncing"),
+        "the console tail is in the error: {}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn bad_arguments_name_what_is_wrong() {
+    let vmm = target_bin("husk-vmm");
+    let kernel = guest_dir().join("vmlinux");
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("not-a-kernel");
+    std::fs::write(&junk, "#!/bin/sh\necho hi\n").unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--kernel", "/nonexistent/vmlinux"], "/nonexistent/vmlinux"),
+        (&["--kernel", junk.to_str().unwrap()], "neither an ELF vmlinux"),
+        (&["--kernel", kernel.to_str().unwrap(), "--mem", "16"], "memory: 16 MiB is too small"),
+        (
+            &["--kernel", kernel.to_str().unwrap(), "--initrd", "/nonexistent/initrd"],
+            "initrd /nonexistent/initrd",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = run(Command::new(&vmm).args(args));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // The kernel-format check needs KVM; on a host whose KVM cannot run guests that is the error.
+        let kvm_refused = stderr.contains("cannot run Husk guests");
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {}", describe(&output));
+        assert!(stderr.contains(expected) || (kvm_refused && expected.contains("ELF")), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn too_many_vcpus_or_memory_too_small_for_the_image_are_clear_errors() {
+    let vmm = target_bin("husk-vmm");
+    let guest = guest_dir();
+    let kernel = guest.join("vmlinux");
+    let kernel = kernel.to_str().unwrap();
+    let host = VmHost::detect();
+    let output =
+        run(&mut host.command(BUDGET, &[vmm.to_str().unwrap(), "--kernel", kernel, "--vcpus", "200"]));
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    assert!(combined(&output).contains("vcpus: 200 requested"), "{}", describe(&output));
+    // An initrd that cannot fit between the kernel (loaded at 16 MiB) and the end of 32 MiB. It lives
+    // under build/ so the test host sees it too.
+    let scratch = husk_tests::workspace_root().join("build/test-scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let big_initrd = scratch.join("oversized.initrd");
+    std::fs::write(&big_initrd, vec![0u8; 24 << 20]).unwrap();
+    let output = run(&mut host.command(
+        BUDGET,
+        &[vmm.to_str().unwrap(), "--kernel", kernel, "--initrd", big_initrd.to_str().unwrap(), "--mem", "32"],
+    ));
+    let _ = std::fs::remove_file(&big_initrd);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    assert!(combined(&output).contains("guest memory too small"), "{}", describe(&output));
+}
