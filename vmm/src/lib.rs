@@ -28,6 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::io::Write;
+
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -167,6 +169,11 @@ impl VmHandle {
         }
         let mem_bytes = config.mem_mib << 20;
         let vm = Vm::new(&kvm, mem_bytes)?;
+        tracing::debug!(
+            elapsed_us = setup_started.elapsed().as_micros(),
+            mem_mib = config.mem_mib,
+            "VM created"
+        );
         let entry = boot::load_linux(
             vm.memory(),
             mem_bytes,
@@ -174,6 +181,7 @@ impl VmHandle {
             config.initrd.as_deref(),
             &config.cmdline,
         )?;
+        tracing::debug!(elapsed_us = setup_started.elapsed().as_micros(), kernel = %config.kernel.display(), "guest loaded");
         mptable::write(vm.memory(), config.vcpus)?;
         regs::write_boot_tables(vm.memory()).map_err(|cause| VmError::Regs { index: 0, cause })?;
 
@@ -190,9 +198,12 @@ impl VmHandle {
 
         vcpu::install_kick_handler()
             .map_err(|cause| VmError::Io { what: "installing the vCPU kick signal", cause })?;
-        let supported = kvm
+        let mut supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|cause| VmError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", cause })?;
+        if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            cpuid::enable_tsc_deadline(supported.as_mut_slice());
+        }
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let fd = vm
@@ -218,6 +229,11 @@ impl VmHandle {
             setup_started,
             vm,
         };
+        tracing::debug!(
+            elapsed_us = setup_started.elapsed().as_micros(),
+            vcpus = config.vcpus,
+            "vCPUs configured"
+        );
         for (index, fd) in vcpus.into_iter().enumerate() {
             let thread = vcpu::spawn(index as u8, fd, shared.clone())
                 .map_err(|cause| VmError::Io { what: "starting a vCPU thread", cause })?;
@@ -254,6 +270,7 @@ impl VmHandle {
             other => other,
         };
         self.shutdown();
+        let _ = self.console.flush();
         let memory = memory_usage::MemoryUsage::measure(&self.vm.host_ranges());
         VmExit {
             reason,

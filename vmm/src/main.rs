@@ -44,6 +44,13 @@ struct Cli {
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     match run(cli, started) {
         Ok(code) => code,
         Err(err) => {

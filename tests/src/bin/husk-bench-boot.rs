@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use husk_protocols::READY_PREFIX;
+use husk_protocols::ReadyLine;
 
 #[derive(Debug, Parser)]
 #[command(about = "Husk boot benchmark, side by side with QEMU microvm")]
@@ -115,7 +115,7 @@ fn boot_once(mut command: Command, console: &Path, mem_mib: u64, cli: &Cli) -> R
         .with_context(|| format!("{command:?}"))?;
     let deadline = started + Duration::from_secs(cli.timeout_s);
     loop {
-        if fs::read_to_string(console).is_ok_and(|text| text.contains(READY_PREFIX)) {
+        if fs::read_to_string(console).is_ok_and(|text| ReadyLine::find_in(&text).is_some()) {
             break;
         }
         if let Some(status) = child.try_wait()? {

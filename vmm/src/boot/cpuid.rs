@@ -15,6 +15,7 @@ const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 const AMD_ECX_CMP_LEGACY: u32 = 1 << 1;
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
@@ -112,6 +113,15 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], vcpu_id: u8, num_vcpus: u8) {
     }
 }
 
+/// Advertises the LAPIC's TSC-deadline timer mode. `KVM_GET_SUPPORTED_CPUID` leaves the bit clear
+/// because KVM emulates it in the in-kernel LAPIC (`KVM_CAP_TSC_DEADLINE_TIMER`); without it Linux
+/// falls back to the periodic-calibrated LAPIC timer.
+pub fn enable_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for entry in entries.iter_mut().filter(|e| e.function == LEAF_FEATURES) {
+        entry.ecx |= ECX_TSC_DEADLINE;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +174,14 @@ mod tests {
         assert_eq!(find(&entries, 0x8000_0008, 0).ecx & 0xff, 1);
         assert_eq!((find(&entries, 0x8000_0008, 0).ecx >> 12) & 0xf, 1);
         assert_eq!(find(&entries, 0x8000_001e, 0).eax, 1);
+    }
+
+    #[test]
+    fn tsc_deadline_is_advertised_in_leaf1() {
+        let mut entries = vec![leaf(1, 0), leaf(7, 0)];
+        enable_tsc_deadline(&mut entries);
+        assert_ne!(find(&entries, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
+        assert_eq!(find(&entries, 7, 0).ecx, 0);
     }
 
     #[test]

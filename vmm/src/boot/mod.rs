@@ -6,7 +6,7 @@ pub mod mptable;
 pub mod regs;
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
@@ -147,11 +147,10 @@ fn load_initrd(
         .map(|s| s & !(PAGE_SIZE - 1))
         .filter(|start| *start >= kernel_end)
         .ok_or(BootError::MemoryTooSmall { kernel_end, initrd_size: size, low_ram_end })?;
-    let mut bytes = Vec::with_capacity(size as usize);
-    file.read_to_end(&mut bytes).map_err(io_err)?;
-    mem.write_slice(&bytes, GuestAddress(start))
+    // Straight from the file into guest memory: no intermediate copy.
+    mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
         .map_err(|e| BootError::Write { what: "initrd", detail: e.to_string() })?;
-    Ok((start, bytes.len() as u64))
+    Ok((start, size))
 }
 
 /// The guest's RAM map: base memory below the EBDA, then everything from 1 MiB, split around the

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, LineWriter, Write};
 use std::sync::{Arc, Mutex};
 
 /// Bytes of console output kept in memory.
@@ -11,7 +11,8 @@ pub const TAIL_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Default)]
 struct Inner {
-    log: Option<File>,
+    // Line-buffered: the guest writes one byte per exit, and a syscall per byte would dominate.
+    log: Option<LineWriter<File>>,
     stdout: bool,
     tail: VecDeque<u8>,
 }
@@ -23,7 +24,11 @@ pub struct Console(Arc<Mutex<Inner>>);
 impl Console {
     /// A console writing to `log` (if any) and, if `stdout`, to this process's stdout.
     pub fn new(log: Option<File>, stdout: bool) -> Console {
-        Console(Arc::new(Mutex::new(Inner { log, stdout, tail: VecDeque::with_capacity(TAIL_BYTES) })))
+        Console(Arc::new(Mutex::new(Inner {
+            log: log.map(LineWriter::new),
+            stdout,
+            tail: VecDeque::with_capacity(TAIL_BYTES),
+        })))
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
