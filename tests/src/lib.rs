@@ -69,22 +69,48 @@ impl VmHost {
     /// A command running `args` on this VM host, killed after `timeout` when it goes through the
     /// test host.
     pub fn command(self, timeout: Duration, args: &[&str]) -> Command {
+        self.command_with(timeout, &[], args)
+    }
+
+    /// Like [`VmHost::command`], with host files outside the workspace that the command needs
+    /// (`--with` of the test host; on a direct host they are already where they are).
+    pub fn command_with(self, timeout: Duration, files: &[&Path], args: &[&str]) -> Command {
         match self {
             VmHost::Direct => {
                 let mut command = Command::new(args[0]);
                 command.args(&args[1..]);
                 command
             }
-            VmHost::TestHost => testhost_command(timeout, args),
+            VmHost::TestHost => {
+                let mut command = testhost_command(timeout, &[]);
+                for file in files {
+                    command.arg("--with").arg(file);
+                }
+                command.arg("--").args(args);
+                command
+            }
         }
     }
 }
 
-/// `tests/testhost/run --timeout <timeout> -- <args>`.
+/// `tests/testhost/run --timeout <timeout> -- <args>` (without `--` and the command when `args`
+/// is empty, for callers that add options first).
 pub fn testhost_command(timeout: Duration, args: &[&str]) -> Command {
     let mut command = Command::new(workspace_root().join("tests/testhost/run"));
-    command.arg("--timeout").arg(timeout.as_secs().max(1).to_string()).arg("--").args(args);
+    command.arg("--timeout").arg(timeout.as_secs().max(1).to_string());
+    if !args.is_empty() {
+        command.arg("--").args(args);
+    }
     command
+}
+
+/// Debian's cloud kernel (a compressed bzImage) that the test host boots; built or taken from the
+/// cache by `tests/testhost/build-base`.
+pub fn debian_bzimage() -> PathBuf {
+    let output = run(&mut Command::new(workspace_root().join("tests/testhost/build-base")));
+    assert!(output.status.success(), "build-base failed: {}", describe(&output));
+    let dir = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    PathBuf::from(dir).join("vmlinuz")
 }
 
 /// Runs `command`, returning its output; panics with the command line if it cannot start.

@@ -91,6 +91,29 @@ fn a_guest_kernel_panic_fails_with_the_console_tail() {
 }
 
 #[test]
+fn a_compressed_bzimage_kernel_boots_too() {
+    // Debian's cloud kernel: a bzImage with its own decompressor, modules and ACPI, none of which we
+    // provide; it still reaches our /init through the 64-bit boot protocol.
+    let kernel = husk_tests::debian_bzimage();
+    let vmm = target_bin("husk-vmm");
+    let initrd = guest_dir().join("initramfs.cpio");
+    let args = [
+        vmm.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--mem",
+        "512",
+        "--append",
+        "husk.after_ready=poweroff",
+    ];
+    let output = run(&mut VmHost::detect().command_with(BUDGET, &[kernel.as_path()], &args));
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    ready_line(&output);
+}
+
+#[test]
 fn bad_arguments_name_what_is_wrong() {
     let vmm = target_bin("husk-vmm");
     let kernel = guest_dir().join("vmlinux");
