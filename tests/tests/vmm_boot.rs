@@ -91,6 +91,26 @@ fn a_guest_kernel_panic_fails_with_the_console_tail() {
 }
 
 #[test]
+fn sigterm_stops_a_running_vm_cleanly() {
+    let vmm = target_bin("husk-vmm");
+    let guest = guest_dir();
+    let script = format!(
+        "log=$(mktemp); {vmm} --kernel {kernel} --initrd {initrd} --console $log & pid=$!; \
+         i=0; until grep -q '{ready}' $log; do sleep 0.2; i=$((i+1)); [ $i -lt 600 ] || exit 90; done; \
+         kill -TERM $pid; wait $pid; echo \"vmm-status=$?\"; rm -f $log",
+        vmm = vmm.display(),
+        kernel = guest.join("vmlinux").display(),
+        initrd = guest.join("initramfs.cpio").display(),
+        ready = husk_protocols::READY_PREFIX,
+    );
+    let output = run(&mut VmHost::detect().command(BUDGET, &["sh", "-c", &script]));
+    let text = combined(&output);
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    assert!(text.contains("stopped by the host"), "{}", describe(&output));
+    assert!(text.contains("vmm-status=0"), "{}", describe(&output));
+}
+
+#[test]
 fn a_compressed_bzimage_kernel_boots_too() {
     // Debian's cloud kernel: a bzImage with its own decompressor, modules and ACPI, none of which we
     // provide; it still reaches our /init through the 64-bit boot protocol.

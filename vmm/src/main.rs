@@ -60,6 +60,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// Blocks SIGINT and SIGTERM in this thread (and every thread it starts later) and returns the set.
+fn block_stop_signals() -> Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only write to it and to this
+    // thread's signal mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        anyhow::bail!("blocking SIGINT/SIGTERM: {}", std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(set)
+}
+
+/// Waits for one of the blocked `signals`; `None` if sigwait fails.
+fn wait_for(signals: &libc::sigset_t) -> Option<i32> {
+    let mut signal = 0;
+    // SAFETY: `signals` is an initialised set and `signal` a valid out-pointer.
+    (unsafe { libc::sigwait(signals, &mut signal) } == 0).then_some(signal)
+}
+
 fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
     let mut log = None;
     let mut stdout = false;
@@ -82,7 +107,21 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
         console: Console::new(log, stdout),
         setup_started: Some(started),
     };
-    let exit = VmHandle::start(config)?.wait();
+    // SIGINT/SIGTERM stop the VM cleanly: block them before any thread exists (threads inherit the
+    // mask) and wait for them on a thread of their own.
+    let signals = block_stop_signals()?;
+    let handle = VmHandle::start(config)?;
+    let stopper = handle.stopper();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = wait_for(&signals) {
+                tracing::info!(signal, "stopping the VM");
+                stopper.stop();
+            }
+        })
+        .context("starting the signal thread")?;
+    let exit = handle.wait();
     let ms = |d: Option<Duration>| d.map_or("n/a".to_owned(), |d| format!("{:.2}", d.as_secs_f64() * 1000.0));
     let overhead = exit.memory.map_or("n/a".to_owned(), |m| format!("{:.2}", m.overhead_mib()));
     eprintln!(
