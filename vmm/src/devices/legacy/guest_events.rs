@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use husk_protocols::GuestEvent;
 
-use crate::devices::BusDevice;
+use super::ByteRegisters;
 use crate::exit::{ExitNotifier, ExitReason};
 
 /// Moments of a VM's life, each recorded once.
@@ -33,14 +33,13 @@ impl GuestEvents {
     }
 }
 
-impl BusDevice for GuestEvents {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+impl ByteRegisters for GuestEvents {
+    fn read_register(&mut self, _offset: u8) -> u8 {
+        0
     }
 
-    fn write(&mut self, _offset: u64, data: &[u8]) {
-        let [byte] = data else { return };
-        match GuestEvent::from_byte(*byte) {
+    fn write_register(&mut self, _offset: u8, value: u8) {
+        match GuestEvent::from_byte(value) {
             Some(GuestEvent::Ready) => {
                 let _ = self.timestamps.guest_ready.set(Instant::now());
             }
@@ -53,6 +52,7 @@ impl BusDevice for GuestEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::BusDevice;
 
     #[test]
     fn ready_is_recorded_once_and_poweroff_ends_the_vm() {

@@ -3,7 +3,7 @@
 
 use vm_superio::Trigger;
 
-use crate::devices::BusDevice;
+use super::ByteRegisters;
 use crate::exit::{ExitNotifier, ExitReason};
 
 /// The controller's data port; the command/status port is at +4.
@@ -35,25 +35,22 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl ByteRegisters for I8042 {
+    fn read_register(&mut self, offset: u8) -> u8 {
         // Status 0: output buffer empty, input buffer empty, so the kernel never waits on us.
-        match data {
-            [byte] => *byte = self.0.read(offset as u8),
-            _ => data.fill(0xff),
-        }
+        self.0.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if let [byte] = data {
-            let _ = self.0.write(offset as u8, *byte);
-        }
+    fn write_register(&mut self, offset: u8, value: u8) {
+        // The only effect is the reset line, whose trigger cannot fail.
+        let _ = self.0.write(offset, value);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::BusDevice;
 
     #[test]
     fn the_reset_command_requests_a_reboot_and_nothing_else_does() {

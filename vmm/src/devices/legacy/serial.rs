@@ -7,8 +7,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::Console;
-use crate::devices::BusDevice;
+use super::{ByteRegisters, Console};
 
 /// COM1's I/O base.
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
@@ -40,25 +39,21 @@ impl Serial {
     }
 }
 
-impl BusDevice for Serial {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match data {
-            [byte] => *byte = self.0.read(offset as u8),
-            _ => data.fill(0xff),
-        }
+impl ByteRegisters for Serial {
+    fn read_register(&mut self, offset: u8) -> u8 {
+        self.0.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if let [byte] = data {
-            // Errors are the interrupt eventfd failing; the byte itself already reached the console.
-            let _ = self.0.write(offset as u8, *byte);
-        }
+    fn write_register(&mut self, offset: u8, value: u8) {
+        // Errors are the interrupt eventfd failing; the byte itself already reached the console.
+        let _ = self.0.write(offset, value);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::BusDevice;
 
     #[test]
     fn transmitted_bytes_reach_the_console_and_raise_the_interrupt() {
