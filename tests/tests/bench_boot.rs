@@ -1,0 +1,43 @@
+//! The boot benchmark runs and prints every named figure for Husk and the QEMU microvm baseline
+//! (one run, debug binaries: this checks the benchmark works, not the numbers; `make bench` measures).
+
+// Test code: a failed expectation is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use husk_tests::{combined, describe, guest_dir, run, target_bin, VmHost};
+
+#[test]
+fn the_boot_benchmark_prints_husk_and_qemu_figures_side_by_side() {
+    let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+    assert!(qemu.exists(), "qemu-system-x86_64 is needed for the baseline (package qemu-system-x86)");
+    let (bench, vmm, guest) = (target_bin("husk-bench-boot"), target_bin("husk-vmm"), guest_dir());
+    let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initramfs.cpio"));
+    let args = [
+        bench.to_str().unwrap(),
+        "--vmm",
+        vmm.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--runs",
+        "1",
+    ];
+    let files = [qemu, Path::new("/usr/share/qemu")];
+    let output = run(&mut VmHost::detect().command_with(Duration::from_secs(300), &files, &args));
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let text = combined(&output);
+    for figure in ["vmm_setup_ms", "boot_to_init_ms", "start_to_ready_ms", "vmm_rss_overhead_mib"] {
+        let row =
+            text.lines().find(|l| l.starts_with(figure)).unwrap_or_else(|| panic!("no {figure} row: {text}"));
+        let husk: f64 = row.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+        assert!(husk > 0.0, "{figure} has no Husk value: {row}");
+    }
+    let side_by_side = text.lines().find(|l| l.starts_with("start_to_ready_ms")).unwrap();
+    let qemu_value: f64 =
+        side_by_side.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    assert!(qemu_value > 0.0, "no QEMU baseline: {side_by_side}");
+}
