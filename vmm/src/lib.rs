@@ -55,7 +55,7 @@ const PANIC_MARKER: &str = "Kernel panic - not syncing";
 pub const CONSOLE_TAIL_LINES: usize = 30;
 
 /// What to boot and how.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct VmConfig {
     /// Number of vCPUs (1 to [`mptable::MAX_VCPUS`], and no more than KVM allows).
     pub vcpus: u8,
@@ -72,7 +72,29 @@ pub struct VmConfig {
     /// Start point of `vmm_setup` (default: when [`VmHandle::start`] is called); the binary passes
     /// its process start.
     pub setup_started: Option<Instant>,
+    /// Input for the serial console (the guest's debug console), e.g. the VMM's stdin.
+    pub console_input: Option<std::os::fd::OwnedFd>,
+    /// Virtio devices, placed in the MMIO gap in this order and declared on the command line.
+    pub devices: Vec<DeviceConfig>,
 }
+
+/// A virtio device to give the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceConfig {
+    /// virtio-rng, fed from the host's `/dev/urandom`.
+    Rng,
+}
+
+/// First GSI for virtio devices (legacy ISA lines 0-4 are taken or reserved).
+const VIRTIO_FIRST_GSI: u32 = 5;
+
+/// MMIO base and GSI of the `index`th virtio device.
+fn virtio_slot(index: usize) -> (u64, u32) {
+    (layout::MMIO_GAP_START + index as u64 * devices::virtio::MMIO_WINDOW, VIRTIO_FIRST_GSI + index as u32)
+}
+
+/// The most virtio devices the IOAPIC's pins leave room for.
+pub const MAX_VIRTIO_DEVICES: usize = (mptable::IOAPIC_PINS as u32 - VIRTIO_FIRST_GSI) as usize;
 
 /// Errors starting a VM. Each names what the user can change.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +105,8 @@ pub enum VmError {
     UnusableKvm(String),
     #[error("vcpus: {requested} requested, this VMM supports 1 to {max} (KVM allows {kvm_max})")]
     Vcpus { requested: u8, max: u8, kvm_max: usize },
+    #[error("devices: {count} virtio devices requested, at most {MAX_VIRTIO_DEVICES}")]
+    TooManyDevices { count: usize },
     #[error("memory: {mib} MiB is too small (at least {min} MiB)")]
     MemoryTooSmall { mib: u64, min: u64 },
     #[error(transparent)]
@@ -143,6 +167,7 @@ pub struct VmHandle {
     notifier: ExitNotifier,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    input_thread: Option<JoinHandle<()>>,
     console: Console,
     timestamps: Arc<GuestTimestamps>,
     setup_started: Instant,
@@ -159,6 +184,9 @@ impl VmHandle {
             return Err(VmError::MemoryTooSmall { mib: config.mem_mib, min: MIN_MEM_MIB });
         }
         boot::check_readable(&config.kernel, config.initrd.as_deref())?;
+        if config.devices.len() > MAX_VIRTIO_DEVICES {
+            return Err(VmError::TooManyDevices { count: config.devices.len() });
+        }
         if let Err(reason) = host::usable_kind(&host::detect_kind_here()) {
             return Err(VmError::UnusableKvm(reason));
         }
@@ -179,7 +207,7 @@ impl VmHandle {
             mem_bytes,
             &config.kernel,
             config.initrd.as_deref(),
-            &config.cmdline,
+            &cmdline_with_devices(&config.cmdline, config.devices.len()),
         )?;
         tracing::debug!(elapsed_us = setup_started.elapsed().as_micros(), kernel = %config.kernel.display(), "guest loaded");
         mptable::write(vm.memory(), config.vcpus)?;
@@ -187,10 +215,10 @@ impl VmHandle {
 
         let (notifier, exits) = ExitNotifier::new();
         let timestamps = Arc::new(GuestTimestamps::default());
-        let pio = legacy_devices(&vm, &config.console, &notifier, &timestamps)?;
+        let (pio, serial) = legacy_devices(&vm, &config.console, &notifier, &timestamps)?;
         let shared = VcpuShared {
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::default()),
+            mmio: Arc::new(virtio_devices(&vm, &config.devices)?),
             exit: notifier.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             timestamps: timestamps.clone(),
@@ -225,6 +253,7 @@ impl VmHandle {
             stop: shared.stop.clone(),
             threads: Vec::with_capacity(vcpus.len()),
             console: config.console.clone(),
+            input_thread: None,
             timestamps,
             setup_started,
             vm,
@@ -234,6 +263,11 @@ impl VmHandle {
             vcpus = config.vcpus,
             "vCPUs configured"
         );
+        if let Some(input) = config.console_input {
+            let thread = devices::legacy::console_input::spawn(input, serial, handle.stop.clone())
+                .map_err(|cause| VmError::Io { what: "starting the console input thread", cause })?;
+            handle.input_thread = Some(thread);
+        }
         for (index, fd) in vcpus.into_iter().enumerate() {
             let thread = vcpu::spawn(index as u8, fd, shared.clone())
                 .map_err(|cause| VmError::Io { what: "starting a vCPU thread", cause })?;
@@ -292,6 +326,10 @@ impl VmHandle {
             }
             let _ = thread.join();
         }
+        // It polls the stop flag, so it ends within one poll interval.
+        if let Some(thread) = self.input_thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -301,24 +339,61 @@ impl Drop for VmHandle {
     }
 }
 
+/// `cmdline` plus one `virtio_mmio.device=` declaration per device.
+fn cmdline_with_devices(cmdline: &str, count: usize) -> String {
+    let mut full = cmdline.to_owned();
+    for index in 0..count {
+        let (base, gsi) = virtio_slot(index);
+        full.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+    }
+    full
+}
+
+/// The virtio devices on a new MMIO bus, each with its irqfd and one ioeventfd per queue.
+fn virtio_devices(vm: &Vm, configs: &[DeviceConfig]) -> Result<Bus, VmError> {
+    use devices::virtio::{mmio::QUEUE_NOTIFY_OFFSET, rng::Rng, Interrupt, MmioTransport, VirtioDevice};
+    let io = |what| move |cause| VmError::Io { what, cause };
+    let mut bus = Bus::default();
+    for (index, config) in configs.iter().enumerate() {
+        let (base, gsi) = virtio_slot(index);
+        let device: Box<dyn VirtioDevice> = match config {
+            DeviceConfig::Rng => Box::new(Rng::default()),
+        };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio irq eventfd"))?;
+        vm.fd()
+            .register_irqfd(&irq, gsi)
+            .map_err(|cause| VmError::Kvm { what: "KVM_IRQFD (virtio)", cause })?;
+        let mut queue_events = Vec::new();
+        for queue in 0..device.queue_max_sizes().len() {
+            let event = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio queue eventfd"))?;
+            let address = kvm_ioctls::IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+            vm.fd()
+                .register_ioevent(&event, &address, queue as u32)
+                .map_err(|cause| VmError::Kvm { what: "KVM_IOEVENTFD (virtio)", cause })?;
+            queue_events.push(event);
+        }
+        let transport =
+            MmioTransport::new(device, vm.memory().clone(), Arc::new(Interrupt::new(irq)), queue_events);
+        bus.insert(base, devices::virtio::MMIO_WINDOW, Arc::new(Mutex::new(transport)))?;
+    }
+    Ok(bus)
+}
+
 /// COM1, the i8042 and the guest event port on a new I/O-port bus.
 fn legacy_devices(
     vm: &Vm,
     console: &Console,
     notifier: &ExitNotifier,
     timestamps: &Arc<GuestTimestamps>,
-) -> Result<Bus, VmError> {
+) -> Result<(Bus, Arc<Mutex<Serial>>), VmError> {
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|cause| VmError::Io { what: "serial eventfd", cause })?;
     vm.fd()
         .register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(|cause| VmError::Kvm { what: "KVM_IRQFD (serial)", cause })?;
     let mut pio = Bus::default();
-    pio.insert(
-        SERIAL_PORT_BASE.into(),
-        SERIAL_PORT_LEN.into(),
-        Arc::new(Mutex::new(Serial::new(serial_irq, console.clone()))),
-    )?;
+    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console.clone())));
+    pio.insert(SERIAL_PORT_BASE.into(), SERIAL_PORT_LEN.into(), serial.clone())?;
     pio.insert(
         I8042_PORT_BASE.into(),
         I8042_PORT_LEN.into(),
@@ -329,5 +404,5 @@ fn legacy_devices(
         1,
         Arc::new(Mutex::new(GuestEvents::new(timestamps.clone(), notifier.clone()))),
     )?;
-    Ok(pio)
+    Ok((pio, serial))
 }

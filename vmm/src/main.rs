@@ -4,6 +4,7 @@
 //! 1 when it panics, triple-faults or the VMM fails (with the console tail), 2 for bad arguments.
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use husk_vmm::devices::legacy::Console;
-use husk_vmm::{ExitReason, VmConfig, VmHandle, DEFAULT_CMDLINE};
+use husk_vmm::{DeviceConfig, ExitReason, VmConfig, VmHandle, DEFAULT_CMDLINE};
 
 const EXIT_REBOOT: u8 = 3;
 
@@ -36,6 +37,12 @@ struct Cli {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     mem: u64,
+    /// Feed stdin into the serial console (for the guest's debug console: `--append husk.debug_console`).
+    #[arg(long)]
+    console_input: bool,
+    /// Do not give the guest a virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
     /// Where the guest's serial console goes: a file path, or `-` for stdout (repeatable).
     #[arg(long, default_value = "-")]
     console: Vec<String>,
@@ -106,6 +113,12 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
         },
         console: Console::new(log, stdout),
         setup_started: Some(started),
+        console_input: if cli.console_input {
+            Some(std::io::stdin().as_fd().try_clone_to_owned().context("duplicating stdin")?)
+        } else {
+            None
+        },
+        devices: if cli.no_rng { vec![] } else { vec![DeviceConfig::Rng] },
     };
     // SIGINT/SIGTERM stop the VM cleanly: block them before any thread exists (threads inherit the
     // mask) and wait for them on a thread of their own.

@@ -1,6 +1,7 @@
 //! Legacy PC devices: the 8250 serial console, the i8042 reset line and the guest event port.
 
 pub mod console;
+pub mod console_input;
 pub mod guest_events;
 pub mod i8042;
 pub mod serial;

@@ -39,6 +39,18 @@ impl Serial {
     }
 }
 
+impl Serial {
+    /// Queues `input` for the guest to read, as much as the receive FIFO takes; returns how many
+    /// bytes were taken (0 when the FIFO is full: retry after the guest has read).
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        let room = self.0.fifo_capacity().min(input.len());
+        if room == 0 {
+            return 0;
+        }
+        self.0.enqueue_raw_bytes(&input[..room]).unwrap_or(0)
+    }
+}
+
 impl ByteRegisters for Serial {
     fn read_register(&mut self, offset: u8) -> u8 {
         self.0.read(offset)
