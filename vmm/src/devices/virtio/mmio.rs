@@ -288,3 +288,198 @@ impl BusDevice for MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    #[derive(Debug, Default)]
+    struct Calls {
+        activated: Vec<(usize, u64, u16)>, // queues, acked features, first queue size
+        resets: usize,
+    }
+
+    struct MockDevice(Arc<Mutex<Calls>>);
+
+    const MOCK_FEATURE: u64 = 1 << 3;
+
+    impl VirtioDevice for MockDevice {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[64]
+        }
+        fn device_features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | MOCK_FEATURE
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8 + 1);
+        }
+        fn activate(&mut self, context: DeviceContext) -> Result<(), super::super::ActivateError> {
+            let size = context.queues[0].size();
+            self.0.lock().unwrap().activated.push((context.queues.len(), context.acked_features, size));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.0.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<Calls>>, EventFd) {
+        let calls = Arc::new(Mutex::new(Calls::default()));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq));
+        let t = MmioTransport::new(
+            Box::new(MockDevice(calls.clone())),
+            mem,
+            interrupt,
+            vec![notify.try_clone().unwrap()],
+        );
+        (t, calls, notify)
+    }
+
+    fn w(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn r(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut bytes = [0u8; 4];
+        t.read(offset, &mut bytes);
+        u32::from_le_bytes(bytes)
+    }
+
+    /// ACKNOWLEDGE, DRIVER, the driver's features, FEATURES_OK; returns the status read back.
+    fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
+        w(t, reg::STATUS, STATUS_ACKNOWLEDGE);
+        w(t, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        for sel in 0..2 {
+            w(t, reg::DRIVER_FEATURES_SEL, sel);
+            w(t, reg::DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+        }
+        w(t, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        r(t, reg::STATUS)
+    }
+
+    fn setup_queue(t: &mut MmioTransport, desc: u64) {
+        w(t, reg::QUEUE_SEL, 0);
+        w(t, reg::QUEUE_NUM, 16);
+        w(t, reg::QUEUE_DESC_LOW, desc as u32);
+        w(t, reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        w(t, reg::QUEUE_DRIVER_LOW, 0x2000);
+        w(t, reg::QUEUE_DEVICE_LOW, 0x3000);
+        w(t, reg::QUEUE_READY, 1);
+    }
+
+    const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+    #[test]
+    fn identity_registers_describe_a_version_2_device() {
+        let (mut t, _, _) = transport();
+        assert_eq!(r(&mut t, reg::MAGIC), MAGIC_VALUE);
+        assert_eq!(r(&mut t, reg::VERSION), 2);
+        assert_eq!(r(&mut t, reg::DEVICE_ID), 42);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 64);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), (VIRTIO_F_VERSION_1 >> 32) as u32);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), MOCK_FEATURE as u32);
+        let mut config = [0u8; 2];
+        t.read(CONFIG_SPACE_OFFSET + 4, &mut config);
+        assert_eq!(config, [5, 5], "config space reaches the device");
+    }
+
+    #[test]
+    fn the_full_init_sequence_activates_the_device_with_the_drivers_queue() {
+        let (mut t, calls, notify) = transport();
+        assert_ne!(negotiate(&mut t, VIRTIO_F_VERSION_1 | MOCK_FEATURE) & STATUS_FEATURES_OK, 0);
+        setup_queue(&mut t, 0x1000);
+        w(&mut t, reg::STATUS, ALL_OK);
+        assert_eq!(r(&mut t, reg::STATUS), ALL_OK);
+        assert_eq!(calls.lock().unwrap().activated, vec![(1, VIRTIO_F_VERSION_1 | MOCK_FEATURE, 16)]);
+        // Without an ioeventfd, a QueueNotify write is forwarded to the queue's eventfd.
+        w(&mut t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(notify.read().unwrap(), 1);
+        w(&mut t, reg::QUEUE_NOTIFY, 7); // no such queue: ignored
+        assert!(notify.read().is_err());
+    }
+
+    #[test]
+    fn drivers_without_version_1_or_with_unoffered_features_are_refused() {
+        let (mut t, _, _) = transport();
+        assert_eq!(negotiate(&mut t, MOCK_FEATURE) & STATUS_FEATURES_OK, 0, "legacy drivers are refused");
+        let (mut t, _, _) = transport();
+        assert_eq!(negotiate(&mut t, VIRTIO_F_VERSION_1 | 1 << 40) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn invalid_queues_fail_activation_instead_of_reaching_the_device() {
+        let (mut t, calls, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0xdead_0000_0000); // descriptor table outside guest memory
+        w(&mut t, reg::STATUS, ALL_OK);
+        assert_eq!(r(&mut t, reg::STATUS) & (STATUS_FAILED | STATUS_DRIVER_OK), STATUS_FAILED);
+        assert!(calls.lock().unwrap().activated.is_empty());
+    }
+
+    #[test]
+    fn queue_writes_outside_the_configuration_window_are_ignored() {
+        let (mut t, calls, _) = transport();
+        // Before FEATURES_OK: ignored.
+        w(&mut t, reg::QUEUE_READY, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        w(&mut t, reg::QUEUE_NUM, 3); // not a power of two: refused, stays at the maximum
+        setup_queue(&mut t, 0x1000);
+        w(&mut t, reg::STATUS, ALL_OK);
+        // After DRIVER_OK: ignored; the device keeps what it was given.
+        w(&mut t, reg::QUEUE_NUM, 32);
+        assert_eq!(calls.lock().unwrap().activated[0].2, 16);
+        w(&mut t, reg::QUEUE_SEL, 99);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 0, "no such queue");
+    }
+
+    #[test]
+    fn status_zero_resets_and_clearing_bits_otherwise_is_refused() {
+        let (mut t, calls, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0x1000);
+        w(&mut t, reg::STATUS, ALL_OK);
+        w(&mut t, reg::STATUS, STATUS_ACKNOWLEDGE);
+        assert_eq!(r(&mut t, reg::STATUS), ALL_OK, "bits are only cleared by a reset");
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        assert_eq!(calls.lock().unwrap().resets, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+        // And the device can be brought up again.
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0x1000);
+        w(&mut t, reg::STATUS, ALL_OK);
+        assert_eq!(calls.lock().unwrap().activated.len(), 2);
+    }
+
+    #[test]
+    fn interrupt_status_is_read_and_acknowledged_by_the_driver() {
+        let (mut t, _, _) = transport();
+        t.interrupt.trigger(super::super::INTERRUPT_USED_BUFFER);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 1);
+        w(&mut t, reg::INTERRUPT_ACK, 1);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn register_accesses_that_are_not_32_bits_wide_do_nothing() {
+        let (mut t, _, _) = transport();
+        let mut byte = [0xffu8];
+        t.read(reg::MAGIC, &mut byte);
+        assert_eq!(byte, [0]);
+        t.write(reg::STATUS, &[1]);
+        t.write(reg::STATUS, &[1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        assert_eq!(r(&mut t, 0x0c0), 0, "unknown registers read as zero");
+    }
+}
