@@ -11,6 +11,7 @@
 
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};

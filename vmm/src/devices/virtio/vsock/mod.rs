@@ -1,0 +1,8 @@
+//! virtio-vsock in user space, Firecracker-style "hybrid" vsock: the guest's vsock is a unix
+//! socket on the host (issue "Virtio devices I").
+//!
+//! Layout, one concern per file as in Firecracker's device:
+//! - [`packet`]: the packet header and the validation of untrusted guest bytes (done).
+//! - connection state machine, unix-socket muxer and the device's queue plumbing: next.
+
+pub mod packet;
