@@ -28,8 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use std::io::Write;
-
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -107,6 +105,8 @@ pub enum VmError {
     Vcpus { requested: u8, max: u8, kvm_max: usize },
     #[error("devices: {count} virtio devices requested, at most {MAX_VIRTIO_DEVICES}")]
     TooManyDevices { count: usize },
+    #[error("memory: {mib} MiB is more than this VMM supports ({} MiB)", MAX_MEM_BYTES >> 20)]
+    MemoryTooLarge { mib: u64 },
     #[error("memory: {mib} MiB is too small (at least {min} MiB)")]
     MemoryTooSmall { mib: u64, min: u64 },
     #[error(transparent)]
@@ -124,6 +124,9 @@ pub enum VmError {
     #[error("{what}: {cause}")]
     Io { what: &'static str, cause: std::io::Error },
 }
+
+/// The largest guest memory (the boot page tables and e820 describe at most this much).
+pub const MAX_MEM_BYTES: u64 = 1 << 40;
 
 /// The smallest guest that can hold a kernel and an initramfs.
 pub const MIN_MEM_MIB: u64 = 32;
@@ -195,7 +198,11 @@ impl VmHandle {
         if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS || config.vcpus as usize > kvm_max {
             return Err(VmError::Vcpus { requested: config.vcpus, max: mptable::MAX_VCPUS, kvm_max });
         }
-        let mem_bytes = config.mem_mib << 20;
+        let mem_bytes = config
+            .mem_mib
+            .checked_mul(1 << 20)
+            .filter(|bytes| *bytes <= MAX_MEM_BYTES)
+            .ok_or(VmError::MemoryTooLarge { mib: config.mem_mib })?;
         let vm = Vm::new(&kvm, mem_bytes)?;
         tracing::debug!(
             elapsed_us = setup_started.elapsed().as_micros(),
@@ -304,7 +311,7 @@ impl VmHandle {
             other => other,
         };
         self.shutdown();
-        let _ = self.console.flush();
+        self.console.finish();
         let memory = memory_usage::MemoryUsage::measure(&self.vm.host_ranges());
         VmExit {
             reason,
@@ -339,14 +346,23 @@ impl Drop for VmHandle {
     }
 }
 
-/// `cmdline` plus one `virtio_mmio.device=` declaration per device.
+/// `cmdline` with one `virtio_mmio.device=` declaration per device, placed before any ` -- `
+/// (what follows it is for init, not the kernel).
 fn cmdline_with_devices(cmdline: &str, count: usize) -> String {
-    let mut full = cmdline.to_owned();
-    for index in 0..count {
-        let (base, gsi) = virtio_slot(index);
-        full.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+    let declarations: String = (0..count)
+        .map(|index| {
+            let (base, gsi) = virtio_slot(index);
+            format!(" virtio_mmio.device=4K@{base:#x}:{gsi}")
+        })
+        .collect();
+    let (kernel, init) = match cmdline.split_once(" -- ") {
+        Some((kernel, init)) => (kernel, Some(init)),
+        None => (cmdline, None),
+    };
+    match init {
+        Some(init) => format!("{kernel}{declarations} -- {init}"),
+        None => format!("{kernel}{declarations}"),
     }
-    full
 }
 
 /// The virtio devices on a new MMIO bus, each with its irqfd and one ioeventfd per queue.
@@ -405,4 +421,22 @@ fn legacy_devices(
         Arc::new(Mutex::new(GuestEvents::new(timestamps.clone(), notifier.clone()))),
     )?;
     Ok((pio, serial))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_declarations_go_before_the_init_arguments() {
+        assert_eq!(
+            cmdline_with_devices("console=ttyS0", 2),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        assert_eq!(
+            cmdline_with_devices("quiet -- --verbose", 1),
+            "quiet virtio_mmio.device=4K@0xd0000000:5 -- --verbose"
+        );
+        assert_eq!(cmdline_with_devices("quiet", 0), "quiet");
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -37,13 +37,12 @@ extern "C" fn on_kick(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 /// Installs the (empty) kick handler once per process: its only job is to make `KVM_RUN` return
 /// `EINTR` so the thread sees the stop flag.
 pub fn install_kick_handler() -> io::Result<()> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()));
-    });
-    result
+    // The outcome is kept: a failed install must fail every later VM too (kicking a thread without
+    // the handler would kill the whole process).
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
+        .map_err(io::Error::from_raw_os_error)
 }
 
 /// Starts vCPU `index` on its own thread.
@@ -51,7 +50,19 @@ pub fn spawn(index: u8, vcpu: VcpuFd, shared: VcpuShared) -> io::Result<JoinHand
     std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || run(index, vcpu, &shared))
 }
 
+/// Reports a vCPU thread that unwinds, so `VmHandle::wait` does not wait forever for an exit.
+struct PanicGuard<'a>(u8, &'a ExitNotifier);
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.1.notify(ExitReason::Error(format!("vCPU {} thread panicked", self.0)));
+        }
+    }
+}
+
 fn run(index: u8, mut vcpu: VcpuFd, shared: &VcpuShared) {
+    let _guard = PanicGuard(index, &shared.exit);
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;

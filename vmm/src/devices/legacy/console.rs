@@ -4,16 +4,99 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, LineWriter, Write};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Bytes of console output kept in memory.
 pub const TAIL_BYTES: usize = 16 * 1024;
+/// Chunks of output waiting for the stdout thread; beyond this, output is dropped, not waited for.
+const STDOUT_QUEUE_CHUNKS: usize = 256;
+/// A chunk is handed to the stdout thread at a newline or at this size.
+const STDOUT_CHUNK_BYTES: usize = 4096;
+/// How long [`Console::finish`] waits for the stdout thread to write what it has.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+enum StdoutMessage {
+    Data(Vec<u8>),
+    Flush(SyncSender<()>),
+}
+
+/// Output to a stream that may block (a pipe nobody reads): written by a thread of its own, so a
+/// stuck reader can never stall a vCPU; when the queue is full, output is dropped and counted.
+#[derive(Debug)]
+struct StreamSink {
+    pending: Vec<u8>,
+    queue: SyncSender<StdoutMessage>,
+    dropped_bytes: u64,
+}
+
+impl StreamSink {
+    fn spawn(mut out: Box<dyn Write + Send>) -> io::Result<StreamSink> {
+        let (queue, messages) = sync_channel(STDOUT_QUEUE_CHUNKS);
+        std::thread::Builder::new().name("console-out".into()).spawn(move || {
+            let messages: Receiver<StdoutMessage> = messages;
+            // Ends when every Console clone (and so the sender) is gone.
+            for message in messages {
+                match message {
+                    StdoutMessage::Data(bytes) => {
+                        let _ = out.write_all(&bytes);
+                    }
+                    StdoutMessage::Flush(done) => {
+                        let _ = out.flush();
+                        let _ = done.send(());
+                    }
+                }
+            }
+        })?;
+        Ok(StreamSink { pending: Vec::new(), queue, dropped_bytes: 0 })
+    }
+
+    fn write(&mut self, buf: &[u8]) {
+        self.pending.extend_from_slice(buf);
+        if buf.contains(&b'\n') || self.pending.len() >= STDOUT_CHUNK_BYTES {
+            self.send_pending();
+        }
+    }
+
+    fn send_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let chunk = std::mem::take(&mut self.pending);
+        let len = chunk.len() as u64;
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.queue.try_send(StdoutMessage::Data(chunk))
+        {
+            self.dropped_bytes += len;
+        }
+    }
+
+    /// Hands over what is pending and waits (boundedly) until it has been written.
+    fn finish(&mut self) {
+        self.send_pending();
+        let (done, written) = sync_channel(1);
+        let deadline = Instant::now() + FINISH_TIMEOUT;
+        let mut message = StdoutMessage::Flush(done);
+        loop {
+            match self.queue.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+}
 
 #[derive(Debug, Default)]
 struct Inner {
     // Line-buffered: the guest writes one byte per exit, and a syscall per byte would dominate.
     log: Option<LineWriter<File>>,
-    stdout: bool,
+    stream: Option<StreamSink>,
     tail: VecDeque<u8>,
 }
 
@@ -24,9 +107,17 @@ pub struct Console(Arc<Mutex<Inner>>);
 impl Console {
     /// A console writing to `log` (if any) and, if `stdout`, to this process's stdout.
     pub fn new(log: Option<File>, stdout: bool) -> Console {
+        let stream = if stdout { Some(Box::new(io::stdout()) as Box<dyn Write + Send>) } else { None };
+        Console::with_stream(log, stream)
+    }
+
+    /// A console writing to `log` (if any) and to `stream` (if any) through its own thread.
+    pub fn with_stream(log: Option<File>, stream: Option<Box<dyn Write + Send>>) -> Console {
+        // If the thread cannot start, the log and the tail still get everything.
+        let stream = stream.and_then(|out| StreamSink::spawn(out).ok());
         Console(Arc::new(Mutex::new(Inner {
             log: log.map(LineWriter::new),
-            stdout,
+            stream,
             tail: VecDeque::with_capacity(TAIL_BYTES),
         })))
     }
@@ -48,6 +139,22 @@ impl Console {
     pub fn tail_text(&self) -> String {
         self.tail_lines(usize::MAX)
     }
+
+    /// Bytes dropped because the stream's reader did not keep up.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.inner().stream.as_ref().map_or(0, |s| s.dropped_bytes)
+    }
+
+    /// Writes out everything buffered (log and stream); call when the VM has ended.
+    pub fn finish(&self) {
+        let mut inner = self.inner();
+        if let Some(log) = inner.log.as_mut() {
+            let _ = log.flush();
+        }
+        if let Some(stream) = inner.stream.as_mut() {
+            stream.finish();
+        }
+    }
 }
 
 impl Write for Console {
@@ -57,8 +164,8 @@ impl Write for Console {
             // A full disk must not stop the guest: the tail still records the output.
             let _ = log.write_all(buf);
         }
-        if inner.stdout {
-            let _ = io::stdout().write_all(buf);
+        if let Some(stream) = inner.stream.as_mut() {
+            stream.write(buf);
         }
         let overflow = (inner.tail.len() + buf.len()).saturating_sub(TAIL_BYTES);
         let drop = overflow.min(inner.tail.len());
@@ -67,14 +174,9 @@ impl Write for Console {
         Ok(buf.len())
     }
 
+    /// Does nothing: the UART model flushes after every byte, and buffering is the point. Output
+    /// goes out at newlines and in [`Console::finish`].
     fn flush(&mut self) -> io::Result<()> {
-        let mut inner = self.inner();
-        if let Some(log) = inner.log.as_mut() {
-            let _ = log.flush();
-        }
-        if inner.stdout {
-            let _ = io::stdout().flush();
-        }
         Ok(())
     }
 }
@@ -101,13 +203,62 @@ mod tests {
         assert_eq!(console.tail_lines(1), "last line");
     }
 
+    /// A reader that never reads: writes to it block until the test ends.
+    struct StuckPipe(std::sync::mpsc::Receiver<()>);
+
+    impl Write for StuckPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            Err(io::Error::other("closed"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_stdout_drops_output_instead_of_stalling_the_guest() {
+        let (_release, stuck) = std::sync::mpsc::channel();
+        let mut console = Console::with_stream(None, Some(Box::new(StuckPipe(stuck))));
+        let started = Instant::now();
+        for _ in 0..10_000 {
+            console.write_all(b"a line of guest output\n").unwrap();
+        }
+        console.finish();
+        assert!(started.elapsed() < Duration::from_secs(10), "writes did not block");
+        assert!(console.dropped_bytes() > 0);
+        assert_eq!(console.tail_lines(1), "a line of guest output");
+    }
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_stream_gets_everything_including_a_partial_last_line_after_finish() {
+        let out = Shared::default();
+        let mut console = Console::with_stream(None, Some(Box::new(out.clone())));
+        console.write_all(b"ready\nno newline").unwrap();
+        console.finish();
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"ready\nno newline");
+    }
+
     #[test]
     fn the_log_file_gets_everything() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
         let mut console = Console::new(Some(File::create(&path).unwrap()), false);
         console.write_all(b"hello\n").unwrap();
-        console.flush().unwrap();
+        console.finish();
         assert_eq!(std::fs::read_to_string(path).unwrap(), "hello\n");
     }
 }

@@ -28,8 +28,15 @@ pub fn spawn(
                 continue;
             }
             let len = match input.read(&mut chunk) {
-                Ok(0) | Err(_) => return, // end of input
+                Ok(0) => return, // end of input
                 Ok(len) => len,
+                Err(err) if matches!(err.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {
+                    continue
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "console input: read failed; no more input reaches the guest");
+                    return;
+                }
             };
             let mut pending = &chunk[..len];
             while !pending.is_empty() && !stop.load(Ordering::Acquire) {

@@ -47,7 +47,10 @@ impl Serial {
         if room == 0 {
             return 0;
         }
-        self.0.enqueue_raw_bytes(&input[..room]).unwrap_or(0)
+        // The bytes are queued before the interrupt is raised: a failed trigger still took them
+        // (and the guest sees them at its next poll), so they must not be offered again.
+        let _ = self.0.enqueue_raw_bytes(&input[..room]);
+        room
     }
 }
 

@@ -11,6 +11,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Interrupt status bit: the configuration (here: the device status) changed.
+const INTERRUPT_CONFIG_CHANGE: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 use crate::devices::BusDevice;
 
 /// Size of one device's MMIO window (registers at 0x000, configuration space from 0x100).
@@ -27,7 +30,7 @@ const STATUS_ACKNOWLEDGE: u32 = 1;
 const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_FAILED: u32 = 0x80;
+const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
 
 /// Register offsets.
 mod reg {
@@ -69,6 +72,8 @@ pub struct MmioTransport {
     queue_sel: u32,
     status: u32,
     activated: bool,
+    /// `QueueReady` of each queue as handed to the device (the register reads back what was written).
+    active_ready: Vec<bool>,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -103,6 +108,7 @@ impl MmioTransport {
             queue_sel: 0,
             status: 0,
             activated: false,
+            active_ready: Vec::new(),
         }
     }
 
@@ -130,6 +136,9 @@ impl MmioTransport {
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => word(self.device.device_features(), self.device_features_sel),
             reg::QUEUE_NUM_MAX => self.queues.get(self.queue_sel as usize).map_or(0, |q| q.max_size().into()),
+            reg::QUEUE_READY if self.activated => {
+                self.active_ready.get(self.queue_sel as usize).copied().unwrap_or(false).into()
+            }
             reg::QUEUE_READY => self.queues.get(self.queue_sel as usize).is_some_and(|q| q.ready()).into(),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status,
@@ -153,9 +162,9 @@ impl MmioTransport {
             }
             reg::QUEUE_SEL => self.queue_sel = value,
             reg::QUEUE_NUM => {
-                if let Some(queue) = self.selected_queue() {
-                    // try_set_size refuses sizes that are zero, not a power of two or too large.
-                    let _ = queue.try_set_size(value as u16).ok().filter(|_| value <= u16::MAX as u32);
+                // try_set_size refuses sizes that are zero, not a power of two or above the maximum.
+                if let (Some(queue), Ok(size)) = (self.selected_queue(), u16::try_from(value)) {
+                    let _ = queue.try_set_size(size);
                 }
             }
             reg::QUEUE_READY => {
@@ -204,7 +213,9 @@ impl MmioTransport {
         if added & STATUS_DRIVER_OK != 0 && !self.activated {
             let needed = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
             if value & needed != needed || !self.activate() {
-                self.status = value & !STATUS_DRIVER_OK | STATUS_FAILED;
+                // Only the driver sets FAILED; the device says it needs a reset and tells the driver.
+                self.status = value & !STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET;
+                self.interrupt.trigger(INTERRUPT_CONFIG_CHANGE);
                 return;
             }
         }
@@ -230,6 +241,7 @@ impl MmioTransport {
                     return false;
                 }
             };
+        self.active_ready = self.queues.iter().map(|q| q.ready()).collect();
         let queues = std::mem::replace(&mut self.queues, fresh_queues(self.device.as_ref()));
         let context = DeviceContext {
             mem: self.mem.clone(),
@@ -259,6 +271,7 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.queue_sel = 0;
         self.activated = false;
+        self.active_ready.clear();
         self.interrupt.acknowledge(u32::MAX);
     }
 }
@@ -401,6 +414,7 @@ mod tests {
         w(&mut t, reg::STATUS, ALL_OK);
         assert_eq!(r(&mut t, reg::STATUS), ALL_OK);
         assert_eq!(calls.lock().unwrap().activated, vec![(1, VIRTIO_F_VERSION_1 | MOCK_FEATURE, 16)]);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 1, "reads back what the driver wrote");
         // Without an ioeventfd, a QueueNotify write is forwarded to the queue's eventfd.
         w(&mut t, reg::QUEUE_NOTIFY, 0);
         assert_eq!(notify.read().unwrap(), 1);
@@ -422,7 +436,9 @@ mod tests {
         negotiate(&mut t, VIRTIO_F_VERSION_1);
         setup_queue(&mut t, 0xdead_0000_0000); // descriptor table outside guest memory
         w(&mut t, reg::STATUS, ALL_OK);
-        assert_eq!(r(&mut t, reg::STATUS) & (STATUS_FAILED | STATUS_DRIVER_OK), STATUS_FAILED);
+        let status = r(&mut t, reg::STATUS);
+        assert_eq!(status & (STATUS_DEVICE_NEEDS_RESET | STATUS_DRIVER_OK), STATUS_DEVICE_NEEDS_RESET);
+        assert_ne!(r(&mut t, reg::INTERRUPT_STATUS) & INTERRUPT_CONFIG_CHANGE, 0, "the driver is told");
         assert!(calls.lock().unwrap().activated.is_empty());
     }
 
@@ -434,6 +450,7 @@ mod tests {
         assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
         negotiate(&mut t, VIRTIO_F_VERSION_1);
         w(&mut t, reg::QUEUE_NUM, 3); // not a power of two: refused, stays at the maximum
+        w(&mut t, reg::QUEUE_NUM, 0x1_0010); // above 16 bits: refused, not truncated to 16
         setup_queue(&mut t, 0x1000);
         w(&mut t, reg::STATUS, ALL_OK);
         // After DRIVER_OK: ignored; the device keeps what it was given.

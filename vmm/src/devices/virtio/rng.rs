@@ -43,7 +43,7 @@ impl VirtioDevice for Rng {
             .try_into()
             .map_err(|q: Vec<Queue>| ActivateError::QueueCount { expected: 1, found: q.len() })?;
         let source = File::open("/dev/urandom").map_err(ActivateError::Worker)?;
-        let handler = RngQueue { mem, queue, interrupt, source, buffer: Vec::new() };
+        let handler = RngQueue { mem, queue, interrupt, source, buffer: Vec::new(), broken: false };
         self.worker =
             Some(Worker::spawn("virtio-rng", handler, queue_events).map_err(ActivateError::Worker)?);
         Ok(())
@@ -62,17 +62,21 @@ pub struct RngQueue {
     interrupt: Arc<Interrupt>,
     source: File,
     buffer: Vec<u8>,
+    /// Set when the driver corrupted the queue; the device then ignores it until reset.
+    broken: bool,
 }
 
 impl RngQueue {
     /// Serves every available request; returns how many were completed.
     pub fn process(&mut self) -> usize {
         let mut completed = 0;
-        loop {
+        while !self.broken {
             if self.queue.disable_notification(&self.mem).is_err() {
                 tracing::warn!("virtio-rng: bad used ring address; request queue ignored");
-                return completed;
+                self.broken = true;
+                break;
             }
+            let before = completed;
             while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
                 let head = chain.head_index();
                 let written = fill(&self.mem, &mut self.source, &mut self.buffer, chain);
@@ -83,9 +87,14 @@ impl RngQueue {
                 completed += 1;
             }
             match self.queue.enable_notification(&self.mem) {
-                Ok(true) => continue, // more arrived while notifications were off
+                // More arrived while notifications were off: go again, unless nothing could be
+                // popped, which means the avail index is corrupt (it would loop forever).
+                Ok(true) if completed > before => continue,
+                Ok(true) | Err(_) => {
+                    tracing::warn!("virtio-rng: corrupt avail ring; request queue ignored until reset");
+                    self.broken = true;
+                }
                 Ok(false) => break,
-                Err(_) => return completed,
             }
         }
         if completed > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
@@ -138,7 +147,7 @@ mod tests {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
         let source = File::open("/dev/urandom").unwrap();
-        (RngQueue { mem: mem.clone(), queue, interrupt, source, buffer: Vec::new() }, irq)
+        (RngQueue { mem: mem.clone(), queue, interrupt, source, buffer: Vec::new(), broken: false }, irq)
     }
 
     fn used_len(rng: &RngQueue, slot: u64) -> u32 {
@@ -175,6 +184,19 @@ mod tests {
         let (mut rng, _irq) = rng_queue(&mem, &descs);
         assert_eq!(rng.process(), 1);
         assert_eq!(used_len(&rng, 0), 0);
+    }
+
+    #[test]
+    fn a_corrupt_avail_index_stops_the_queue_instead_of_spinning() {
+        let mem = memory();
+        let descs = [RawDescriptor::from(Descriptor::new(0x8000, 16, VRING_DESC_F_WRITE as u16, 0))];
+        let (mut rng, _irq) = rng_queue(&mem, &descs);
+        // The driver claims 1000 new buffers in a 16-entry queue.
+        let avail_idx = GuestAddress(rng.queue.avail_ring() + 2);
+        mem.write_obj(1000u16, avail_idx).unwrap();
+        assert_eq!(rng.process(), 0);
+        assert!(rng.broken);
+        assert_eq!(rng.process(), 0, "ignored until reset");
     }
 
     #[test]
