@@ -7,11 +7,13 @@
 //! - [`vm`]: the KVM VM, its memory and interrupt controllers.
 //! - [`boot`]: loading Linux (kernel, initrd, command line, boot params), MP table, CPUID, registers.
 //! - [`vcpu`]: vCPU threads and exit dispatch.
+//! - [`device_manager`]: which device goes where (ports, MMIO slots, interrupts, cmdline).
 //! - [`devices`]: buses and device models (legacy: serial, i8042, guest event port).
 //! - [`exit`]: why a VM ended.
 //! - [`memory_usage`]: the VMM's memory footprint besides guest RAM.
 
 pub mod boot;
+pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod host;
@@ -24,19 +26,16 @@ use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::Kvm;
-use vmm_sys_util::eventfd::EventFd;
+use kvm_ioctls::{Kvm, VcpuFd};
 
 use crate::boot::{cpuid, mptable, regs, BootError};
-use crate::devices::legacy::{
-    Console, GuestEvents, GuestTimestamps, Serial, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
-    SERIAL_PORT_BASE, SERIAL_PORT_LEN,
-};
-use crate::devices::{Bus, BusError};
+pub use crate::device_manager::{DeviceConfig, MAX_VIRTIO_DEVICES};
+use crate::devices::legacy::{Console, GuestTimestamps};
+use crate::devices::BusError;
 use crate::exit::ExitNotifier;
 pub use crate::exit::ExitReason;
 use crate::vcpu::VcpuShared;
@@ -75,24 +74,6 @@ pub struct VmConfig {
     /// Virtio devices, placed in the MMIO gap in this order and declared on the command line.
     pub devices: Vec<DeviceConfig>,
 }
-
-/// A virtio device to give the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceConfig {
-    /// virtio-rng, fed from the host's `/dev/urandom`.
-    Rng,
-}
-
-/// First GSI for virtio devices (legacy ISA lines 0-4 are taken or reserved).
-const VIRTIO_FIRST_GSI: u32 = 5;
-
-/// MMIO base and GSI of the `index`th virtio device.
-fn virtio_slot(index: usize) -> (u64, u32) {
-    (layout::MMIO_GAP_START + index as u64 * devices::virtio::MMIO_WINDOW, VIRTIO_FIRST_GSI + index as u32)
-}
-
-/// The most virtio devices the IOAPIC's pins leave room for.
-pub const MAX_VIRTIO_DEVICES: usize = (mptable::IOAPIC_PINS as u32 - VIRTIO_FIRST_GSI) as usize;
 
 /// Errors starting a VM. Each names what the user can change.
 #[derive(Debug, thiserror::Error)]
@@ -182,27 +163,7 @@ impl VmHandle {
     /// Creates the VM, loads the guest and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<VmHandle, VmError> {
         let setup_started = config.setup_started.unwrap_or_else(Instant::now);
-        // The user's mistakes first, so they are reported whatever the host.
-        if config.mem_mib < MIN_MEM_MIB {
-            return Err(VmError::MemoryTooSmall { mib: config.mem_mib, min: MIN_MEM_MIB });
-        }
-        boot::check_readable(&config.kernel, config.initrd.as_deref())?;
-        if config.devices.len() > MAX_VIRTIO_DEVICES {
-            return Err(VmError::TooManyDevices { count: config.devices.len() });
-        }
-        if let Err(reason) = host::usable_kind(&host::detect_kind_here()) {
-            return Err(VmError::UnusableKvm(reason));
-        }
-        let kvm = Kvm::new().map_err(host::HostError::Open)?;
-        let kvm_max = kvm.get_max_vcpus();
-        if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS || config.vcpus as usize > kvm_max {
-            return Err(VmError::Vcpus { requested: config.vcpus, max: mptable::MAX_VCPUS, kvm_max });
-        }
-        let mem_bytes = config
-            .mem_mib
-            .checked_mul(1 << 20)
-            .filter(|bytes| *bytes <= MAX_MEM_BYTES)
-            .ok_or(VmError::MemoryTooLarge { mib: config.mem_mib })?;
+        let (kvm, mem_bytes) = validate(&config)?;
         let vm = Vm::new(&kvm, mem_bytes)?;
         tracing::debug!(
             elapsed_us = setup_started.elapsed().as_micros(),
@@ -214,7 +175,7 @@ impl VmHandle {
             mem_bytes,
             &config.kernel,
             config.initrd.as_deref(),
-            &cmdline_with_devices(&config.cmdline, config.devices.len()),
+            &device_manager::cmdline_with_devices(&config.cmdline, config.devices.len()),
         )?;
         tracing::debug!(elapsed_us = setup_started.elapsed().as_micros(), kernel = %config.kernel.display(), "guest loaded");
         mptable::write(vm.memory(), config.vcpus)?;
@@ -222,10 +183,10 @@ impl VmHandle {
 
         let (notifier, exits) = ExitNotifier::new();
         let timestamps = Arc::new(GuestTimestamps::default());
-        let (pio, serial) = legacy_devices(&vm, &config.console, &notifier, &timestamps)?;
+        let (pio, serial) = device_manager::legacy_devices(&vm, &config.console, &notifier, &timestamps)?;
         let shared = VcpuShared {
             pio: Arc::new(pio),
-            mmio: Arc::new(virtio_devices(&vm, &config.devices)?),
+            mmio: Arc::new(device_manager::virtio_devices(&vm, &config.devices)?),
             exit: notifier.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             timestamps: timestamps.clone(),
@@ -233,26 +194,7 @@ impl VmHandle {
 
         vcpu::install_kick_handler()
             .map_err(|cause| VmError::Io { what: "installing the vCPU kick signal", cause })?;
-        let mut supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|cause| VmError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", cause })?;
-        if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
-            cpuid::enable_tsc_deadline(supported.as_mut_slice());
-        }
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for index in 0..config.vcpus {
-            let fd = vm
-                .fd()
-                .create_vcpu(index.into())
-                .map_err(|cause| VmError::Kvm { what: "KVM_CREATE_VCPU", cause })?;
-            let mut vcpu_cpuid = supported.clone();
-            cpuid::normalize(vcpu_cpuid.as_mut_slice(), index, config.vcpus);
-            fd.set_cpuid2(&vcpu_cpuid).map_err(|cause| VmError::Kvm { what: "KVM_SET_CPUID2", cause })?;
-            let setup =
-                if index == 0 { regs::setup_vcpu(&fd, entry.0) } else { regs::setup_fpu_msrs_lapic(&fd) };
-            setup.map_err(|cause| VmError::Regs { index, cause })?;
-            vcpus.push(fd);
-        }
+        let vcpus = create_vcpus(&kvm, &vm, config.vcpus, entry)?;
 
         let mut handle = VmHandle {
             exits,
@@ -340,103 +282,59 @@ impl VmHandle {
     }
 }
 
+/// Checks the configuration (the user's mistakes first, so they are reported whatever the host),
+/// then the host's KVM; returns KVM and the memory size in bytes.
+fn validate(config: &VmConfig) -> Result<(Kvm, u64), VmError> {
+    if config.mem_mib < MIN_MEM_MIB {
+        return Err(VmError::MemoryTooSmall { mib: config.mem_mib, min: MIN_MEM_MIB });
+    }
+    let mem_bytes = config
+        .mem_mib
+        .checked_mul(1 << 20)
+        .filter(|bytes| *bytes <= MAX_MEM_BYTES)
+        .ok_or(VmError::MemoryTooLarge { mib: config.mem_mib })?;
+    boot::check_readable(&config.kernel, config.initrd.as_deref())?;
+    if config.devices.len() > MAX_VIRTIO_DEVICES {
+        return Err(VmError::TooManyDevices { count: config.devices.len() });
+    }
+    if let Err(reason) = host::usable_kind(&host::detect_kind_here()) {
+        return Err(VmError::UnusableKvm(reason));
+    }
+    let kvm = Kvm::new().map_err(host::HostError::Open)?;
+    let kvm_max = kvm.get_max_vcpus();
+    if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS || config.vcpus as usize > kvm_max {
+        return Err(VmError::Vcpus { requested: config.vcpus, max: mptable::MAX_VCPUS, kvm_max });
+    }
+    Ok((kvm, mem_bytes))
+}
+
+/// Creates `count` vCPUs with normalised CPUID; vCPU 0 is set up to enter the kernel at `entry`,
+/// the others wait for the guest's INIT/SIPI.
+fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, entry: boot::KernelEntry) -> Result<Vec<VcpuFd>, VmError> {
+    let mut supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|cause| VmError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", cause })?;
+    if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        cpuid::enable_tsc_deadline(supported.as_mut_slice());
+    }
+    let mut vcpus = Vec::with_capacity(count as usize);
+    for index in 0..count {
+        let fd = vm
+            .fd()
+            .create_vcpu(index.into())
+            .map_err(|cause| VmError::Kvm { what: "KVM_CREATE_VCPU", cause })?;
+        let mut vcpu_cpuid = supported.clone();
+        cpuid::normalize(vcpu_cpuid.as_mut_slice(), index, count);
+        fd.set_cpuid2(&vcpu_cpuid).map_err(|cause| VmError::Kvm { what: "KVM_SET_CPUID2", cause })?;
+        let setup = if index == 0 { regs::setup_vcpu(&fd, entry.0) } else { regs::setup_fpu_msrs_lapic(&fd) };
+        setup.map_err(|cause| VmError::Regs { index, cause })?;
+        vcpus.push(fd);
+    }
+    Ok(vcpus)
+}
+
 impl Drop for VmHandle {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// `cmdline` with one `virtio_mmio.device=` declaration per device, placed before any ` -- `
-/// (what follows it is for init, not the kernel).
-fn cmdline_with_devices(cmdline: &str, count: usize) -> String {
-    let declarations: String = (0..count)
-        .map(|index| {
-            let (base, gsi) = virtio_slot(index);
-            format!(" virtio_mmio.device=4K@{base:#x}:{gsi}")
-        })
-        .collect();
-    let (kernel, init) = match cmdline.split_once(" -- ") {
-        Some((kernel, init)) => (kernel, Some(init)),
-        None => (cmdline, None),
-    };
-    match init {
-        Some(init) => format!("{kernel}{declarations} -- {init}"),
-        None => format!("{kernel}{declarations}"),
-    }
-}
-
-/// The virtio devices on a new MMIO bus, each with its irqfd and one ioeventfd per queue.
-fn virtio_devices(vm: &Vm, configs: &[DeviceConfig]) -> Result<Bus, VmError> {
-    use devices::virtio::{mmio::QUEUE_NOTIFY_OFFSET, rng::Rng, Interrupt, MmioTransport, VirtioDevice};
-    let io = |what| move |cause| VmError::Io { what, cause };
-    let mut bus = Bus::default();
-    for (index, config) in configs.iter().enumerate() {
-        let (base, gsi) = virtio_slot(index);
-        let device: Box<dyn VirtioDevice> = match config {
-            DeviceConfig::Rng => Box::new(Rng::default()),
-        };
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio irq eventfd"))?;
-        vm.fd()
-            .register_irqfd(&irq, gsi)
-            .map_err(|cause| VmError::Kvm { what: "KVM_IRQFD (virtio)", cause })?;
-        let mut queue_events = Vec::new();
-        for queue in 0..device.queue_max_sizes().len() {
-            let event = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio queue eventfd"))?;
-            let address = kvm_ioctls::IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
-            vm.fd()
-                .register_ioevent(&event, &address, queue as u32)
-                .map_err(|cause| VmError::Kvm { what: "KVM_IOEVENTFD (virtio)", cause })?;
-            queue_events.push(event);
-        }
-        let transport =
-            MmioTransport::new(device, vm.memory().clone(), Arc::new(Interrupt::new(irq)), queue_events);
-        bus.insert(base, devices::virtio::MMIO_WINDOW, Arc::new(Mutex::new(transport)))?;
-    }
-    Ok(bus)
-}
-
-/// COM1, the i8042 and the guest event port on a new I/O-port bus.
-fn legacy_devices(
-    vm: &Vm,
-    console: &Console,
-    notifier: &ExitNotifier,
-    timestamps: &Arc<GuestTimestamps>,
-) -> Result<(Bus, Arc<Mutex<Serial>>), VmError> {
-    let serial_irq =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|cause| VmError::Io { what: "serial eventfd", cause })?;
-    vm.fd()
-        .register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(|cause| VmError::Kvm { what: "KVM_IRQFD (serial)", cause })?;
-    let mut pio = Bus::default();
-    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console.clone())));
-    pio.insert(SERIAL_PORT_BASE.into(), SERIAL_PORT_LEN.into(), serial.clone())?;
-    pio.insert(
-        I8042_PORT_BASE.into(),
-        I8042_PORT_LEN.into(),
-        Arc::new(Mutex::new(I8042::new(notifier.clone()))),
-    )?;
-    pio.insert(
-        husk_protocols::GUEST_EVENT_PORT.into(),
-        1,
-        Arc::new(Mutex::new(GuestEvents::new(timestamps.clone(), notifier.clone()))),
-    )?;
-    Ok((pio, serial))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn device_declarations_go_before_the_init_arguments() {
-        assert_eq!(
-            cmdline_with_devices("console=ttyS0", 2),
-            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
-        );
-        assert_eq!(
-            cmdline_with_devices("quiet -- --verbose", 1),
-            "quiet virtio_mmio.device=4K@0xd0000000:5 -- --verbose"
-        );
-        assert_eq!(cmdline_with_devices("quiet", 0), "quiet");
     }
 }
