@@ -2,7 +2,9 @@
 //! socket on the host (issue "Virtio devices I").
 //!
 //! Layout, one concern per file as in Firecracker's device:
-//! - [`packet`]: the packet header and the validation of untrusted guest bytes (done).
-//! - connection state machine, unix-socket muxer and the device's queue plumbing: next.
+//! - [`packet`]: the packet header and the validation of untrusted guest bytes.
+//! - [`csm`]: one connection's state machine and credit-based flow control.
+//! - unix-socket muxer and the device's queue plumbing: next.
 
+pub mod csm;
 pub mod packet;
