@@ -4,7 +4,9 @@
 //! Layout, one concern per file as in Firecracker's device:
 //! - [`packet`]: the packet header and the validation of untrusted guest bytes.
 //! - [`csm`]: one connection's state machine and credit-based flow control.
+//! - [`handshake`]: the `CONNECT <port>` / `OK <port>` exchange on the host's unix socket.
 //! - unix-socket muxer and the device's queue plumbing: next.
 
 pub mod csm;
+pub mod handshake;
 pub mod packet;
