@@ -10,6 +10,7 @@ use crate::devices::legacy::{
     Console, GuestEvents, GuestTimestamps, Serial, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
     SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
+use crate::devices::virtio::vsock::VsockDevice;
 use crate::devices::virtio::{
     mmio::QUEUE_NOTIFY_OFFSET, rng::Rng, Interrupt, MmioTransport, VirtioDevice, MMIO_WINDOW,
 };
@@ -24,6 +25,9 @@ use crate::VmError;
 pub enum DeviceConfig {
     /// virtio-rng, fed from the host's `/dev/urandom`.
     Rng,
+    /// Hybrid virtio-vsock: the guest is `guest_cid`; host clients connect to `socket`, guest
+    /// connections to host port P reach `<socket>_P`.
+    Vsock { guest_cid: u64, socket: std::path::PathBuf },
 }
 
 /// First GSI for virtio devices (legacy ISA lines 0-4 are taken or reserved).
@@ -64,6 +68,9 @@ pub fn virtio_devices(vm: &Vm, configs: &[DeviceConfig]) -> Result<Bus, VmError>
         let (base, gsi) = virtio_slot(index);
         let device: Box<dyn VirtioDevice> = match config {
             DeviceConfig::Rng => Box::new(Rng::default()),
+            DeviceConfig::Vsock { guest_cid, socket } => {
+                Box::new(VsockDevice::new(*guest_cid, socket.clone()))
+            }
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio irq eventfd"))?;
         vm.fd()

@@ -40,6 +40,13 @@ struct Cli {
     /// Feed stdin into the serial console (for the guest's debug console: `--append husk.debug_console`).
     #[arg(long)]
     console_input: bool,
+    /// Give the guest a vsock device whose host side is this unix socket (hybrid vsock: connect,
+    /// write `CONNECT <port>\n`; guest connections to host port P reach `<socket>_P`).
+    #[arg(long)]
+    vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u64,
     /// Do not give the guest a virtio-rng device.
     #[arg(long)]
     no_rng: bool,
@@ -118,7 +125,16 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
         } else {
             None
         },
-        devices: if cli.no_rng { vec![] } else { vec![DeviceConfig::Rng] },
+        devices: {
+            let mut devices = Vec::new();
+            if !cli.no_rng {
+                devices.push(DeviceConfig::Rng);
+            }
+            if let Some(socket) = cli.vsock {
+                devices.push(DeviceConfig::Vsock { guest_cid: cli.vsock_cid, socket });
+            }
+            devices
+        },
     };
     // SIGINT/SIGTERM stop the VM cleanly: block them before any thread exists (threads inherit the
     // mask) and wait for them on a thread of their own.

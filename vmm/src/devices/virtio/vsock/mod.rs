@@ -5,8 +5,13 @@
 //! - [`packet`]: the packet header and the validation of untrusted guest bytes.
 //! - [`csm`]: one connection's state machine and credit-based flow control.
 //! - [`handshake`]: the `CONNECT <port>` / `OK <port>` exchange on the host's unix socket.
-//! - unix-socket muxer and the device's queue plumbing: next.
+//! - [`muxer`]: the host's unix sockets and the routing of packets to connections.
+//! - [`device`]: the virtio device, its queues and its event loop.
 
 pub mod csm;
+pub mod device;
 pub mod handshake;
+pub mod muxer;
 pub mod packet;
+
+pub use device::VsockDevice;

@@ -1,0 +1,98 @@
+//! `husk-vsock-test`: a guest-side vsock peer for Husk's VM tests and for debugging from the guest's
+//! debug console (busybox has no vsock support).
+//!
+//!   husk-vsock-test listen PORT    accept connections on PORT; echo each one's bytes back until EOF
+//!   husk-vsock-test connect PORT   connect to the host's PORT; stdin goes to it, its bytes to stdout
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::socket::{
+    accept, bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+};
+
+const VMADDR_CID_ANY: u32 = u32::MAX;
+const VMADDR_CID_HOST: u32 = 2;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["listen", port] => port.parse().context("PORT").and_then(listen_and_echo),
+        ["connect", port] => port.parse().context("PORT").and_then(connect_to_host),
+        _ => Err(anyhow::anyhow!("usage: husk-vsock-test listen PORT | connect PORT")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("husk-vsock-test: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn vsock_socket() -> Result<OwnedFd> {
+    socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("socket(AF_VSOCK)")
+}
+
+/// A connected vsock fd as a std stream (both are plain connected stream sockets to std's I/O).
+fn stream(fd: OwnedFd) -> UnixStream {
+    // SAFETY: `fd` is an owned, connected stream socket; UnixStream only reads, writes and shuts it
+    // down, which AF_VSOCK stream sockets support the same way.
+    unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) }
+}
+
+fn listen_and_echo(port: u32) -> Result<()> {
+    let listener = vsock_socket()?;
+    bind(fd_raw(&listener), &VsockAddr::new(VMADDR_CID_ANY, port))
+        .with_context(|| format!("bind port {port}"))?;
+    listen(&listener, Backlog::new(128).context("backlog")?).context("listen")?;
+    println!("husk-vsock-test: listening on port {port}");
+    loop {
+        let raw = accept(fd_raw(&listener)).context("accept")?;
+        // SAFETY: accept returned a new descriptor that nothing else owns.
+        let conn = stream(unsafe { OwnedFd::from_raw_fd(raw) });
+        std::thread::spawn(move || {
+            if let Err(err) = echo(conn) {
+                eprintln!("husk-vsock-test: connection: {err}");
+            }
+        });
+    }
+}
+
+fn echo(mut conn: UnixStream) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return conn.shutdown(Shutdown::Write);
+        }
+        conn.write_all(&buf[..n])?;
+    }
+}
+
+fn connect_to_host(port: u32) -> Result<()> {
+    let fd = vsock_socket()?;
+    connect(fd_raw(&fd), &VsockAddr::new(VMADDR_CID_HOST, port))
+        .with_context(|| format!("connect host:{port}"))?;
+    let mut conn = stream(fd);
+    let mut reader = conn.try_clone()?;
+    let copier = std::thread::spawn(move || io::copy(&mut reader, &mut io::stdout()));
+    io::copy(&mut io::stdin(), &mut conn)?;
+    conn.shutdown(Shutdown::Write)?;
+    match copier.join() {
+        Ok(result) => {
+            result?;
+            Ok(())
+        }
+        Err(_) => bail!("the reader thread panicked"),
+    }
+}
+
+fn fd_raw(fd: &OwnedFd) -> std::os::fd::RawFd {
+    use std::os::fd::AsRawFd;
+    fd.as_raw_fd()
+}

@@ -1,0 +1,264 @@
+//! The host side of hybrid vsock: one unix listener for host-initiated connections (after the
+//! `CONNECT <port>` handshake) and `<path>_<port>` sockets for guest-initiated ones; routes packets
+//! between the device queues and the connections' unix streams.
+//!
+//! The muxer owns the epoll set of its sockets. Interest is recomputed after every pass so a stream
+//! is polled for reading only while the guest has credit and RX buffers (otherwise level-triggered
+//! epoll would spin), and for writing only while guest bytes wait for it.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::csm::{Connection, State};
+use super::handshake::{ok_reply, ConnectLine};
+use super::packet::{Op, PacketHeader};
+
+/// epoll data for the listener; stream fds use `FD_TOKEN_BASE + fd`.
+pub const LISTENER_TOKEN: u64 = 16;
+/// Base of the tokens of stream fds.
+pub const FD_TOKEN_BASE: u64 = 1 << 32;
+/// Host-side ports for host-initiated connections start here (the guest sees them as source).
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Connections open at once; more are refused (bounded memory per VM).
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// (host-side port, guest-side port).
+type Key = (u32, u32);
+
+/// All of one VM's vsock connections and the host sockets behind them.
+#[derive(Debug)]
+pub struct Muxer {
+    guest_cid: u64,
+    path: PathBuf,
+    listener: UnixListener,
+    handshakes: HashMap<RawFd, (UnixStream, ConnectLine)>,
+    conns: HashMap<Key, Connection<UnixStream>>,
+    by_fd: HashMap<RawFd, Key>,
+    interest: HashMap<RawFd, EventSet>,
+    /// Resets for guest packets that match no connection.
+    rsts: VecDeque<PacketHeader>,
+    next_local_port: u32,
+}
+
+impl Muxer {
+    /// Listens on `path` (which must not exist) for host connections to the guest `guest_cid`.
+    pub fn new(path: &Path, guest_cid: u64, epoll: &Epoll) -> std::io::Result<Muxer> {
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+        )?;
+        Ok(Muxer {
+            guest_cid,
+            path: path.to_path_buf(),
+            listener,
+            handshakes: HashMap::new(),
+            conns: HashMap::new(),
+            by_fd: HashMap::new(),
+            interest: HashMap::new(),
+            rsts: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+        })
+    }
+
+    /// Accepts every pending host connection (their handshake follows).
+    pub fn accept(&mut self, epoll: &Epoll) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if self.handshakes.len() + self.conns.len() >= MAX_CONNECTIONS
+                || stream.set_nonblocking(true).is_err()
+            {
+                continue; // dropped: the client sees the socket close
+            }
+            let fd = stream.as_raw_fd();
+            if epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, FD_TOKEN_BASE + fd as u64))
+                .is_ok()
+            {
+                self.interest.insert(fd, EventSet::IN);
+                self.handshakes.insert(fd, (stream, ConnectLine::default()));
+            }
+        }
+    }
+
+    /// A stream fd is ready: advance its handshake, or move its connection's data.
+    pub fn stream_ready(&mut self, fd: RawFd, epoll: &Epoll) {
+        if self.handshakes.contains_key(&fd) {
+            self.continue_handshake(fd, epoll);
+        } else if let Some(conn) = self.by_fd.get(&fd).and_then(|key| self.conns.get_mut(key)) {
+            conn.flush_tx();
+        }
+    }
+
+    fn continue_handshake(&mut self, fd: RawFd, epoll: &Epoll) {
+        let Some((stream, line)) = self.handshakes.get_mut(&fd) else { return };
+        // One byte at a time: nothing after the newline may be consumed (it is stream data).
+        let mut byte = [0u8; 1];
+        let outcome = loop {
+            match stream.read(&mut byte) {
+                Ok(0) => break Err(()),
+                Ok(_) => match line.push(&byte) {
+                    Ok(Some(connect)) => break Ok(connect.port),
+                    Ok(None) => continue,
+                    Err(_) => break Err(()),
+                },
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return,
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break Err(()),
+            }
+        };
+        let Some((stream, _)) = self.handshakes.remove(&fd) else { return };
+        match outcome {
+            Ok(port) => {
+                let local_port = self.allocate_local_port();
+                let conn = Connection::local_init(stream, self.guest_cid, local_port, port);
+                self.by_fd.insert(fd, (local_port, port));
+                self.conns.insert((local_port, port), conn);
+            }
+            Err(()) => self.forget_fd(fd, epoll),
+        }
+    }
+
+    fn allocate_local_port(&mut self) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            if !self.conns.keys().any(|(local, _)| *local == port) {
+                return port;
+            }
+        }
+    }
+
+    /// Handles one validated packet from the guest.
+    pub fn guest_packet(&mut self, header: &PacketHeader, op: Op, payload: &[u8], epoll: &Epoll) {
+        let key = (header.dst_port, header.src_port);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            let was = conn.state();
+            let _ = conn.send_pkt(header, op, payload); // a protocol error resets the connection
+            if was == State::LocalInit && conn.state() == State::Established {
+                let reply = ok_reply(key.0);
+                // A fresh socket's buffer takes a short line; if not, the client is gone.
+                if conn_stream_write(conn, reply.as_bytes()).is_err() {
+                    let _ = conn.send_pkt(header, Op::Rst, &[]);
+                }
+            }
+            return;
+        }
+        match op {
+            Op::Request => self.guest_connect(header, epoll),
+            Op::Rst => {}
+            _ => self.rsts.push_back(PacketHeader::reply(header, Op::Rst, 0, 0)),
+        }
+    }
+
+    /// A guest connection to host port P reaches a listener at `<path>_<P>`.
+    fn guest_connect(&mut self, header: &PacketHeader, epoll: &Epoll) {
+        let target = PathBuf::from(format!("{}_{}", self.path.display(), header.dst_port));
+        let connected = (self.conns.len() < MAX_CONNECTIONS)
+            .then(|| UnixStream::connect(&target).ok())
+            .flatten()
+            .filter(|s| s.set_nonblocking(true).is_ok());
+        let Some(stream) = connected else {
+            self.rsts.push_back(PacketHeader::reply(header, Op::Rst, 0, 0));
+            return;
+        };
+        let fd = stream.as_raw_fd();
+        if epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::empty(), FD_TOKEN_BASE + fd as u64))
+            .is_err()
+        {
+            self.rsts.push_back(PacketHeader::reply(header, Op::Rst, 0, 0));
+            return;
+        }
+        self.interest.insert(fd, EventSet::empty());
+        let key = (header.dst_port, header.src_port);
+        self.by_fd.insert(fd, key);
+        self.conns.insert(key, Connection::peer_init(stream, self.guest_cid, key.0, key.1, header));
+    }
+
+    /// The next packet for the guest, written as header + payload into `payload` (the returned
+    /// header's `len` bytes of it). `None` when nobody has anything to send.
+    pub fn next_rx(&mut self, payload: &mut [u8]) -> Option<PacketHeader> {
+        if let Some(rst) = self.rsts.pop_front() {
+            return Some(rst);
+        }
+        // Control packets first (they need no credit), then data.
+        let key = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.has_pending_control())
+            .map(|(k, _)| *k)
+            .or_else(|| self.conns.keys().next().copied())?;
+        if let Some(header) = self.conns.get_mut(&key).and_then(|c| c.recv_pkt(payload)) {
+            return Some(header);
+        }
+        // The first connection had nothing: try the others' data.
+        let keys: Vec<Key> = self.conns.keys().copied().filter(|k| *k != key).collect();
+        keys.into_iter().find_map(|k| self.conns.get_mut(&k).and_then(|c| c.recv_pkt(payload)))
+    }
+
+    /// Drops finished connections and sets each stream's epoll interest; `rx_room` says whether
+    /// the guest has RX buffers (without them no stream is polled for reading).
+    pub fn update(&mut self, epoll: &Epoll, rx_room: bool) {
+        let finished: Vec<Key> =
+            self.conns.iter().filter(|(_, c)| c.is_finished()).map(|(k, _)| *k).collect();
+        for key in finished {
+            if let Some(conn) = self.conns.remove(&key) {
+                let fd = conn.stream().as_raw_fd();
+                self.by_fd.remove(&fd);
+                self.forget_fd(fd, epoll);
+            }
+        }
+        for conn in self.conns.values() {
+            let fd = conn.stream().as_raw_fd();
+            let readable =
+                matches!(conn.state(), State::Established | State::PeerClosed { no_more_rx: false, .. });
+            let mut wanted = EventSet::empty();
+            if rx_room && readable && conn.peer_credit() > 0 {
+                wanted |= EventSet::IN;
+            }
+            if conn.tx_buffered() > 0 {
+                wanted |= EventSet::OUT;
+            }
+            if self.interest.get(&fd) != Some(&wanted) {
+                let event = EpollEvent::new(wanted, FD_TOKEN_BASE + fd as u64);
+                if epoll.ctl(ControlOperation::Modify, fd, event).is_ok() {
+                    self.interest.insert(fd, wanted);
+                }
+            }
+        }
+    }
+
+    /// True when some connection has a control packet queued (worth an RX pass without events).
+    pub fn has_pending_control(&self) -> bool {
+        !self.rsts.is_empty() || self.conns.values().any(Connection::has_pending_control)
+    }
+
+    fn forget_fd(&mut self, fd: RawFd, epoll: &Epoll) {
+        let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        self.interest.remove(&fd);
+    }
+
+    /// Open connections (for tests and diagnostics).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        // The socket path is ours: leave nothing behind.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn conn_stream_write(conn: &mut Connection<UnixStream>, bytes: &[u8]) -> std::io::Result<()> {
+    let mut stream = conn.stream();
+    stream.write_all(bytes)
+}
