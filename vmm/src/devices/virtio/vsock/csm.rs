@@ -24,14 +24,35 @@ pub enum State {
     LocalInit,
     /// The guest connected; our RESPONSE is queued.
     PeerInit,
-    /// Data flows both ways.
+    /// Connected; data flows in the directions neither side has shut down (see [`Shutdowns`]).
     Established,
-    /// The host stream ended: SHUTDOWN is queued or sent; waiting for the guest's RST.
-    LocalClosed,
-    /// The guest shut down one or both directions.
-    PeerClosed { no_more_rx: bool, no_more_tx: bool },
     /// Done: RST queued or received. The muxer drops the connection once nothing is pending.
     Killed,
+}
+
+/// Which directions of an established connection are finished (half-close, virtio 5.10.6.5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shutdowns {
+    /// The host stream reached EOF; the guest was sent SHUTDOWN(SEND).
+    pub host_eof: bool,
+    /// The guest will send no more (SHUTDOWN with SEND).
+    pub guest_no_more_tx: bool,
+    /// The guest will receive no more (SHUTDOWN with RCV).
+    pub guest_no_more_rx: bool,
+    /// The host stream's write side was shut down after the guest's last byte reached it.
+    pub host_write_shut: bool,
+}
+
+/// A host stream that can be half-closed (unix streams; test doubles).
+pub trait HalfClose {
+    /// Shuts down the writing side: the host reader sees EOF.
+    fn shutdown_write(&self) -> std::io::Result<()>;
+}
+
+impl HalfClose for std::os::unix::net::UnixStream {
+    fn shutdown_write(&self) -> std::io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
 }
 
 /// A control packet waiting to go to the guest.
@@ -49,6 +70,7 @@ enum Control {
 pub struct Connection<S> {
     stream: S,
     state: State,
+    shutdowns: Shutdowns,
     guest_cid: u64,
     local_port: u32,
     peer_port: u32,
@@ -74,7 +96,7 @@ pub enum ConnError {
     Unexpected { op: Op, state: State },
 }
 
-impl<S: Read + Write> Connection<S> {
+impl<S: Read + Write + HalfClose> Connection<S> {
     /// A connection the guest asked for (its REQUEST arrived): a RESPONSE is queued.
     pub fn peer_init(
         stream: S,
@@ -100,6 +122,7 @@ impl<S: Read + Write> Connection<S> {
         Connection {
             stream,
             state,
+            shutdowns: Shutdowns::default(),
             guest_cid,
             local_port,
             peer_port,
@@ -116,6 +139,16 @@ impl<S: Read + Write> Connection<S> {
     /// The connection's state.
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Which directions are finished.
+    pub fn shutdowns(&self) -> Shutdowns {
+        self.shutdowns
+    }
+
+    /// True while bytes from the host stream may go to the guest.
+    pub fn can_read_stream(&self) -> bool {
+        self.state == State::Established && !self.shutdowns.host_eof && !self.shutdowns.guest_no_more_rx
     }
 
     /// The host stream (for polling).
@@ -170,16 +203,16 @@ impl<S: Read + Write> Connection<S> {
                 self.state = State::Established;
                 Ok(())
             }
-            (Op::Rw, State::Established | State::PeerClosed { no_more_tx: false, .. }) => {
-                self.accept_data(payload)
-            }
+            (Op::Rw, State::Established) if !self.shutdowns.guest_no_more_tx => self.accept_data(payload),
             (Op::CreditUpdate, _) => Ok(()),
             (Op::CreditRequest, _) => {
                 self.queue_control(Control::CreditUpdate);
                 Ok(())
             }
-            (Op::Shutdown, State::Established | State::PeerClosed { .. } | State::LocalClosed) => {
-                self.peer_shutdown(header.flags);
+            (Op::Shutdown, State::Established) => {
+                self.shutdowns.guest_no_more_rx |= header.flags & SHUTDOWN_RCV != 0;
+                self.shutdowns.guest_no_more_tx |= header.flags & SHUTDOWN_SEND != 0;
+                self.flush_tx();
                 Ok(())
             }
             (op, state) => Err(ConnError::Unexpected { op, state }),
@@ -187,6 +220,7 @@ impl<S: Read + Write> Connection<S> {
         if result.is_err() {
             self.kill();
         }
+        self.finish_if_done();
         result
     }
 
@@ -200,18 +234,14 @@ impl<S: Read + Write> Connection<S> {
         Ok(())
     }
 
-    fn peer_shutdown(&mut self, flags: u32) {
-        let (old_rx, old_tx) = match self.state {
-            State::PeerClosed { no_more_rx, no_more_tx } => (no_more_rx, no_more_tx),
-            _ => (false, false),
-        };
-        let no_more_rx = old_rx || flags & SHUTDOWN_RCV != 0;
-        let no_more_tx = old_tx || flags & SHUTDOWN_SEND != 0;
-        if (no_more_rx && no_more_tx) || self.state == State::LocalClosed {
-            // Both directions are done: end the connection (the spec has the recipient reset).
+    /// Once neither direction can carry more data (and the guest's last bytes reached the host),
+    /// the connection ends with an RST, as the spec asks of the side that sees both shut down.
+    fn finish_if_done(&mut self) {
+        let sh = self.shutdowns;
+        let guest_done = sh.guest_no_more_tx && self.tx_buf.is_empty();
+        let host_done = sh.host_eof || sh.guest_no_more_rx;
+        if self.state == State::Established && guest_done && host_done {
             self.kill();
-        } else {
-            self.state = State::PeerClosed { no_more_rx, no_more_tx };
         }
     }
 
@@ -240,6 +270,11 @@ impl<S: Read + Write> Connection<S> {
                 }
             }
         }
+        if self.tx_buf.is_empty() && self.shutdowns.guest_no_more_tx && !self.shutdowns.host_write_shut {
+            // The guest's last byte is through: the host reader sees EOF.
+            let _ = self.stream.shutdown_write();
+            self.shutdowns.host_write_shut = true;
+        }
         if (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD {
             self.queue_control(Control::CreditUpdate);
         }
@@ -261,16 +296,17 @@ impl<S: Read + Write> Connection<S> {
             };
             return Some(self.header(op, flags, 0));
         }
-        let readable = matches!(self.state, State::Established | State::PeerClosed { no_more_rx: false, .. });
         let room = payload.len().min(self.peer_credit() as usize);
-        if !readable || room == 0 {
+        if !self.can_read_stream() || room == 0 {
             return None;
         }
         match self.stream.read(&mut payload[..room]) {
             Ok(0) => {
-                // The host closed its end: tell the guest, then wait for its RST.
-                self.state = State::LocalClosed;
-                Some(self.header(Op::Shutdown, SHUTDOWN_RCV | SHUTDOWN_SEND, 0))
+                // The host will send no more (it may still read): tell the guest.
+                self.shutdowns.host_eof = true;
+                let shutdown = self.header(Op::Shutdown, SHUTDOWN_SEND, 0);
+                self.finish_if_done();
+                Some(shutdown)
             }
             Ok(len) => {
                 self.rx_cnt += Wrapping(len as u32);
@@ -332,6 +368,12 @@ mod tests {
                 *b = v;
             }
             Ok(n)
+        }
+    }
+
+    impl HalfClose for MockStream {
+        fn shutdown_write(&self) -> io::Result<()> {
+            Ok(())
         }
     }
 
@@ -450,12 +492,17 @@ mod tests {
     }
 
     #[test]
-    fn host_close_is_a_shutdown_and_the_guests_rst_ends_it() {
+    fn host_eof_is_a_send_shutdown_and_the_guest_may_still_send() {
         let mut conn = established(MockStream { eof: true, ..Default::default() });
         let shutdown = conn.recv_pkt(&mut [0; 16]).unwrap();
-        assert_eq!((shutdown.op, shutdown.flags), (Op::Shutdown as u16, SHUTDOWN_RCV | SHUTDOWN_SEND));
-        assert_eq!(conn.state(), State::LocalClosed);
-        conn.send_pkt(&from_guest(Op::Rst, 0, 0, 0, 0), Op::Rst, &[]).unwrap();
+        assert_eq!((shutdown.op, shutdown.flags), (Op::Shutdown as u16, SHUTDOWN_SEND));
+        assert!(conn.shutdowns().host_eof && !conn.can_read_stream());
+        rw(&mut conn, b"the echo").unwrap();
+        assert_eq!(conn.stream().output, b"the echo", "the host can still read");
+        // The guest finishes too: both directions are done, the connection ends with an RST.
+        conn.send_pkt(&from_guest(Op::Shutdown, 0, 4096, 0, SHUTDOWN_SEND), Op::Shutdown, &[]).unwrap();
+        assert!(conn.shutdowns().host_write_shut, "the host reader sees EOF");
+        assert_eq!(conn.recv_pkt(&mut [0; 16]).unwrap().op, Op::Rst as u16);
         assert!(conn.is_finished());
     }
 
@@ -464,11 +511,18 @@ mod tests {
         let mut conn =
             established(MockStream { input: b"data".iter().copied().collect(), ..Default::default() });
         conn.send_pkt(&from_guest(Op::Shutdown, 0, 4096, 0, SHUTDOWN_RCV), Op::Shutdown, &[]).unwrap();
-        assert_eq!(conn.state(), State::PeerClosed { no_more_rx: true, no_more_tx: false });
+        assert!(conn.shutdowns().guest_no_more_rx);
         assert_eq!(conn.recv_pkt(&mut [0; 16]), None, "the guest receives no more");
         rw(&mut conn, b"still sending").unwrap();
         conn.send_pkt(&from_guest(Op::Shutdown, 0, 4096, 0, SHUTDOWN_SEND), Op::Shutdown, &[]).unwrap();
         assert_eq!(conn.recv_pkt(&mut [0; 16]).unwrap().op, Op::Rst as u16);
+        assert!(conn.is_finished());
+    }
+
+    #[test]
+    fn a_guest_rst_ends_the_connection_at_once() {
+        let mut conn = established(MockStream::default());
+        conn.send_pkt(&from_guest(Op::Rst, 0, 0, 0, 0), Op::Rst, &[]).unwrap();
         assert!(conn.is_finished());
     }
 }

@@ -217,10 +217,8 @@ impl Muxer {
         }
         for conn in self.conns.values() {
             let fd = conn.stream().as_raw_fd();
-            let readable =
-                matches!(conn.state(), State::Established | State::PeerClosed { no_more_rx: false, .. });
             let mut wanted = EventSet::empty();
-            if rx_room && readable && conn.peer_credit() > 0 {
+            if rx_room && conn.can_read_stream() && conn.peer_credit() > 0 {
                 wanted |= EventSet::IN;
             }
             if conn.tx_buffered() > 0 {
