@@ -183,6 +183,14 @@ impl<S: Read + Write + HalfClose> Connection<S> {
     }
 
     fn kill(&mut self) {
+        tracing::debug!(
+            local_port = self.local_port,
+            peer_port = self.peer_port,
+            state = ?self.state,
+            shutdowns = ?self.shutdowns,
+            tx_buffered = self.tx_buf.len(),
+            "vsock: connection reset"
+        );
         self.state = State::Killed;
         self.pending.clear();
         self.pending.push_back(Control::Rst);
@@ -217,7 +225,8 @@ impl<S: Read + Write + HalfClose> Connection<S> {
             }
             (op, state) => Err(ConnError::Unexpected { op, state }),
         };
-        if result.is_err() {
+        if let Err(err) = &result {
+            tracing::debug!(%err, local_port = self.local_port, peer_port = self.peer_port, "vsock: guest protocol error");
             self.kill();
         }
         self.finish_if_done();
@@ -264,7 +273,8 @@ impl<S: Read + Write + HalfClose> Connection<S> {
                 }
                 Err(err) if err.kind() == ErrorKind::WouldBlock => break,
                 Err(err) if err.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => {
+                Err(err) => {
+                    tracing::debug!(%err, local_port = self.local_port, "vsock: host stream write failed");
                     self.kill();
                     return;
                 }
@@ -313,7 +323,8 @@ impl<S: Read + Write + HalfClose> Connection<S> {
                 Some(self.header(Op::Rw, 0, len as u32))
             }
             Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => None,
-            Err(_) => {
+            Err(err) => {
+                tracing::debug!(%err, local_port = self.local_port, "vsock: host stream read failed");
                 self.kill();
                 self.pending.clear(); // the RST goes out right here
                 Some(self.header(Op::Rst, 0, 0))
