@@ -6,8 +6,9 @@
 //! is polled for reading only while the guest has credit and RX buffers (otherwise level-triggered
 //! epoll would spin), and for writing only while guest bytes wait for it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
+use std::ops::Bound::{Excluded, Unbounded};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -37,7 +38,10 @@ pub struct Muxer {
     path: PathBuf,
     listener: UnixListener,
     handshakes: HashMap<RawFd, (UnixStream, ConnectLine)>,
-    conns: HashMap<Key, Connection<UnixStream>>,
+    // Ordered, so RX can go round-robin from a cursor.
+    conns: BTreeMap<Key, Connection<UnixStream>>,
+    /// The connection whose data went to the guest last.
+    rx_cursor: Option<Key>,
     by_fd: HashMap<RawFd, Key>,
     interest: HashMap<RawFd, EventSet>,
     /// Resets for guest packets that match no connection.
@@ -60,7 +64,8 @@ impl Muxer {
             path: path.to_path_buf(),
             listener,
             handshakes: HashMap::new(),
-            conns: HashMap::new(),
+            conns: BTreeMap::new(),
+            rx_cursor: None,
             by_fd: HashMap::new(),
             interest: HashMap::new(),
             rsts: VecDeque::new(),
@@ -188,19 +193,25 @@ impl Muxer {
         if let Some(rst) = self.rsts.pop_front() {
             return Some(rst);
         }
-        // Control packets first (they need no credit), then data.
-        let key = self
-            .conns
-            .iter()
-            .find(|(_, c)| c.has_pending_control())
-            .map(|(k, _)| *k)
-            .or_else(|| self.conns.keys().next().copied())?;
-        if let Some(header) = self.conns.get_mut(&key).and_then(|c| c.recv_pkt(payload)) {
-            return Some(header);
+        // Control packets first: they need no credit and unblock the guest.
+        if let Some(conn) = self.conns.values_mut().find(|c| c.has_pending_control()) {
+            return conn.recv_pkt(payload);
         }
-        // The first connection had nothing: try the others' data.
-        let keys: Vec<Key> = self.conns.keys().copied().filter(|k| *k != key).collect();
-        keys.into_iter().find_map(|k| self.conns.get_mut(&k).and_then(|c| c.recv_pkt(payload)))
+        // Then data, round-robin from the connection served last, so no stream starves the others.
+        for _ in 0..self.conns.len() {
+            let key = self.next_key_after(self.rx_cursor)?;
+            self.rx_cursor = Some(key);
+            if let Some(header) = self.conns.get_mut(&key).and_then(|c| c.recv_pkt(payload)) {
+                return Some(header);
+            }
+        }
+        None
+    }
+
+    /// The connection after `cursor` in key order, wrapping around.
+    fn next_key_after(&self, cursor: Option<Key>) -> Option<Key> {
+        let after = cursor.and_then(|c| self.conns.range((Excluded(c), Unbounded)).next().map(|(k, _)| *k));
+        after.or_else(|| self.conns.keys().next().copied())
     }
 
     /// Drops finished connections and sets each stream's epoll interest; `rx_room` says whether
