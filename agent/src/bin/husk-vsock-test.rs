@@ -6,7 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
@@ -47,12 +47,12 @@ fn stream(fd: OwnedFd) -> UnixStream {
 
 fn listen_and_echo(port: u32) -> Result<()> {
     let listener = vsock_socket()?;
-    bind(fd_raw(&listener), &VsockAddr::new(VMADDR_CID_ANY, port))
+    bind(listener.as_raw_fd(), &VsockAddr::new(VMADDR_CID_ANY, port))
         .with_context(|| format!("bind port {port}"))?;
     listen(&listener, Backlog::new(128).context("backlog")?).context("listen")?;
     println!("husk-vsock-test: listening on port {port}");
     loop {
-        let raw = accept(fd_raw(&listener)).context("accept")?;
+        let raw = accept(listener.as_raw_fd()).context("accept")?;
         // SAFETY: accept returned a new descriptor that nothing else owns.
         let conn = stream(unsafe { OwnedFd::from_raw_fd(raw) });
         std::thread::spawn(move || {
@@ -76,7 +76,7 @@ fn echo(mut conn: UnixStream) -> io::Result<()> {
 
 fn connect_to_host(port: u32) -> Result<()> {
     let fd = vsock_socket()?;
-    connect(fd_raw(&fd), &VsockAddr::new(VMADDR_CID_HOST, port))
+    connect(fd.as_raw_fd(), &VsockAddr::new(VMADDR_CID_HOST, port))
         .with_context(|| format!("connect host:{port}"))?;
     let mut conn = stream(fd);
     let mut reader = conn.try_clone()?;
@@ -90,9 +90,4 @@ fn connect_to_host(port: u32) -> Result<()> {
         }
         Err(_) => bail!("the reader thread panicked"),
     }
-}
-
-fn fd_raw(fd: &OwnedFd) -> std::os::fd::RawFd {
-    use std::os::fd::AsRawFd;
-    fd.as_raw_fd()
 }

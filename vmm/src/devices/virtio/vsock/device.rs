@@ -94,8 +94,17 @@ impl VirtioDevice for VsockDevice {
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err(ActivateError::QueueCount { expected: QUEUE_SIZES.len(), found: 0 });
         };
-        let mut lp =
-            EventLoop { mem, rx, tx, interrupt, muxer, epoll, queue_events, guest_cid: self.guest_cid };
+        let mut lp = EventLoop {
+            mem,
+            rx,
+            tx,
+            interrupt,
+            muxer,
+            epoll,
+            queue_events,
+            guest_cid: self.guest_cid,
+            payload: vec![0u8; MAX_PAYLOAD as usize],
+        };
         let thread = std::thread::Builder::new()
             .name("virtio-vsock".into())
             .spawn(move || lp.run())
@@ -118,6 +127,8 @@ struct EventLoop {
     epoll: Epoll,
     queue_events: Vec<EventFd>,
     guest_cid: u64,
+    /// One packet's payload, allocated once (TX and RX take turns on the loop thread).
+    payload: Vec<u8>,
 }
 
 impl EventLoop {
@@ -157,7 +168,7 @@ impl EventLoop {
     fn process_tx(&mut self) {
         let mut used = false;
         let mut header_bytes = [0u8; HEADER_LEN];
-        let mut payload = vec![0u8; MAX_PAYLOAD as usize];
+        let mut payload = std::mem::take(&mut self.payload);
         while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
             if let Ok(mut reader) = chain.reader(&self.mem) {
@@ -175,10 +186,12 @@ impl EventLoop {
             }
             if self.tx.add_used(&self.mem, head, 0).is_err() {
                 tracing::warn!("virtio-vsock: bad TX used ring");
+                self.payload = payload;
                 return;
             }
             used = true;
         }
+        self.payload = payload;
         if used && self.tx.needs_notification(&self.mem).unwrap_or(true) {
             self.interrupt.trigger(INTERRUPT_USED_BUFFER);
         }
@@ -188,7 +201,7 @@ impl EventLoop {
     /// remain (if not, the streams are not polled for reading until the guest adds some).
     fn process_rx(&mut self) -> bool {
         let mut used = false;
-        let mut payload = vec![0u8; MAX_PAYLOAD as usize];
+        let mut payload = std::mem::take(&mut self.payload);
         let room = loop {
             let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else { break false };
             let head = chain.head_index();
@@ -215,6 +228,7 @@ impl EventLoop {
             }
             used = true;
         };
+        self.payload = payload;
         if used && self.rx.needs_notification(&self.mem).unwrap_or(true) {
             self.interrupt.trigger(INTERRUPT_USED_BUFFER);
         }
