@@ -11,6 +11,8 @@
 
 pub mod mmio;
 pub mod rng;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_utils;
 pub mod vsock;
 pub mod worker;
 

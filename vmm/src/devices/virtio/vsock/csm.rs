@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::num::Wrapping;
+use std::time::{Duration, Instant};
 
 use super::packet::{Op, PacketHeader, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
@@ -16,6 +17,9 @@ use super::packet::{Op, PacketHeader, SHUTDOWN_RCV, SHUTDOWN_SEND};
 pub const TX_BUF_SIZE: u32 = 256 * 1024;
 /// Send a credit update once this much was forwarded since the last one the guest saw.
 const CREDIT_UPDATE_THRESHOLD: u32 = TX_BUF_SIZE / 4;
+/// How long a host-initiated connection waits for the guest's RESPONSE before it is reset (the
+/// guest has no listener there, or is too busy to answer; the host client sees the socket close).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +89,8 @@ pub struct Connection<S> {
     /// Bytes we sent to the guest.
     rx_cnt: Wrapping<u32>,
     pending: VecDeque<Control>,
+    /// While in `LocalInit`: when the guest's RESPONSE is due.
+    connect_deadline: Option<Instant>,
 }
 
 /// The guest broke the protocol on this connection; it is reset.
@@ -115,6 +121,7 @@ impl<S: Read + Write + HalfClose> Connection<S> {
     pub fn local_init(stream: S, guest_cid: u64, local_port: u32, peer_port: u32) -> Self {
         let mut conn = Self::new(stream, guest_cid, local_port, peer_port, State::LocalInit);
         conn.pending.push_back(Control::Request);
+        conn.connect_deadline = Some(Instant::now() + CONNECT_TIMEOUT);
         conn
     }
 
@@ -133,7 +140,26 @@ impl<S: Read + Write + HalfClose> Connection<S> {
             peer_fwd_cnt: Wrapping(0),
             rx_cnt: Wrapping(0),
             pending: VecDeque::new(),
+            connect_deadline: None,
         }
+    }
+
+    /// When the guest's answer to our REQUEST is due (`None` unless in `LocalInit`).
+    pub fn connect_deadline(&self) -> Option<Instant> {
+        self.connect_deadline.filter(|_| self.state == State::LocalInit)
+    }
+
+    /// Resets the connection if the guest did not answer our REQUEST by `now`; true if it did so.
+    pub fn expire_connect(&mut self, now: Instant) -> bool {
+        if self.connect_deadline().is_some_and(|deadline| now >= deadline) {
+            tracing::debug!(
+                peer_port = self.peer_port,
+                "vsock: the guest did not answer the connection request"
+            );
+            self.kill();
+            return true;
+        }
+        false
     }
 
     /// The connection's state.
@@ -456,6 +482,19 @@ mod tests {
         conn.recv_pkt(&mut [0; 16]);
         conn.send_pkt(&from_guest(Op::Response, 0, 4096, 0, 0), Op::Response, &[]).unwrap();
         assert_eq!(conn.state(), State::Established);
+        assert_eq!(conn.connect_deadline(), None, "an answered request has no deadline");
+    }
+
+    #[test]
+    fn an_unanswered_host_connection_is_reset_after_the_connect_timeout() {
+        let mut conn = Connection::local_init(MockStream::default(), GUEST, 1024, 80);
+        conn.recv_pkt(&mut [0; 16]);
+        let deadline = conn.connect_deadline().unwrap();
+        assert!(!conn.expire_connect(deadline - CONNECT_TIMEOUT / 2));
+        assert_eq!(conn.state(), State::LocalInit);
+        assert!(conn.expire_connect(deadline));
+        assert_eq!(conn.recv_pkt(&mut [0; 16]).unwrap().op, Op::Rst as u16, "the guest is told");
+        assert!(conn.is_finished());
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! (the guest's CID) and the thread that moves packets between the queues and the [`Muxer`].
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -77,34 +78,20 @@ impl VirtioDevice for VsockDevice {
         if queues.len() != QUEUE_SIZES.len() || queue_events.len() != QUEUE_SIZES.len() {
             return Err(ActivateError::QueueCount { expected: QUEUE_SIZES.len(), found: queues.len() });
         }
-        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        epoll
-            .ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))
-            .map_err(ActivateError::Worker)?;
-        for (index, event) in queue_events.iter().enumerate() {
-            epoll
-                .ctl(ControlOperation::Add, event.as_raw_fd(), EpollEvent::new(EventSet::IN, index as u64))
-                .map_err(ActivateError::Worker)?;
-        }
-        // A previous activation (before a driver reset) may have left the socket.
-        let _ = std::fs::remove_file(&self.path);
-        let muxer = Muxer::new(&self.path, self.guest_cid, &epoll).map_err(ActivateError::Worker)?;
         let mut queues = queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err(ActivateError::QueueCount { expected: QUEUE_SIZES.len(), found: 0 });
         };
-        let mut lp = EventLoop {
-            mem,
-            rx,
-            tx,
-            interrupt,
-            muxer,
-            epoll,
-            queue_events,
-            guest_cid: self.guest_cid,
-            payload: vec![0u8; MAX_PAYLOAD as usize],
-        };
+        // A previous activation (before a driver reset) may have left the socket.
+        let _ = std::fs::remove_file(&self.path);
+        let mut lp = EventLoop::new(mem, rx, tx, interrupt, &self.path, self.guest_cid)
+            .map_err(ActivateError::Worker)?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        lp.watch(stop.as_raw_fd(), STOP_TOKEN).map_err(ActivateError::Worker)?;
+        for (index, event) in queue_events.iter().enumerate() {
+            lp.watch(event.as_raw_fd(), index as u64).map_err(ActivateError::Worker)?;
+        }
+        lp.queue_events = queue_events;
         let thread = std::thread::Builder::new()
             .name("virtio-vsock".into())
             .spawn(move || lp.run())
@@ -118,13 +105,16 @@ impl VirtioDevice for VsockDevice {
     }
 }
 
-struct EventLoop {
+/// The device's worker: moves packets between the queues and the muxer's host sockets.
+#[derive(Debug)]
+pub(super) struct EventLoop {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
     interrupt: Arc<Interrupt>,
-    muxer: Muxer,
-    epoll: Epoll,
+    pub(super) muxer: Muxer,
+    pub(super) epoll: Epoll,
+    /// Indexed by queue; read when their token fires.
     queue_events: Vec<EventFd>,
     guest_cid: u64,
     /// One packet's payload, allocated once (TX and RX take turns on the loop thread).
@@ -132,40 +122,77 @@ struct EventLoop {
 }
 
 impl EventLoop {
+    /// A loop serving `rx` and `tx` for the guest `guest_cid`, its host side listening at `path`.
+    /// Queue notifications and the stop event are added with [`EventLoop::watch`].
+    pub(super) fn new(
+        mem: GuestMemoryMmap,
+        rx: Queue,
+        tx: Queue,
+        interrupt: Arc<Interrupt>,
+        path: &Path,
+        guest_cid: u64,
+    ) -> std::io::Result<EventLoop> {
+        let epoll = Epoll::new()?;
+        let muxer = Muxer::new(path, guest_cid, &epoll)?;
+        let payload = vec![0u8; MAX_PAYLOAD as usize];
+        Ok(EventLoop { mem, rx, tx, interrupt, muxer, epoll, queue_events: Vec::new(), guest_cid, payload })
+    }
+
+    /// Adds `fd` to the loop's epoll set; its readiness is reported as `token`.
+    fn watch(&self, fd: RawFd, token: u64) -> std::io::Result<()> {
+        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+    }
+
     fn run(&mut self) {
+        while self.poll_once(None) {}
+    }
+
+    /// Waits for events (at most until `limit`, or the muxer's next deadline, whichever is first)
+    /// and serves them; false once the device is told to stop or cannot go on.
+    pub(super) fn poll_once(&mut self, limit: Option<Duration>) -> bool {
         let mut events = [EpollEvent::default(); 64];
-        loop {
-            let count = match self.epoll.wait(-1, &mut events) {
-                Ok(count) => count,
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(err) => {
-                    tracing::error!(%err, "virtio-vsock: epoll_wait failed; the device stops");
-                    return;
-                }
-            };
-            for event in &events[..count] {
-                match event.data() {
-                    STOP_TOKEN => return,
-                    token if token < QUEUE_SIZES.len() as u64 => {
-                        let _ = self.queue_events[token as usize].read();
-                        if token == TX as u64 {
-                            self.process_tx();
-                        }
-                    }
-                    LISTENER_TOKEN => self.muxer.accept(&self.epoll),
-                    token if token >= FD_TOKEN_BASE => {
-                        self.muxer.stream_ready((token - FD_TOKEN_BASE) as i32, &self.epoll)
-                    }
-                    _ => {}
-                }
+        let now = Instant::now();
+        let until_deadline = self.muxer.next_deadline().map(|at| at.saturating_duration_since(now));
+        let timeout = match (until_deadline, limit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Round up so a deadline less than a millisecond away does not spin with timeout 0.
+        let timeout_ms = timeout.map_or(-1, |t| t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
+        let count = match self.epoll.wait(timeout_ms, &mut events) {
+            Ok(count) => count,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(err) => {
+                tracing::error!(%err, "virtio-vsock: epoll_wait failed; the device stops");
+                return false;
             }
-            let rx_room = self.process_rx();
-            self.muxer.update(&self.epoll, rx_room);
+        };
+        for event in &events[..count] {
+            match event.data() {
+                STOP_TOKEN => return false,
+                token if token < QUEUE_SIZES.len() as u64 => {
+                    if let Some(event) = self.queue_events.get(token as usize) {
+                        let _ = event.read();
+                    }
+                    if token == TX as u64 {
+                        self.process_tx();
+                    }
+                }
+                LISTENER_TOKEN => self.muxer.accept(&self.epoll),
+                token if token >= FD_TOKEN_BASE => {
+                    self.muxer.stream_ready((token - FD_TOKEN_BASE) as i32, &self.epoll)
+                }
+                _ => {}
+            }
         }
+        self.muxer.expire(&self.epoll, Instant::now());
+        let rx_room = self.process_rx();
+        self.muxer.update(&self.epoll, rx_room);
+        true
     }
 
     /// Takes every packet the guest queued on TX and hands it to the muxer.
-    fn process_tx(&mut self) {
+    pub(super) fn process_tx(&mut self) {
         let mut used = false;
         let mut header_bytes = [0u8; HEADER_LEN];
         let mut payload = std::mem::take(&mut self.payload);
@@ -199,7 +226,7 @@ impl EventLoop {
 
     /// Fills the guest's RX buffers with whatever the connections have; returns whether buffers
     /// remain (if not, the streams are not polled for reading until the guest adds some).
-    fn process_rx(&mut self) -> bool {
+    pub(super) fn process_rx(&mut self) -> bool {
         let mut used = false;
         let mut payload = std::mem::take(&mut self.payload);
         let room = loop {
@@ -233,5 +260,317 @@ impl EventLoop {
             self.interrupt.trigger(INTERRUPT_USED_BUFFER);
         }
         room
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    use super::super::csm::{CONNECT_TIMEOUT, TX_BUF_SIZE};
+    use super::super::muxer::HANDSHAKE_TIMEOUT;
+    use super::super::packet::{Op, PacketHeader, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND};
+    use super::super::test_utils::{guest_packet, Received, VsockHarness, GUEST_CID, MEM_SIZE};
+    use super::*;
+    use crate::devices::virtio::test_utils::{Buffer, RawDesc};
+    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const GUEST_PORT: u32 = 49152;
+    const CREDIT: u32 = 64 * 1024;
+
+    fn op(received: &Received) -> Op {
+        Op::try_from(received.header.op).unwrap()
+    }
+
+    fn send(h: &mut VsockHarness, op: Op, host_port: u32) {
+        h.guest_send(&guest_packet(op, GUEST_PORT, host_port, CREDIT, 0), &[]).unwrap();
+    }
+
+    fn send_rw(h: &mut VsockHarness, host_port: u32, data: &[u8]) {
+        let header =
+            PacketHeader { len: data.len() as u32, ..guest_packet(Op::Rw, GUEST_PORT, host_port, CREDIT, 0) };
+        h.guest_send(&header, data).unwrap();
+    }
+
+    fn read_host(stream: &mut UnixStream, len: usize) -> Vec<u8> {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = vec![0u8; len];
+        stream.read_exact(&mut got).unwrap();
+        got
+    }
+
+    fn assert_host_eof(stream: &mut UnixStream) {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(stream.read(&mut [0u8; 16]).unwrap(), 0, "the host side sees EOF");
+    }
+
+    /// A guest connection to host port 5000, accepted by the host listener and answered.
+    fn guest_connected(h: &mut VsockHarness) -> UnixStream {
+        let listener = h.listen(5000).unwrap();
+        send(h, Op::Request, 5000);
+        let response = h.guest_recv().unwrap();
+        assert_eq!(op(&response), Op::Response);
+        listener.accept().unwrap().0
+    }
+
+    /// A host connection to guest port GUEST_PORT through the handshake, answered by the guest.
+    fn host_connected(h: &mut VsockHarness) -> (UnixStream, u32) {
+        let mut host = h.host_connect(GUEST_PORT).unwrap();
+        let request = h.guest_recv().expect("the guest gets a REQUEST");
+        assert_eq!(op(&request), Op::Request);
+        assert_eq!(request.header.dst_port, GUEST_PORT);
+        let local = request.header.src_port;
+        send_from(h, Op::Response, local);
+        h.step();
+        let reply = read_host(&mut host, format!("OK {local}\n").len());
+        assert_eq!(reply, format!("OK {local}\n").as_bytes());
+        (host, local)
+    }
+
+    /// Like `send`, for connections the host opened (the guest's port is fixed, the host's varies).
+    fn send_from(h: &mut VsockHarness, op: Op, host_port: u32) {
+        send(h, op, host_port);
+    }
+
+    #[test]
+    fn config_space_holds_the_guest_cid() {
+        let device = VsockDevice::new(0x1_0000_0007, PathBuf::from("/nonexistent"));
+        let mut cid = [0u8; 8];
+        device.read_config(0, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 0x1_0000_0007);
+        let mut beyond = [0xffu8; 4];
+        device.read_config(6, &mut beyond);
+        assert_eq!(beyond, [0, 0, 0, 0], "bytes past the CID read as zero");
+        assert_eq!(device.queue_max_sizes().len(), 3, "rx, tx and event queues");
+    }
+
+    #[test]
+    fn a_guest_connection_exchanges_data_and_ends_with_shutdown_then_rst() {
+        let mut h = VsockHarness::new().unwrap();
+        let listener = h.listen(5000).unwrap();
+        send(&mut h, Op::Request, 5000);
+        let response = h.guest_recv().unwrap();
+        assert_eq!(op(&response), Op::Response);
+        let expected =
+            PacketHeader::reply(&guest_packet(Op::Request, GUEST_PORT, 5000, 0, 0), Op::Response, 0, 0);
+        assert_eq!((response.header.src_cid, response.header.dst_cid), (HOST_CID, GUEST_CID));
+        assert_eq!(
+            (response.header.src_port, response.header.dst_port),
+            (expected.src_port, expected.dst_port)
+        );
+        assert_eq!(response.header.buf_alloc, TX_BUF_SIZE, "our receive buffer is advertised");
+        let mut host = listener.accept().unwrap().0;
+
+        send_rw(&mut h, 5000, b"ping");
+        assert_eq!(read_host(&mut host, 4), b"ping");
+        host.write_all(b"pong").unwrap();
+        let data = h.guest_recv().unwrap();
+        assert_eq!((op(&data), data.payload.as_slice()), (Op::Rw, &b"pong"[..]));
+        assert_eq!(data.header.len, 4);
+
+        let mut shutdown = guest_packet(Op::Shutdown, GUEST_PORT, 5000, CREDIT, 4);
+        shutdown.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+        h.guest_send(&shutdown, &[]).unwrap();
+        assert_host_eof(&mut host);
+        assert_eq!(op(&h.guest_recv().unwrap()), Op::Rst, "both directions done: the host resets");
+        h.step();
+        assert_eq!(h.connection_count(), 0);
+    }
+
+    #[test]
+    fn a_guest_connection_to_a_port_nobody_listens_on_is_reset() {
+        let mut h = VsockHarness::new().unwrap();
+        send(&mut h, Op::Request, 6000);
+        let rst = h.guest_recv().unwrap();
+        assert_eq!(op(&rst), Op::Rst);
+        assert_eq!((rst.header.src_port, rst.header.dst_port), (6000, GUEST_PORT));
+        assert_eq!(h.connection_count(), 0);
+    }
+
+    #[test]
+    fn a_host_connection_is_requested_answered_and_half_closed_from_the_host() {
+        let mut h = VsockHarness::new().unwrap();
+        let (mut host, local) = host_connected(&mut h);
+        host.write_all(b"to the guest").unwrap();
+        let data = h.guest_recv().unwrap();
+        assert_eq!(data.payload, b"to the guest");
+        assert_eq!((data.header.src_port, data.header.dst_port), (local, GUEST_PORT));
+
+        host.shutdown(Shutdown::Write).unwrap();
+        let shutdown = h.guest_recv().unwrap();
+        assert_eq!((op(&shutdown), shutdown.header.flags), (Op::Shutdown, SHUTDOWN_SEND));
+        send_rw(&mut h, local, b"still open the other way");
+        assert_eq!(read_host(&mut host, 24), b"still open the other way");
+
+        let mut done = guest_packet(Op::Shutdown, GUEST_PORT, local, CREDIT, 12);
+        done.flags = SHUTDOWN_SEND;
+        h.guest_send(&done, &[]).unwrap();
+        assert_host_eof(&mut host);
+        assert_eq!(op(&h.guest_recv().unwrap()), Op::Rst);
+    }
+
+    #[test]
+    fn host_data_waits_for_the_guests_credit() {
+        let mut h = VsockHarness::new().unwrap();
+        let mut host = guest_connected(&mut h);
+        // The guest advertises 8 bytes of buffer.
+        h.guest_send(&guest_packet(Op::CreditUpdate, GUEST_PORT, 5000, 8, 0), &[]).unwrap();
+        host.write_all(b"0123456789abcdef").unwrap();
+        assert_eq!(h.guest_recv().unwrap().payload, b"01234567");
+        assert_eq!(h.guest_recv(), None, "no credit left");
+        // The guest consumed 8: eight more may come.
+        h.guest_send(&guest_packet(Op::CreditUpdate, GUEST_PORT, 5000, 8, 8), &[]).unwrap();
+        assert_eq!(h.guest_recv().unwrap().payload, b"89abcdef");
+    }
+
+    #[test]
+    fn a_credit_request_is_answered_with_our_credit() {
+        let mut h = VsockHarness::new().unwrap();
+        let mut host = guest_connected(&mut h);
+        send_rw(&mut h, 5000, &[7u8; 100]);
+        assert_eq!(read_host(&mut host, 100), [7u8; 100]);
+        send(&mut h, Op::CreditRequest, 5000);
+        let update = h.guest_recv().unwrap();
+        assert_eq!(op(&update), Op::CreditUpdate);
+        assert_eq!((update.header.buf_alloc, update.header.fwd_cnt), (TX_BUF_SIZE, 100));
+    }
+
+    #[test]
+    fn a_guest_rst_closes_the_host_stream() {
+        let mut h = VsockHarness::new().unwrap();
+        let mut host = guest_connected(&mut h);
+        send(&mut h, Op::Rst, 5000);
+        h.step();
+        assert_eq!(h.connection_count(), 0);
+        assert_host_eof(&mut host);
+        assert_eq!(h.guest_recv(), None, "an RST is not answered");
+    }
+
+    #[test]
+    fn packets_for_unknown_connections_are_reset_and_stray_rsts_ignored() {
+        let mut h = VsockHarness::new().unwrap();
+        for op_ in [Op::Rw, Op::Response, Op::Shutdown, Op::CreditUpdate, Op::CreditRequest] {
+            send(&mut h, op_, 7000);
+            let rst = h.guest_recv().unwrap();
+            assert_eq!(op(&rst), Op::Rst, "{op_:?}");
+        }
+        send(&mut h, Op::Rst, 7000);
+        assert_eq!(h.guest_recv(), None);
+    }
+
+    #[test]
+    fn a_guest_that_ignores_credit_is_reset_and_buffering_stays_bounded() {
+        let mut h = VsockHarness::new().unwrap();
+        let _host = guest_connected(&mut h); // never reads
+        let chunk = vec![1u8; MAX_PAYLOAD as usize];
+        let mut reset = false;
+        // 8 MiB: far more than the socket buffer plus our TX_BUF_SIZE.
+        for _ in 0..128 {
+            send_rw(&mut h, 5000, &chunk);
+            h.step();
+            while let Some(packet) = h.guest_recv_now() {
+                // Credit updates while the host socket's buffer still takes bytes, then the reset.
+                assert!(matches!(op(&packet), Op::CreditUpdate | Op::Rst), "{packet:?}");
+                reset |= op(&packet) == Op::Rst;
+            }
+            if reset {
+                break;
+            }
+        }
+        assert!(reset, "the connection was reset once the guest exceeded its credit");
+    }
+
+    #[test]
+    fn a_host_client_that_never_sends_connect_is_closed_after_the_timeout() {
+        let mut h = VsockHarness::new().unwrap();
+        let mut silent = UnixStream::connect(h.socket_path()).unwrap();
+        h.step();
+        h.expire_at(Instant::now() + HANDSHAKE_TIMEOUT / 2);
+        silent.set_nonblocking(true).unwrap();
+        assert!(silent.read(&mut [0u8; 1]).is_err(), "still open before the timeout");
+        h.expire_at(Instant::now() + HANDSHAKE_TIMEOUT);
+        assert_host_eof(&mut silent);
+    }
+
+    #[test]
+    fn a_request_the_guest_never_answers_is_reset_after_the_timeout() {
+        let mut h = VsockHarness::new().unwrap();
+        let mut host = h.host_connect(GUEST_PORT).unwrap();
+        let request = h.guest_recv().unwrap();
+        assert_eq!(op(&request), Op::Request);
+        h.expire_at(Instant::now() + CONNECT_TIMEOUT);
+        let rst = h.guest_recv().unwrap();
+        assert_eq!((op(&rst), rst.header.src_port), (Op::Rst, request.header.src_port));
+        h.step();
+        assert_host_eof(&mut host); // closed without an OK line
+        assert_eq!(h.connection_count(), 0);
+    }
+
+    #[test]
+    fn malformed_tx_chains_are_completed_and_dropped_without_a_reply() {
+        let mut h = VsockHarness::new().unwrap();
+        let ro = |addr, len| Buffer { addr, len, writable: false };
+        let header = guest_packet(Op::Request, GUEST_PORT, 6000, CREDIT, 0);
+        h.mem.write_slice(&header.encode(), GuestAddress(0x30_0000)).unwrap();
+        let bad_cid = PacketHeader { src_cid: 9, ..header };
+        h.mem.write_slice(&bad_cid.encode(), GuestAddress(0x30_1000)).unwrap();
+        let long = PacketHeader { op: Op::Rw as u16, len: 4096, ..header };
+        h.mem.write_slice(&long.encode(), GuestAddress(0x30_2000)).unwrap();
+        let chains: [&[Buffer]; 6] = [
+            &[ro(0x30_0000, 20)],                                   // header truncated
+            &[ro(MEM_SIZE + 0x1000, 44)],                           // outside guest memory
+            &[ro(MEM_SIZE - 20, 44)],                               // straddles the end of memory
+            &[Buffer { addr: 0x30_0000, len: 44, writable: true }], // device-writable on TX
+            &[ro(0x30_1000, 44)],                                   // someone else's CID
+            &[ro(0x30_2000, 44), ro(0x30_3000, 100)],               // payload shorter than its length
+        ];
+        for chain in chains {
+            h.tx.add_chain(&h.mem, chain).unwrap();
+        }
+        h.run_tx();
+        let mut completed = 0;
+        while h.tx.take_used(&h.mem).is_some() {
+            completed += 1;
+        }
+        assert_eq!(completed, chains.len(), "every chain is given back");
+        assert_eq!(h.guest_recv().map(|r| op(&r)), None, "nothing was acted on");
+        assert_eq!(h.connection_count(), 0);
+    }
+
+    #[test]
+    fn looping_and_out_of_range_descriptors_do_not_hang_the_device() {
+        let mut h = VsockHarness::new().unwrap();
+        let next = VRING_DESC_F_NEXT as u16;
+        // A chain that points at itself, and one whose next index is beyond the table.
+        h.tx.write_desc(&h.mem, 10, RawDesc { addr: 0x30_0000, len: 8, flags: next, next: 10 }).unwrap();
+        h.tx.publish(&h.mem, 10).unwrap();
+        h.tx.write_desc(&h.mem, 11, RawDesc { addr: 0x30_0000, len: 8, flags: next, next: 999 }).unwrap();
+        h.tx.publish(&h.mem, 11).unwrap();
+        h.tx.publish(&h.mem, 4000).unwrap(); // head index beyond the table
+        h.run_tx();
+        // A hostile available index (more entries than the queue has) stops nothing else.
+        h.tx.set_avail_idx(&h.mem, 60_000).unwrap();
+        h.run_tx();
+        // The RX side still works for host traffic.
+        let _ = h.host_connect(GUEST_PORT).unwrap();
+        assert_eq!(h.guest_recv().map(|r| op(&r)), Some(Op::Request));
+    }
+
+    #[test]
+    fn rx_buffers_unfit_for_a_packet_are_returned_unused() {
+        let mut h = VsockHarness::without_rx_buffers().unwrap();
+        let tiny = h.rx.add_chain(&h.mem, &[Buffer { addr: 0x30_0000, len: 8, writable: true }]).unwrap();
+        let read_only =
+            h.rx.add_chain(&h.mem, &[Buffer { addr: 0x30_1000, len: 4096, writable: false }]).unwrap();
+        let outside =
+            h.rx.add_chain(&h.mem, &[Buffer { addr: MEM_SIZE, len: 4096, writable: true }]).unwrap();
+        h.post_rx_buffers().unwrap();
+        let _host = h.host_connect(GUEST_PORT).unwrap();
+        assert_eq!(h.guest_recv().map(|r| op(&r)), Some(Op::Request), "the next good buffer is used");
+        assert_eq!(h.foreign_used(), [(tiny, 0), (read_only, 0), (outside, 0)]);
     }
 }

@@ -12,6 +12,7 @@ use std::ops::Bound::{Excluded, Unbounded};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -27,6 +28,8 @@ pub const FD_TOKEN_BASE: u64 = 1 << 32;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Connections open at once; more are refused (bounded memory per VM).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a new host connection may take to send its `CONNECT` line before it is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// (host-side port, guest-side port).
 type Key = (u32, u32);
@@ -37,7 +40,8 @@ pub struct Muxer {
     guest_cid: u64,
     path: PathBuf,
     listener: UnixListener,
-    handshakes: HashMap<RawFd, (UnixStream, ConnectLine)>,
+    /// Host connections still sending their `CONNECT` line, with the time they must be done by.
+    handshakes: HashMap<RawFd, Handshake>,
     // Ordered, so RX can go round-robin from a cursor.
     conns: BTreeMap<Key, Connection<UnixStream>>,
     /// The connection whose data went to the guest last.
@@ -87,7 +91,8 @@ impl Muxer {
                 .is_ok()
             {
                 self.interest.insert(fd, EventSet::IN);
-                self.handshakes.insert(fd, (stream, ConnectLine::default()));
+                let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+                self.handshakes.insert(fd, Handshake { stream, line: ConnectLine::default(), deadline });
             }
         }
     }
@@ -102,7 +107,7 @@ impl Muxer {
     }
 
     fn continue_handshake(&mut self, fd: RawFd, epoll: &Epoll) {
-        let Some((stream, line)) = self.handshakes.get_mut(&fd) else { return };
+        let Some(Handshake { stream, line, .. }) = self.handshakes.get_mut(&fd) else { return };
         // One byte at a time: nothing after the newline may be consumed (it is stream data).
         let mut byte = [0u8; 1];
         let outcome = loop {
@@ -118,7 +123,7 @@ impl Muxer {
                 Err(_) => break Err(()),
             }
         };
-        let Some((stream, _)) = self.handshakes.remove(&fd) else { return };
+        let Some(Handshake { stream, .. }) = self.handshakes.remove(&fd) else { return };
         match outcome {
             Ok(port) => {
                 let local_port = self.allocate_local_port();
@@ -214,6 +219,21 @@ impl Muxer {
         after.or_else(|| self.conns.keys().next().copied())
     }
 
+    /// Expires what is overdue at `now`: host connections that sent no `CONNECT` line are closed,
+    /// connection requests the guest did not answer are reset.
+    pub fn expire(&mut self, epoll: &Epoll, now: Instant) {
+        let overdue: Vec<RawFd> =
+            self.handshakes.iter().filter(|(_, h)| now >= h.deadline).map(|(fd, _)| *fd).collect();
+        for fd in overdue {
+            tracing::debug!(fd, "vsock: host connection sent no CONNECT line in time; closed");
+            self.handshakes.remove(&fd);
+            self.forget_fd(fd, epoll);
+        }
+        for conn in self.conns.values_mut() {
+            conn.expire_connect(now);
+        }
+    }
+
     /// Drops finished connections and sets each stream's epoll interest; `rx_room` says whether
     /// the guest has RX buffers (without them no stream is polled for reading).
     pub fn update(&mut self, epoll: &Epoll, rx_room: bool) {
@@ -244,6 +264,13 @@ impl Muxer {
         }
     }
 
+    /// The earliest time [`Muxer::update`] has something to expire, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let handshakes = self.handshakes.values().map(|h| h.deadline);
+        let connects = self.conns.values().filter_map(Connection::connect_deadline);
+        handshakes.chain(connects).min()
+    }
+
     /// True when some connection has a control packet queued (worth an RX pass without events).
     pub fn has_pending_control(&self) -> bool {
         !self.rsts.is_empty() || self.conns.values().any(Connection::has_pending_control)
@@ -267,7 +294,69 @@ impl Drop for Muxer {
     }
 }
 
+/// A host connection before its `CONNECT` line is complete.
+#[derive(Debug)]
+struct Handshake {
+    stream: UnixStream,
+    line: ConnectLine,
+    deadline: Instant,
+}
+
 fn conn_stream_write(conn: &mut Connection<UnixStream>, bytes: &[u8]) -> std::io::Result<()> {
     let mut stream = conn.stream();
     stream.write_all(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::super::packet::{Op, PacketHeader};
+    use super::super::test_utils::{guest_packet, VsockHarness};
+
+    const CREDIT: u32 = 1 << 20;
+
+    fn connect_guest_port(h: &mut VsockHarness, guest_port: u32, host_port: u32) {
+        h.guest_send(&guest_packet(Op::Request, guest_port, host_port, CREDIT, 0), &[]).unwrap();
+        assert_eq!(h.guest_recv().unwrap().header.op, Op::Response as u16);
+    }
+
+    #[test]
+    fn busy_connections_take_turns_on_the_rx_queue() {
+        let mut h = VsockHarness::new().unwrap();
+        let listener = h.listen(5000).unwrap();
+        let mut hosts = Vec::new();
+        for guest_port in [100, 200, 300] {
+            connect_guest_port(&mut h, guest_port, 5000);
+            hosts.push(listener.accept().unwrap().0);
+        }
+        // Each host stream has far more than one packet's worth queued.
+        let chunk = vec![9u8; 200 * 1024];
+        for host in &mut hosts {
+            host.write_all(&chunk).unwrap();
+        }
+        let order: Vec<u32> = (0..6).map(|_| h.guest_recv().unwrap().header.dst_port).collect();
+        // Round-robin (from wherever the cursor stood): each stream once per round, same order.
+        let mut first_round = order[..3].to_vec();
+        assert_eq!(order[3..], first_round[..], "{order:?}");
+        first_round.sort_unstable();
+        assert_eq!(first_round, [100, 200, 300], "no stream starves the others: {order:?}");
+    }
+
+    #[test]
+    fn host_connections_get_distinct_host_ports_the_guest_can_tell_apart() {
+        let mut h = VsockHarness::new().unwrap();
+        let _clients: Vec<_> = (0..4).map(|_| h.host_connect(1234).unwrap()).collect();
+        let mut ports = Vec::new();
+        while let Some(request) = h.guest_recv() {
+            let PacketHeader { op, src_port, dst_port, .. } = request.header;
+            assert_eq!((op, dst_port), (Op::Request as u16, 1234));
+            ports.push(src_port);
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 4, "four connections, four host-side ports: {ports:?}");
+        assert!(ports.iter().all(|p| *p >= super::FIRST_LOCAL_PORT));
+        assert_eq!(h.connection_count(), 4);
+    }
 }
