@@ -11,7 +11,8 @@ use husk_tests::{combined, describe, run, workspace_root};
 fn fuzz(target: &str) {
     let seconds = std::env::var("HUSK_FUZZ_SECONDS").unwrap_or_else(|_| "45".into());
     let root = workspace_root();
-    let output = run(Command::new(root.join("fuzz/run")).args(["--time", &seconds, target]).current_dir(&root));
+    let output =
+        run(Command::new(root.join("fuzz/run")).args(["--time", &seconds, target]).current_dir(&root));
     assert!(output.status.success(), "fuzz target {target} failed: {}", describe(&output));
     let text = combined(&output);
     let executed: u64 = text

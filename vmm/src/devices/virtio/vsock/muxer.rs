@@ -170,10 +170,8 @@ impl Muxer {
     /// A guest connection to host port P reaches a listener at `<path>_<P>`.
     fn guest_connect(&mut self, header: &PacketHeader, epoll: &Epoll) {
         let target = PathBuf::from(format!("{}_{}", self.path.display(), header.dst_port));
-        let connected = (self.conns.len() < MAX_CONNECTIONS)
-            .then(|| UnixStream::connect(&target).ok())
-            .flatten()
-            .filter(|s| s.set_nonblocking(true).is_ok());
+        let connected =
+            (self.conns.len() < MAX_CONNECTIONS).then(|| connect_nonblocking(&target).ok()).flatten();
         let Some(stream) = connected else {
             self.rsts.push_back(PacketHeader::reply(header, Op::Rst, 0, 0));
             return;
@@ -294,6 +292,38 @@ impl Drop for Muxer {
     }
 }
 
+/// Connects to the unix listener at `path` without blocking: a listener whose backlog is full
+/// (it does not accept fast enough) fails the connection with `WouldBlock` instead of stalling the
+/// device thread, and the guest gets an RST.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from(ErrorKind::InvalidInput));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket nothing else owns; the stream closes it on every path below.
+    let stream = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is an initialised sockaddr_un of `len` bytes that outlives the call.
+    if unsafe { libc::connect(fd, (&raw const addr).cast::<libc::sockaddr>(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
 /// A host connection before its `CONNECT` line is complete.
 #[derive(Debug)]
 struct Handshake {
@@ -341,6 +371,26 @@ mod tests {
         assert_eq!(order[3..], first_round[..], "{order:?}");
         first_round.sort_unstable();
         assert_eq!(first_round, [100, 200, 300], "no stream starves the others: {order:?}");
+    }
+
+    #[test]
+    fn a_host_listener_with_a_full_backlog_refuses_instead_of_stalling_the_device() {
+        let mut h = VsockHarness::new().unwrap();
+        let listener = h.listen(5000).unwrap(); // never accepts
+        // SAFETY: lowers the backlog of a listening socket this test owns.
+        assert_eq!(unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 2) }, 0);
+        let mut refused = false;
+        for guest_port in 0..64 {
+            h.guest_send(&guest_packet(Op::Request, guest_port, 5000, CREDIT, 0), &[]).unwrap();
+            while let Some(reply) = h.guest_recv_now() {
+                refused |= reply.header.op == Op::Rst as u16;
+            }
+            if refused {
+                break;
+            }
+            h.step();
+        }
+        assert!(refused, "requests beyond the listener's backlog are reset");
     }
 
     #[test]
