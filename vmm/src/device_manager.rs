@@ -10,6 +10,7 @@ use crate::devices::legacy::{
     Console, GuestEvents, GuestTimestamps, Serial, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
     SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
+use crate::devices::virtio::fs::FsDevice;
 use crate::devices::virtio::vsock::VsockDevice;
 use crate::devices::virtio::{
     mmio::QUEUE_NOTIFY_OFFSET, rng::Rng, Interrupt, MmioTransport, VirtioDevice, MMIO_WINDOW,
@@ -28,6 +29,9 @@ pub enum DeviceConfig {
     /// Hybrid virtio-vsock: the guest is `guest_cid`; host clients connect to `socket`, guest
     /// connections to host port P reach `<socket>_P`.
     Vsock { guest_cid: u64, socket: std::path::PathBuf },
+    /// virtio-fs: the host directory `shared_dir`, mounted in the guest with
+    /// `mount -t virtiofs <tag> <dir>`.
+    Fs { tag: String, shared_dir: std::path::PathBuf },
 }
 
 /// First GSI for virtio devices (legacy ISA lines 0-4 are taken or reserved).
@@ -71,6 +75,7 @@ pub fn virtio_devices(vm: &Vm, configs: &[DeviceConfig]) -> Result<Bus, VmError>
             DeviceConfig::Vsock { guest_cid, socket } => {
                 Box::new(VsockDevice::new(*guest_cid, socket.clone()))
             }
+            DeviceConfig::Fs { tag, shared_dir } => Box::new(FsDevice::new(tag, shared_dir)?),
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio irq eventfd"))?;
         vm.fd()

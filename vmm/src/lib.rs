@@ -91,6 +91,8 @@ pub enum VmError {
     #[error("memory: {mib} MiB is too small (at least {min} MiB)")]
     MemoryTooSmall { mib: u64, min: u64 },
     #[error(transparent)]
+    Fs(#[from] devices::virtio::fs::FsError),
+    #[error(transparent)]
     Setup(#[from] VmSetupError),
     #[error(transparent)]
     Boot(#[from] BootError),

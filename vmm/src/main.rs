@@ -47,12 +47,24 @@ struct Cli {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = 3)]
     vsock_cid: u64,
+    /// Share a host directory with the guest over virtio-fs, as TAG=DIR (repeatable); the guest
+    /// mounts it with `mount -t virtiofs TAG <dir>`.
+    #[arg(long, value_name = "TAG=DIR", value_parser = parse_share)]
+    fs: Vec<(String, PathBuf)>,
     /// Do not give the guest a virtio-rng device.
     #[arg(long)]
     no_rng: bool,
     /// Where the guest's serial console goes: a file path, or `-` for stdout (repeatable).
     #[arg(long, default_value = "-")]
     console: Vec<String>,
+}
+
+/// `TAG=DIR` of `--fs`.
+fn parse_share(value: &str) -> Result<(String, PathBuf), String> {
+    match value.split_once('=') {
+        Some((tag, dir)) if !tag.is_empty() && !dir.is_empty() => Ok((tag.to_owned(), PathBuf::from(dir))),
+        _ => Err(format!("expected TAG=DIR, got {value:?}")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -135,6 +147,9 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
             }
             if let Some(socket) = cli.vsock {
                 devices.push(DeviceConfig::Vsock { guest_cid: cli.vsock_cid, socket });
+            }
+            for (tag, shared_dir) in cli.fs {
+                devices.push(DeviceConfig::Fs { tag, shared_dir });
             }
             devices
         },

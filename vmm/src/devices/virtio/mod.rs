@@ -3,13 +3,18 @@
 //! - [`mmio`]: the transport: registers, feature negotiation, queue setup, status and reset.
 //! - [`VirtioDevice`]: what a device model implements; written against `virtio-queue` and guest
 //!   memory only, so it is unit-tested with mock queues, without KVM.
+//! - [`queue`]: serving a request queue chain by chain, robust to a hostile driver's rings.
 //! - [`worker`]: the thread that serves a device's queue notifications (ioeventfds).
 //! - [`rng`]: the entropy device.
+//! - [`vsock`]: hybrid vsock over a host unix socket.
+//! - [`fs`]: virtio-fs, one host directory served in-process.
 //!
 //! Everything read from guest memory or written by the driver is untrusted: a malformed descriptor
 //! chain is completed with zero bytes or dropped, never a panic.
 
+pub mod fs;
 pub mod mmio;
+pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;

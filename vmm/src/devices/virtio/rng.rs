@@ -4,13 +4,12 @@
 use std::fs::File;
 use std::io::{Read, Write};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
+use super::queue::RequestQueue;
 use super::worker::{QueueHandler, Worker};
-use super::{
-    ActivateError, DeviceContext, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
-};
+use super::{ActivateError, DeviceContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use std::sync::Arc;
 
 const VIRTIO_ID_RNG: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -43,7 +42,8 @@ impl VirtioDevice for Rng {
             .try_into()
             .map_err(|q: Vec<Queue>| ActivateError::QueueCount { expected: 1, found: q.len() })?;
         let source = File::open("/dev/urandom").map_err(ActivateError::Worker)?;
-        let handler = RngQueue { mem, queue, interrupt, source, buffer: Vec::new(), broken: false };
+        let queue = RequestQueue::new("virtio-rng", queue);
+        let handler = RngQueue { mem, queue, interrupt, source, buffer: Vec::new() };
         self.worker =
             Some(Worker::spawn("virtio-rng", handler, queue_events).map_err(ActivateError::Worker)?);
         Ok(())
@@ -58,49 +58,17 @@ impl VirtioDevice for Rng {
 #[derive(Debug)]
 pub struct RngQueue {
     mem: GuestMemoryMmap,
-    queue: Queue,
+    queue: RequestQueue,
     interrupt: Arc<Interrupt>,
     source: File,
     buffer: Vec<u8>,
-    /// Set when the driver corrupted the queue; the device then ignores it until reset.
-    broken: bool,
 }
 
 impl RngQueue {
     /// Serves every available request; returns how many were completed.
     pub fn process(&mut self) -> usize {
-        let mut completed = 0;
-        while !self.broken {
-            if self.queue.disable_notification(&self.mem).is_err() {
-                tracing::warn!("virtio-rng: bad used ring address; request queue ignored");
-                self.broken = true;
-                break;
-            }
-            let before = completed;
-            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
-                let head = chain.head_index();
-                let written = fill(&self.mem, &mut self.source, &mut self.buffer, chain);
-                if self.queue.add_used(&self.mem, head, written).is_err() {
-                    tracing::warn!(head, "virtio-rng: cannot complete a request; queue ignored");
-                    return completed;
-                }
-                completed += 1;
-            }
-            match self.queue.enable_notification(&self.mem) {
-                // More arrived while notifications were off: go again, unless nothing could be
-                // popped, which means the avail index is corrupt (it would loop forever).
-                Ok(true) if completed > before => continue,
-                Ok(true) | Err(_) => {
-                    tracing::warn!("virtio-rng: corrupt avail ring; request queue ignored until reset");
-                    self.broken = true;
-                }
-                Ok(false) => break,
-            }
-        }
-        if completed > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.trigger(INTERRUPT_USED_BUFFER);
-        }
-        completed
+        let RngQueue { mem, queue, interrupt, source, buffer } = self;
+        queue.serve(mem, interrupt, |chain| fill(mem, source, buffer, chain))
     }
 }
 
@@ -130,9 +98,11 @@ impl QueueHandler for RngQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::INTERRUPT_USED_BUFFER;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
 
@@ -147,12 +117,21 @@ mod tests {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
         let source = File::open("/dev/urandom").unwrap();
-        (RngQueue { mem: mem.clone(), queue, interrupt, source, buffer: Vec::new(), broken: false }, irq)
+        (
+            RngQueue {
+                mem: mem.clone(),
+                queue: RequestQueue::new("test", queue),
+                interrupt,
+                source,
+                buffer: Vec::new(),
+            },
+            irq,
+        )
     }
 
     fn used_len(rng: &RngQueue, slot: u64) -> u32 {
         // used ring: flags(2) idx(2) then elements of (id u32, len u32)
-        rng.mem.read_obj(GuestAddress(rng.queue.used_ring() + 4 + slot * 8 + 4)).unwrap()
+        rng.mem.read_obj(GuestAddress(rng.queue.queue().used_ring() + 4 + slot * 8 + 4)).unwrap()
     }
 
     #[test]
@@ -192,10 +171,10 @@ mod tests {
         let descs = [RawDescriptor::from(Descriptor::new(0x8000, 16, VRING_DESC_F_WRITE as u16, 0))];
         let (mut rng, _irq) = rng_queue(&mem, &descs);
         // The driver claims 1000 new buffers in a 16-entry queue.
-        let avail_idx = GuestAddress(rng.queue.avail_ring() + 2);
+        let avail_idx = GuestAddress(rng.queue.queue().avail_ring() + 2);
         mem.write_obj(1000u16, avail_idx).unwrap();
         assert_eq!(rng.process(), 0);
-        assert!(rng.broken);
+        assert!(rng.queue.is_broken());
         assert_eq!(rng.process(), 0, "ignored until reset");
     }
 

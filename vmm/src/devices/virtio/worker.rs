@@ -11,6 +11,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Device logic run on the worker thread.
 pub trait QueueHandler: Send + 'static {
+    /// Runs first on the worker thread, before any queue is served (per-thread setup such as
+    /// dropping capabilities the device must not have).
+    fn on_start(&mut self) {}
     /// Queue `index` was notified by the driver.
     fn process_queue(&mut self, index: usize);
 }
@@ -43,6 +46,7 @@ impl Worker {
             )?;
         }
         let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+            handler.on_start();
             let mut ready = [EpollEvent::default(); 8];
             loop {
                 let count = match epoll.wait(-1, &mut ready) {

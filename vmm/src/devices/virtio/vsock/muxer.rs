@@ -57,6 +57,9 @@ impl Muxer {
     /// Listens on `path` (which must not exist) for host connections to the guest `guest_cid`.
     pub fn new(path: &Path, guest_cid: u64, epoll: &Epoll) -> std::io::Result<Muxer> {
         let listener = UnixListener::bind(path)?;
+        // Only the VMM's user may connect: the mode must not depend on the process umask (which
+        // virtio-fs sets to 0 so it can apply the guest's own).
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         epoll.ctl(
             ControlOperation::Add,
@@ -377,7 +380,7 @@ mod tests {
     fn a_host_listener_with_a_full_backlog_refuses_instead_of_stalling_the_device() {
         let mut h = VsockHarness::new().unwrap();
         let listener = h.listen(5000).unwrap(); // never accepts
-        // SAFETY: lowers the backlog of a listening socket this test owns.
+                                                // SAFETY: lowers the backlog of a listening socket this test owns.
         assert_eq!(unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 2) }, 0);
         let mut refused = false;
         for guest_port in 0..64 {

@@ -1,0 +1,102 @@
+//! The host directory shared with the guest and the file system that serves it.
+//!
+//! Confinement (what keeps the guest inside the directory) comes from the passthrough file
+//! system: every name is opened relative to its parent's descriptor with `O_NOFOLLOW` (a symlink
+//! is returned to the guest as a symlink and resolved in the guest's namespace, never on the
+//! host), names with `/` are refused, `..` at the root is the root, only regular files and
+//! directories are ever opened, and file handles are never taken from the guest
+//! (`inode_file_handles` off). On top of that Husk:
+//! - refuses device nodes: the serving thread drops `CAP_MKNOD` (see [`drop_mknod`]), so a guest
+//!   `mknod` of a character or block device fails with `EPERM` (FIFOs, sockets and overlayfs's
+//!   0:0 whiteouts still work);
+//! - refuses extended attributes consistently (`xattr` off: the guest sees `EOPNOTSUPP`), so the
+//!   guest cannot set `security.*` or `trusted.*` attributes on host files.
+//!
+//! Ownership and modes are preserved: each request runs with the guest caller's uid and gid (the
+//! VMM needs root for that), so guest root is root within the shared directory. Keep the shared
+//! directory under a root-only parent on a `nosuid` mount: files the guest marks setuid must not
+//! be reachable by host users.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuse_backend_rs::api::filesystem::FsOptions;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::{Vfs, VfsOptions};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+
+/// How long the guest may cache names and attributes.
+pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The FUSE server of one shared directory.
+pub type FsServer = Server<Arc<Vfs>>;
+
+/// Why a directory cannot be shared.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("shared directory {}: {source}", dir.display())]
+    Directory { dir: PathBuf, source: std::io::Error },
+    #[error("shared directory {} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("shared directory {}: path is not valid UTF-8", .0.display())]
+    NotUtf8(PathBuf),
+    #[error("serving shared directory {}: {reason}", dir.display())]
+    Serve { dir: PathBuf, reason: String },
+}
+
+/// Builds the FUSE server for `dir` (which must exist and be a directory).
+pub fn serve_directory(dir: &Path) -> Result<FsServer, ShareError> {
+    let metadata =
+        std::fs::metadata(dir).map_err(|source| ShareError::Directory { dir: dir.to_path_buf(), source })?;
+    if !metadata.is_dir() {
+        return Err(ShareError::NotADirectory(dir.to_path_buf()));
+    }
+    let root_dir = dir.to_str().ok_or_else(|| ShareError::NotUtf8(dir.to_path_buf()))?.to_owned();
+    let serve_error = |reason: String| ShareError::Serve { dir: dir.to_path_buf(), reason };
+    let config = Config {
+        root_dir,
+        cache_policy: CachePolicy::Auto,
+        entry_timeout: CACHE_TIMEOUT,
+        attr_timeout: CACHE_TIMEOUT,
+        writeback: false,
+        xattr: false,
+        inode_file_handles: false,
+        // Imported below and mounted under Vfs, which checks names on the way in.
+        do_import: false,
+        ..Default::default()
+    };
+    let passthrough = PassthroughFs::<()>::new(config).map_err(|e| serve_error(e.to_string()))?;
+    passthrough.import().map_err(|e| serve_error(e.to_string()))?;
+    let vfs = Vfs::new(vfs_options());
+    vfs.mount(Box::new(passthrough), "/").map_err(|e| serve_error(format!("{e:?}")))?;
+    Ok(Server::new(Arc::new(vfs)))
+}
+
+/// Options negotiated with the guest at FUSE_INIT: large requests, parallel lookups, automatic
+/// invalidation of cached data on size/mtime change; nothing that needs a notification queue,
+/// DAX or exclusive access.
+fn vfs_options() -> VfsOptions {
+    let defaults = VfsOptions::default();
+    let unsupported = FsOptions::EXPLICIT_INVAL_DATA
+        | FsOptions::PERFILE_DAX
+        | FsOptions::WRITEBACK_CACHE
+        | FsOptions::HANDLE_KILLPRIV_V2;
+    VfsOptions {
+        no_open: false,
+        no_opendir: false,
+        no_writeback: true,
+        killpriv_v2: false,
+        out_opts: defaults.out_opts - unsupported,
+        ..defaults
+    }
+}
+
+/// Drops `CAP_MKNOD` from the calling thread (effective and permitted: the per-request switch of
+/// the effective uid back to root would otherwise restore it). Capabilities are per thread, so
+/// this confines only the thread serving the guest's requests.
+pub fn drop_mknod() -> Result<(), caps::errors::CapsError> {
+    use caps::{CapSet, Capability};
+    caps::drop(None, CapSet::Effective, Capability::CAP_MKNOD)?;
+    caps::drop(None, CapSet::Permitted, Capability::CAP_MKNOD)
+}

@@ -1,0 +1,92 @@
+//! [`RequestQueue`]: a queue served request by request, as the rng and fs devices do: every chain
+//! the driver made available goes to a handler and is completed with the length it returns, with
+//! notifications suppressed while draining and one interrupt per pass.
+//!
+//! The driver's rings are untrusted: a used ring that cannot be written or an available index that
+//! promises chains which cannot be popped marks the queue broken (ignored until the device is
+//! reset) instead of looping forever.
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{Interrupt, INTERRUPT_USED_BUFFER};
+
+/// A driver-made chain as handlers see it.
+pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+
+/// One request queue of a device.
+#[derive(Debug)]
+pub struct RequestQueue {
+    /// The device's name, for logs.
+    device: &'static str,
+    queue: Queue,
+    broken: bool,
+}
+
+impl RequestQueue {
+    /// Serves `queue` for the device named `device`.
+    pub fn new(device: &'static str, queue: Queue) -> RequestQueue {
+        RequestQueue { device, queue, broken: false }
+    }
+
+    /// Hands every available chain to `handle` and completes it with the byte count `handle`
+    /// returns (bytes written into the chain's device-writable buffers); interrupts the driver if
+    /// anything was completed and it asked to be told. Returns how many chains were completed.
+    pub fn serve(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+        mut handle: impl FnMut(Chain<'_>) -> u32,
+    ) -> usize {
+        let mut completed = 0;
+        while !self.broken {
+            if self.queue.disable_notification(mem).is_err() {
+                self.mark_broken("bad used ring address");
+                break;
+            }
+            let before = completed;
+            while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let written = handle(chain);
+                if self.queue.add_used(mem, head, written).is_err() {
+                    self.mark_broken("cannot complete a request");
+                    break;
+                }
+                completed += 1;
+            }
+            match self.queue.enable_notification(mem) {
+                // More arrived while notifications were off: go again, unless nothing could be
+                // popped, which means the avail index is corrupt (it would loop forever).
+                Ok(true) if completed > before => continue,
+                Ok(true) | Err(_) => self.mark_broken("corrupt available ring"),
+                Ok(false) => break,
+            }
+        }
+        if completed > 0 && self.queue.needs_notification(mem).unwrap_or(true) {
+            interrupt.trigger(INTERRUPT_USED_BUFFER);
+        }
+        completed
+    }
+
+    fn mark_broken(&mut self, why: &str) {
+        if !self.broken {
+            tracing::warn!(device = self.device, why, "virtio queue ignored until the device is reset");
+            self.broken = true;
+        }
+    }
+
+    /// Stops serving the queue until the device is reset (the device cannot serve it safely).
+    pub fn stop(&mut self) {
+        self.mark_broken("the device stopped serving it");
+    }
+
+    /// True once the driver broke the queue.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// The underlying queue (its addresses, for tests and diagnostics).
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+}
