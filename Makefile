@@ -9,7 +9,7 @@ AGENT_BIN := target/$(GUEST_TARGET)/guest/husk-agent
 AGENT_ENV := RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build agent guest-image testhost lint test demo bench clean
+.PHONY: all deps build agent guest-image testhost lint fuzz test demo bench clean
 
 all: build guest-image
 
@@ -37,9 +37,15 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+## fuzz: build the fuzz targets and run each from its committed corpus (FUZZ_SECONDS, default 300)
+FUZZ_SECONDS ?= 300
+fuzz:
+	fuzz/run --time $(FUZZ_SECONDS)
+
 ## test: everything CI runs: lint, unit tests, guest image checks and VM tests (in the test host
 ## where this machine's KVM cannot run guests)
 test: lint build guest-image testhost
+	fuzz/run --build-only
 	$(CARGO) test --workspace --locked -- --test-threads=2
 
 GUEST := --kernel build/guest/vmlinux --initrd build/guest/initramfs.cpio
@@ -49,11 +55,14 @@ GUEST := --kernel build/guest/vmlinux --initrd build/guest/initramfs.cpio
 demo: build guest-image testhost
 	tests/vm-host-run target/debug/husk-vmm $(GUEST) --vcpus 2 --append husk.after_ready=poweroff
 
-## bench: boot benchmark, husk-vmm side by side with QEMU microvm (same kernel, same KVM)
+## bench: boot benchmark, husk-vmm side by side with QEMU microvm (same kernel, same KVM); vsock
+## benchmark, husk-vmm's hybrid vsock side by side with a host-local unix socket (same run)
 bench: build guest-image testhost
-	$(CARGO) build --release --locked -p husk-vmm -p husk-tests --bin husk-vmm --bin husk-bench-boot
+	$(CARGO) build --release --locked -p husk-vmm -p husk-tests --bin husk-vmm --bin husk-bench-boot \
+		--bin husk-bench-vsock
 	tests/vm-host-run --timeout 1800 --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu -- \
 		target/release/husk-bench-boot --vmm target/release/husk-vmm $(GUEST)
+	tests/vm-host-run --timeout 1800 -- target/release/husk-bench-vsock --vmm target/release/husk-vmm $(GUEST)
 
 clean:
 	$(CARGO) clean

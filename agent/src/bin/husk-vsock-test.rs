@@ -3,6 +3,13 @@
 //!
 //!   husk-vsock-test listen PORT    accept connections on PORT; echo each one's bytes back until EOF
 //!   husk-vsock-test connect PORT   connect to the host's PORT; stdin goes to it, its bytes to stdout
+//!   husk-vsock-test sink PORT      accept connections on PORT; read and discard each one's bytes
+//!                                  until EOF, then reply with the byte count (`<n>\n`) and close
+//!   husk-vsock-test source PORT    accept connections on PORT; read a request line `<n>\n`, write
+//!                                  n bytes, then close
+//!
+//! `sink` and `source` are the guest side of the vsock benchmark (`husk-bench-vsock`): no pipe through
+//! busybox, no copy to a console, one 64 KiB buffer per connection.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -23,7 +30,11 @@ fn main() -> ExitCode {
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["listen", port] => port.parse().context("PORT").and_then(listen_and_echo),
         ["connect", port] => port.parse().context("PORT").and_then(connect_to_host),
-        _ => Err(anyhow::anyhow!("usage: husk-vsock-test listen PORT | connect PORT")),
+        ["sink", port] => port.parse().context("PORT").and_then(|port| serve(port, sink)),
+        ["source", port] => port.parse().context("PORT").and_then(|port| serve(port, source)),
+        _ => Err(anyhow::anyhow!(
+            "usage: husk-vsock-test listen PORT | connect PORT | sink PORT | source PORT"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,6 +57,11 @@ fn stream(fd: OwnedFd) -> UnixStream {
 }
 
 fn listen_and_echo(port: u32) -> Result<()> {
+    serve(port, echo)
+}
+
+/// Listens on `port` and runs `handle` for each connection on a thread of its own.
+fn serve(port: u32, handle: fn(UnixStream) -> io::Result<()>) -> Result<()> {
     let listener = vsock_socket()?;
     bind(listener.as_raw_fd(), &VsockAddr::new(VMADDR_CID_ANY, port))
         .with_context(|| format!("bind port {port}"))?;
@@ -56,7 +72,7 @@ fn listen_and_echo(port: u32) -> Result<()> {
         // SAFETY: accept returned a new descriptor that nothing else owns.
         let conn = stream(unsafe { OwnedFd::from_raw_fd(raw) });
         std::thread::spawn(move || {
-            if let Err(err) = echo(conn) {
+            if let Err(err) = handle(conn) {
                 eprintln!("husk-vsock-test: connection: {err}");
             }
         });
@@ -72,6 +88,46 @@ fn echo(mut conn: UnixStream) -> io::Result<()> {
         }
         conn.write_all(&buf[..n])?;
     }
+}
+
+/// Reads and discards until EOF, then replies with the byte count and closes.
+fn sink(mut conn: UnixStream) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total: u64 = 0;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    conn.write_all(format!("{total}\n").as_bytes())?;
+    conn.shutdown(Shutdown::Write)
+}
+
+/// Reads a request line `<n>\n`, writes n bytes, then closes.
+fn source(mut conn: UnixStream) -> io::Result<()> {
+    // Byte by byte: the request is short, and nothing after it is read.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 32 {
+        if conn.read(&mut byte)? == 0 || byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    let mut left: u64 = std::str::from_utf8(&line)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad request {line:?}")))?;
+    let buf = vec![0x5au8; 64 * 1024];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        conn.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    conn.shutdown(Shutdown::Write)
 }
 
 fn connect_to_host(port: u32) -> Result<()> {
