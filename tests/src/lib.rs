@@ -4,8 +4,11 @@
 //!
 //! The tests expect `make build guest-image testhost` to have run (`make test` does that first).
 
+pub mod console_scenario;
 pub mod cpio;
 pub mod elf;
+
+pub use console_scenario::ConsoleScenario;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -28,3 +28,8 @@ fn fuzz(target: &str) {
 fn vsock_queue_fuzz_target_survives_a_bounded_run() {
     fuzz("vsock_queue");
 }
+
+#[test]
+fn fs_request_fuzz_target_survives_a_bounded_run() {
+    fuzz("fs_request");
+}

@@ -55,6 +55,23 @@ impl Reply {
     }
 }
 
+/// A request as a hostile driver may send it: any header values, a length field that may lie,
+/// the message split across readable buffers of the given sizes, a reply buffer of any size.
+#[derive(Debug, Clone, Default)]
+pub struct RawRequest {
+    pub opcode: u32,
+    pub nodeid: u64,
+    pub uid: u32,
+    pub gid: u32,
+    /// Replaces the header's length field (otherwise header + body).
+    pub claimed_len: Option<u32>,
+    pub body: Vec<u8>,
+    /// Sizes of the readable buffers the message is split into (the rest goes in a last one).
+    pub segments: Vec<u32>,
+    /// Size of the device-writable reply buffer (capped at [`REPLY_LEN`]; 0 for none).
+    pub reply_len: u32,
+}
+
 /// One virtio-fs request queue serving a temporary directory.
 pub struct FsHarness {
     pub mem: GuestMemoryMmap,
@@ -123,6 +140,49 @@ impl FsHarness {
         self.mem.read_slice(&mut reply, GuestAddress(REPLY_AT))?;
         let header = OutHeader::from_slice(&reply[..16]).copied().unwrap_or_default();
         Ok(Reply { used, header, body: reply[16..].to_vec() })
+    }
+
+    /// Sends `request` as built; returns the used length.
+    pub fn send_raw(&mut self, request: &RawRequest) -> Result<u32, GuestMemoryError> {
+        self.unique += 1;
+        let header = InHeader {
+            len: request.claimed_len.unwrap_or((std::mem::size_of::<InHeader>() + request.body.len()) as u32),
+            opcode: request.opcode,
+            unique: self.unique,
+            nodeid: request.nodeid,
+            uid: request.uid,
+            gid: request.gid,
+            ..Default::default()
+        };
+        let mut bytes = header.as_slice().to_vec();
+        bytes.extend_from_slice(&request.body);
+        bytes.truncate((REPLY_AT - REQUEST_AT) as usize);
+        self.mem.write_slice(&bytes, GuestAddress(REQUEST_AT))?;
+        let mut buffers = Vec::new();
+        let mut at = 0u32;
+        let total = bytes.len() as u32;
+        for size in request.segments.iter().take(usize::from(QUEUE_SIZE) - 2) {
+            let size = (*size).min(total - at);
+            if size == 0 {
+                break;
+            }
+            buffers.push(Buffer { addr: REQUEST_AT + u64::from(at), len: size, writable: false });
+            at += size;
+        }
+        if at < total {
+            buffers.push(Buffer { addr: REQUEST_AT + u64::from(at), len: total - at, writable: false });
+        }
+        if request.reply_len > 0 {
+            buffers.push(Buffer { addr: REPLY_AT, len: request.reply_len.min(REPLY_LEN), writable: true });
+        }
+        self.send_chain(&buffers)
+    }
+
+    /// The reply area's first bytes after [`FsHarness::send_raw`] (header and start of the body).
+    pub fn reply_bytes(&self, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len.min(REPLY_LEN as usize)];
+        let _ = self.mem.read_slice(&mut bytes, GuestAddress(REPLY_AT));
+        bytes
     }
 
     /// Publishes `buffers` as one chain (the reply area is zeroed first), serves the queue and

@@ -1,0 +1,128 @@
+//! virtio-fs through the real VM path: the guest mounts a host directory and both sides see each
+//! other's changes; a tree of thousands of files copies through intact; the guest cannot reach
+//! outside the share; overlayfs in the guest works over a virtio-fs lower directory (the container
+//! rootfs layout).
+
+// Test code: a failed expectation is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use husk_tests::{combined, describe, run, ConsoleScenario, VmHost};
+
+const BUDGET: Duration = Duration::from_secs(900);
+const FILES: usize = 3000;
+
+fn run_scenario(scenario: &ConsoleScenario) -> String {
+    let output = run(&mut VmHost::detect().command(BUDGET, &["sh", "-c", &scenario.script()]));
+    let text = combined(&output);
+    assert!(text.contains("vmm-status=0"), "{}", describe(&output));
+    assert!(!text.contains("guest never reached"), "{text}");
+    text
+}
+
+fn shared(steps: &str) -> ConsoleScenario {
+    ConsoleScenario {
+        host_setup: "mkdir -p $work/share".into(),
+        vmm_args: "--fs share=$work/share".into(),
+        steps: format!("guest mkdir -p /mnt/share; guest mount -t virtiofs share /mnt/share\n{steps}"),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn guest_and_host_see_each_others_file_operations() {
+    let mut scenario = shared(
+        "guest 'cd /mnt/share && echo from-guest > g.txt && mkdir d && echo data > d/f && mv d/f d/moved'
+  guest 'echo gone > del.txt && rm del.txt && chmod 0640 g.txt && ln -s g.txt sym && ln g.txt hard'
+  sync_guest guest-ops
+  echo host-content > $work/share/h.txt; mkdir $work/share/hd; chmod 0600 $work/share/h.txt
+  guest 'echo \"guest-sees=$(cat /mnt/share/h.txt) $(stat -c %a /mnt/share/h.txt) $(ls -d /mnt/share/hd)\"'
+  guest 'stat -c \"links=%h\" /mnt/share/g.txt; echo \"guest-readlink=$(readlink /mnt/share/sym)\"'
+  sync_guest host-ops",
+    );
+    scenario.host_checks = "cd $work/share && echo \"host-sees g=$(cat g.txt) mode=$(stat -c %a g.txt) \
+         moved=$(cat d/moved) f=$(ls d/f 2>/dev/null | wc -l) del=$(ls del.txt 2>/dev/null | wc -l) \
+         sym=$(readlink sym) links=$(stat -c %h hard) inode-same=$([ g.txt -ef hard ] && echo yes)\"; cd /"
+        .into();
+    let text = run_scenario(&scenario);
+    assert!(
+        text.contains(
+            "host-sees g=from-guest mode=640 moved=data f=0 del=0 sym=g.txt links=2 inode-same=yes"
+        ),
+        "the host sees the guest's create, write, rename, delete, chmod, symlink and hard link: {text}"
+    );
+    assert!(text.contains("guest-sees=host-content 600 /mnt/share/hd"), "the guest sees the host's: {text}");
+    assert!(text.contains("links=2") && text.contains("guest-readlink=g.txt"), "{text}");
+}
+
+#[test]
+fn a_tree_of_thousands_of_files_copies_through_the_share_intact() {
+    let tree_sum = "find . -type f | sort | xargs sha256sum | sha256sum | cut -c1-64";
+    let mut scenario = shared(&format!(
+        "guest 'cd /mnt/share/src && echo \"guest-src-sum=$({tree_sum})\"; cd /'
+  guest 'cp -a /mnt/share/src /mnt/share/copy && echo \"guest-copy-files=$(find /mnt/share/copy -type f | wc -l)\"'
+  sync_guest copied"
+    ));
+    scenario.host_setup = format!(
+        "mkdir -p $work/share/src; i=0; while [ $i -lt {FILES} ]; do d=$work/share/src/d$((i % 40)); \
+         mkdir -p $d; j=0; : > $d/f$i; while [ $j -lt $((i % 7)) ]; do \
+         printf 'line %s of file %s\\n' $j $i >> $d/f$i; j=$((j+1)); done; i=$((i+1)); done
+         echo \"host-src-sum=$(cd $work/share/src && {tree_sum})\""
+    );
+    scenario.host_checks = format!("echo \"host-copy-sum=$(cd $work/share/copy && {tree_sum})\"");
+    let text = run_scenario(&scenario);
+    let sum = |key: &str| {
+        text.lines().find_map(|l| l.split_once(key).map(|(_, v)| v.trim().to_owned())).unwrap_or_default()
+    };
+    let host_src = sum("host-src-sum=");
+    assert_eq!(host_src.len(), 64, "{text}");
+    assert!(text.contains(&format!("guest-copy-files={FILES}")), "{text}");
+    assert_eq!(sum("guest-src-sum="), host_src, "the guest reads every file as the host wrote it");
+    assert_eq!(sum("host-copy-sum="), host_src, "the guest's copy lands on the host intact");
+}
+
+#[test]
+fn the_guest_cannot_reach_outside_the_shared_directory() {
+    let mut scenario = shared(
+        "guest 'cat /mnt/share/abs /mnt/share/rel /mnt/share/../outside-secret /mnt/share/dir-link/outside-secret'
+  guest 'mknod /mnt/share/null c 1 3 || echo mknod-refused'
+  guest 'mkfifo /mnt/share/fifo && echo fifo-ok'
+  guest 'cd /mnt/share; i=0; while [ $i -lt 200 ]; do rm -rf race; mkdir race; rm -rf race; ln -s / race; i=$((i+1)); done & j=0; while [ $j -lt 200 ]; do cat race/outside-secret race/../outside-secret 2>/dev/null; j=$((j+1)); done; wait; cd /'
+  sync_guest escapes",
+    );
+    scenario.host_setup = "mkdir -p $work/share; echo TOP-SECRET-$((1000+337)) > $work/outside-secret
+  ln -s $work/outside-secret $work/share/abs; ln -s ../outside-secret $work/share/rel
+  ln -s $work $work/share/dir-link"
+        .into();
+    scenario.host_checks =
+        "echo \"host-null=$(ls $work/share/null 2>/dev/null | wc -l) host-fifo=$([ -p $work/share/fifo ] && echo yes)\""
+            .into();
+    let text = run_scenario(&scenario);
+    assert!(!text.contains("TOP-SECRET-1337"), "no path reached the host file outside the share: {text}");
+    assert!(text.contains("mknod-refused") && text.contains("host-null=0"), "no device node: {text}");
+    assert!(text.contains("fifo-ok") && text.contains("host-fifo=yes"), "FIFOs are fine: {text}");
+}
+
+#[test]
+fn overlayfs_in_the_guest_works_over_a_virtio_fs_lower_directory() {
+    let mut scenario = shared(
+        "guest 'mkdir -p /tmp/up /tmp/work /merged && mount -t overlay overlay -o lowerdir=/mnt/share/lower,upperdir=/tmp/up,workdir=/tmp/work /merged && echo overlay-mounted'
+  guest 'echo \"merged-reads=$(cat /merged/etc/os-release)\"; echo changed > /merged/etc/os-release; rm /merged/bin/tool; echo new > /merged/new'
+  guest 'echo \"merged-now=$(cat /merged/etc/os-release) tool=$(ls /merged/bin | wc -l) new=$(cat /merged/new)\"'
+  guest 'echo \"whiteout=$(stat -c %t:%T /tmp/up/bin/tool)\"'
+  sync_guest overlay",
+    );
+    scenario.host_setup = "mkdir -p $work/share/lower/etc $work/share/lower/bin
+  echo image-v1 > $work/share/lower/etc/os-release; echo tool > $work/share/lower/bin/tool"
+        .into();
+    scenario.host_checks = "echo \"lower-after=$(cat $work/share/lower/etc/os-release) \
+        tool=$(cat $work/share/lower/bin/tool) new=$(ls $work/share/lower/new 2>/dev/null | wc -l)\""
+        .into();
+    let text = run_scenario(&scenario);
+    assert!(text.contains("overlay-mounted"), "{text}");
+    assert!(text.contains("merged-reads=image-v1"), "{text}");
+    assert!(text.contains("merged-now=changed tool=0 new=new"), "{text}");
+    assert!(text.contains("whiteout=0:0"), "the deletion is a whiteout in the upper layer: {text}");
+    assert!(text.contains("lower-after=image-v1 tool=tool new=0"), "the image is untouched: {text}");
+}
