@@ -3,13 +3,13 @@
 use std::convert::Infallible;
 use std::fs;
 use std::io::Write;
-use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
 use husk_protocols::{GuestEvent, ReadyLine, AGENT_API_VERSION};
 
-use crate::guest_events;
+use crate::api::server::{self, Endpoint};
+use crate::{guest_events, guest_info};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
@@ -55,6 +55,9 @@ pub fn run() -> Result<Infallible> {
     signals.thread_block().context("blocking signals")?;
 
     mount_kernel_filesystems()?;
+    // Ready means the API answers: bind before announcing.
+    let api = server::start(Endpoint::guest()).context("starting the agent API")?;
+    println!("husk-agent: serving the agent API on {:?}", api.endpoint);
     println!("{}", ready_line()?.render());
     report(GuestEvent::Ready);
 
@@ -106,24 +109,12 @@ fn mount_kernel_filesystems() -> Result<()> {
 }
 
 fn ready_line() -> Result<ReadyLine> {
-    let cpus_online = read_trimmed("/sys/devices/system/cpu/online")?;
-    let uptime = read_trimmed("/proc/uptime")?;
-    let seconds: f64 = uptime
-        .split_whitespace()
-        .next()
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("unexpected /proc/uptime: {uptime:?}"))?;
     Ok(ReadyLine {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         api: AGENT_API_VERSION,
-        cpus_online,
-        uptime_ms: (seconds * 1000.0) as u64,
+        cpus_online: guest_info::cpus_online()?,
+        uptime_ms: guest_info::uptime_ms()?,
     })
-}
-
-fn read_trimmed(path: impl AsRef<Path>) -> Result<String> {
-    let path = path.as_ref();
-    Ok(fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned())
 }
 
 fn start_debug_console() {

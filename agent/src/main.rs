@@ -1,17 +1,52 @@
-//! `husk-agent`: the guest's `/init`.
+//! `husk-agent`: the guest's `/init`, and the only thing that creates containers in the guest.
 //!
-//! For now it does PID 1's duties (mount the kernel filesystems, announce readiness on the console,
-//! reap orphans, power off on SIGTERM or on a fatal error) and offers a debug shell. The agent API
-//! (ttrpc over vsock) and container creation build on this.
+//!   husk-agent                       as PID 1 of a Husk guest: mount the kernel file systems,
+//!                                    serve the agent API on vsock port 1024, reap orphans, power
+//!                                    off on SIGTERM or on a fatal error
+//!   husk-agent --listen unix:PATH    host mode: serve the same API on a unix socket (a test seam
+//!                                    for container logic; the VM path stays the product)
 
+mod api;
 mod guest_events;
+mod guest_info;
 mod init;
 
 use std::process::ExitCode;
 
+use api::server::{self, Endpoint};
+
 fn main() -> ExitCode {
+    // As PID 1 the arguments are whatever the kernel passed on from its command line: not ours.
+    if std::process::id() == 1 {
+        return run_as_init();
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        [] => run_as_init(),
+        ["--listen", endpoint] => run_host_mode(endpoint),
+        ["--version"] => {
+            println!(
+                "husk-agent {} (agent API {})",
+                env!("CARGO_PKG_VERSION"),
+                husk_protocols::AGENT_API_VERSION
+            );
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!(
+                "usage: husk-agent            (PID 1 of a Husk guest)\n       husk-agent --listen unix:PATH"
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_as_init() -> ExitCode {
     if std::process::id() != 1 {
-        eprintln!("husk-agent: must run as PID 1 of a Husk guest (it mounts filesystems and reaps orphans)");
+        eprintln!(
+            "husk-agent: must run as PID 1 of a Husk guest (it mounts filesystems and reaps orphans); \
+             for host mode use --listen unix:PATH"
+        );
         return ExitCode::from(2);
     }
     match init::run() {
@@ -21,6 +56,21 @@ fn main() -> ExitCode {
             // power the guest off so the host sees the reason on the console.
             println!("husk-agent: fatal: {err:#}");
             init::power_off()
+        }
+    }
+}
+
+fn run_host_mode(endpoint: &str) -> ExitCode {
+    let result = Endpoint::parse(endpoint).and_then(server::start);
+    match result {
+        Ok(server) => {
+            eprintln!("husk-agent: host mode, serving the agent API on {:?}", server.endpoint);
+            server.join();
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("husk-agent: {err:#}");
+            ExitCode::FAILURE
         }
     }
 }

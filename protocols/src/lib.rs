@@ -1,8 +1,37 @@
 //! The contract between the Husk host side (shim, VMM) and `husk-agent` inside the guest.
 //!
 //! Everything both sides must agree on lives here, so a change to it is one change in one place: the
-//! agent's announcement on the console, the guest event port, the vsock port of the agent API and the API version. The ttrpc
-//! service definitions join this crate with the agent API.
+//! agent's announcement on the console, the guest event port, the vsock ports and the API version,
+//! and the agent API itself ([`agent`] messages and the [`agent_ttrpc`] service, generated at build
+//! time from `protos/agent.proto`; `README.md` documents each call).
+
+/// Messages of the agent API (generated from `protos/agent.proto`).
+#[allow(
+    unused,
+    nonstandard_style,
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    missing_debug_implementations
+)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::undocumented_unsafe_blocks)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/generated/agent.rs"));
+}
+
+/// The agent API's ttrpc client and server (generated from `protos/agent.proto`).
+#[allow(
+    unused,
+    nonstandard_style,
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    missing_debug_implementations
+)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::undocumented_unsafe_blocks)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/generated/agent_ttrpc.rs"));
+}
 
 /// Version of the host/agent contract. The guest image manifest records the agent's value and
 /// `husk check` refuses an image whose agent speaks another version.
@@ -10,6 +39,10 @@ pub const AGENT_API_VERSION: u32 = 1;
 
 /// Guest vsock port on which the agent serves its API.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Guest vsock port that takes the standard streams of containers and exec'd processes: the host
+/// opens one stream per stdin/stdout/stderr and names it with a [`StdioHello`] line.
+pub const STDIO_VSOCK_PORT: u32 = 1025;
 
 /// I/O port on which the guest reports events to the VMM with one-byte writes of a
 /// [`GuestEvent`] (the agent uses it; the VMM's boot timer and poweroff detection listen).
@@ -34,6 +67,68 @@ impl GuestEvent {
             _ => None,
         }
     }
+}
+
+/// One of a process's standard streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StdioStream {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+impl StdioStream {
+    /// The stream's name in a [`StdioHello`] line.
+    pub fn name(self) -> &'static str {
+        match self {
+            StdioStream::Stdin => "stdin",
+            StdioStream::Stdout => "stdout",
+            StdioStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// The line (`<token> <stream>\n`) the host writes first on each stream it opens to
+/// [`STDIO_VSOCK_PORT`]; `token` is the one given in the request that created the process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StdioHello {
+    pub token: String,
+    pub stream: StdioStream,
+}
+
+impl StdioHello {
+    /// The longest hello line, newline included: a peer that sends more without a newline is cut off.
+    pub const MAX_LEN: usize = MAX_STDIO_TOKEN_LEN + " stdout\n".len();
+
+    /// The line as sent, newline included.
+    pub fn render(&self) -> String {
+        format!("{} {}\n", self.token, self.stream.name())
+    }
+
+    /// Parses a line (without its newline). Tokens are 1 to [`MAX_STDIO_TOKEN_LEN`] characters of
+    /// `[A-Za-z0-9_.-]`.
+    pub fn parse(line: &str) -> Option<StdioHello> {
+        let (token, stream) = line.split_once(' ')?;
+        if !valid_stdio_token(token) {
+            return None;
+        }
+        let stream = match stream {
+            "stdin" => StdioStream::Stdin,
+            "stdout" => StdioStream::Stdout,
+            "stderr" => StdioStream::Stderr,
+            _ => return None,
+        };
+        Some(StdioHello { token: token.to_owned(), stream })
+    }
+}
+
+/// Longest stdio token.
+pub const MAX_STDIO_TOKEN_LEN: usize = 64;
+
+/// Whether `token` may name a process's stdio streams.
+pub fn valid_stdio_token(token: &str) -> bool {
+    (1..=MAX_STDIO_TOKEN_LEN).contains(&token.len())
+        && token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// The agent prints one line starting with this prefix on the console once it is ready, followed by
@@ -104,6 +199,17 @@ mod tests {
         assert_eq!(GuestEvent::from_byte(GuestEvent::Poweroff as u8), Some(GuestEvent::Poweroff));
         assert_eq!(GuestEvent::from_byte(0), None);
         assert_eq!(GuestEvent::from_byte(0xff), None);
+    }
+
+    #[test]
+    fn stdio_hello_lines_round_trip_and_hostile_ones_are_refused() {
+        let hello = StdioHello { token: "c1.exec-2_x".into(), stream: StdioStream::Stderr };
+        let line = hello.render();
+        assert!(line.len() <= StdioHello::MAX_LEN);
+        assert_eq!(StdioHello::parse(line.trim_end()), Some(hello));
+        for bad in ["", "tok", "tok stdio", " stdout", "a/b stdout", "tok stdout extra", &"x".repeat(65)] {
+            assert_eq!(StdioHello::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

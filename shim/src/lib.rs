@@ -2,6 +2,8 @@
 //!
 //! - [`guest_image`]: locating and verifying the guest kernel + initramfs built by `make guest-image`.
 //! - [`check`]: `husk check`, whether this host can run Husk and why not.
+//! - [`agent_client`]: the agent API client (hybrid vsock or unix socket).
 
+pub mod agent_client;
 pub mod check;
 pub mod guest_image;

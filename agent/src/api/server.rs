@@ -1,0 +1,124 @@
+//! Where the agent API is served: guest vsock port [`AGENT_VSOCK_PORT`] inside a VM, or a unix
+//! socket on the host (`husk-agent --listen unix:PATH`, the test seam). The server runs on a tokio
+//! runtime of its own thread, so PID 1's signal loop never waits on it.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use husk_protocols::agent_ttrpc::create_agent;
+use husk_protocols::AGENT_VSOCK_PORT;
+
+use super::AgentService;
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Any CID, this port (inside a VM).
+    Vsock(u32),
+    /// A unix socket path (host mode). An existing socket file is replaced.
+    Unix(String),
+}
+
+impl Endpoint {
+    /// The guest's endpoint.
+    pub fn guest() -> Endpoint {
+        Endpoint::Vsock(AGENT_VSOCK_PORT)
+    }
+
+    /// Parses `--listen` values: `unix:PATH` or `vsock:PORT`.
+    pub fn parse(text: &str) -> Result<Endpoint> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                bail!("--listen unix:PATH needs a path");
+            }
+            return Ok(Endpoint::Unix(path.to_owned()));
+        }
+        if let Some(port) = text.strip_prefix("vsock:") {
+            return Ok(Endpoint::Vsock(port.parse().with_context(|| format!("--listen {text}: bad port"))?));
+        }
+        bail!("--listen {text:?}: expected unix:PATH or vsock:PORT")
+    }
+
+    fn ttrpc_address(&self) -> String {
+        match self {
+            Endpoint::Vsock(port) => format!("vsock://-1:{port}"),
+            Endpoint::Unix(path) => format!("unix://{path}"),
+        }
+    }
+}
+
+/// A server that is bound and serving.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub endpoint: Endpoint,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Waits until the server thread ends (it ends only on a fatal error).
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+/// Binds `endpoint` and serves the agent API on a thread of its own; returns once it listens, so
+/// a ready report after this call means the API answers.
+pub fn start(endpoint: Endpoint) -> Result<RunningServer> {
+    if let Endpoint::Unix(path) = &endpoint {
+        // A stale socket from an earlier run would make bind fail.
+        let _ = std::fs::remove_file(path);
+    }
+    let (bound, bound_rx) = std::sync::mpsc::sync_channel::<Result<()>>(1);
+    let address = endpoint.ttrpc_address();
+    let thread = std::thread::Builder::new()
+        .name("agent-api".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let _ = bound.send(Err(err).context("starting the API runtime"));
+                    return;
+                }
+            };
+            runtime.block_on(serve(address, bound));
+        })
+        .context("starting the API thread")?;
+    match bound_rx.recv() {
+        Ok(Ok(())) => Ok(RunningServer { endpoint, thread }),
+        Ok(Err(err)) => Err(err),
+        Err(_) => bail!("the API thread ended before it listened"),
+    }
+}
+
+async fn serve(address: String, bound: std::sync::mpsc::SyncSender<Result<()>>) {
+    let services = create_agent(Arc::new(AgentService));
+    let mut server = match ttrpc::r#async::Server::new().bind(&address) {
+        Ok(server) => server.register_service(services),
+        Err(err) => {
+            let _ = bound.send(Err(anyhow::anyhow!("binding {address}: {err}")));
+            return;
+        }
+    };
+    if let Err(err) = server.start().await {
+        let _ = bound.send(Err(anyhow::anyhow!("serving {address}: {err}")));
+        return;
+    }
+    let _ = bound.send(Ok(()));
+    // `start` spawned the accept loop on this runtime; keep the runtime alive for it.
+    std::future::pending::<()>().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_values_are_parsed_or_named_in_the_error() {
+        assert_eq!(Endpoint::parse("unix:/run/a.sock").unwrap(), Endpoint::Unix("/run/a.sock".into()));
+        assert_eq!(Endpoint::parse("vsock:1024").unwrap(), Endpoint::Vsock(1024));
+        for bad in ["unix:", "vsock:x", "tcp:1", "/run/a.sock"] {
+            let err = Endpoint::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("--listen"), "{bad}: {err}");
+        }
+    }
+}

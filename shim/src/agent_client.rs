@@ -1,0 +1,209 @@
+//! The host's client of the agent API: reaches husk-agent over the VM's hybrid vsock socket
+//! (`CONNECT <port>` / `OK <n>`, then ttrpc) or, in host mode, over a unix socket.
+//!
+//! Everything the agent sends is untrusted: the handshake reply is read byte by byte up to a bounded
+//! length (never past its newline, so no ttrpc bytes are swallowed), and every call has a deadline.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use husk_protocols::agent::{CheckRequest, CheckResponse, GuestDetails, GuestDetailsRequest};
+use husk_protocols::{agent_ttrpc, AGENT_API_VERSION, AGENT_VSOCK_PORT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// Longest hybrid vsock reply line accepted (`OK 4294967295\n` is 14 bytes).
+const MAX_HANDSHAKE_REPLY: usize = 32;
+
+/// Where the agent listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentAddress {
+    /// The VM's hybrid vsock socket and the guest port (normally [`AGENT_VSOCK_PORT`]).
+    HybridVsock { socket: PathBuf, port: u32 },
+    /// A unix socket served by `husk-agent --listen unix:PATH`.
+    Unix(PathBuf),
+}
+
+impl AgentAddress {
+    /// The agent of the VM whose hybrid vsock socket is `socket`.
+    pub fn vm(socket: &Path) -> AgentAddress {
+        AgentAddress::HybridVsock { socket: socket.to_path_buf(), port: AGENT_VSOCK_PORT }
+    }
+}
+
+impl std::fmt::Display for AgentAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentAddress::HybridVsock { socket, port } => {
+                write!(f, "vsock port {port} via {}", socket.display())
+            }
+            AgentAddress::Unix(path) => write!(f, "unix socket {}", path.display()),
+        }
+    }
+}
+
+/// Why a call to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("connecting to the agent at {address}: {source}")]
+    Connect { address: AgentAddress, source: std::io::Error },
+    #[error("agent at {address}: the VM's vsock refused port {port}: {reply:?}")]
+    HandshakeRefused { address: AgentAddress, port: u32, reply: String },
+    #[error("agent at {address}: no answer within {timeout:?} ({what})")]
+    Timeout { address: AgentAddress, what: &'static str, timeout: Duration },
+    #[error("agent at {address}: {call}: {source}")]
+    Call { address: AgentAddress, call: &'static str, source: ttrpc::Error },
+    #[error("agent at {address} speaks API {agent}, this host speaks {AGENT_API_VERSION}")]
+    ApiMismatch { address: AgentAddress, agent: u32 },
+}
+
+/// A connection to one agent.
+pub struct AgentClient {
+    address: AgentAddress,
+    rpc: agent_ttrpc::AgentClient,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient").field("address", &self.address).field("timeout", &self.timeout).finish()
+    }
+}
+
+impl AgentClient {
+    /// Connects to the agent at `address`; each call (and the connection) must finish within
+    /// `timeout`. Must run inside a tokio runtime.
+    pub async fn connect(address: AgentAddress, timeout: Duration) -> Result<AgentClient, AgentError> {
+        let stream = tokio::time::timeout(timeout, open_stream(&address))
+            .await
+            .map_err(|_| AgentError::Timeout { address: address.clone(), what: "connect", timeout })??;
+        let socket = ttrpc::r#async::transport::Socket::new(stream);
+        let rpc = agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(socket));
+        Ok(AgentClient { address, rpc, timeout })
+    }
+
+    /// Where this client is connected.
+    pub fn address(&self) -> &AgentAddress {
+        &self.address
+    }
+
+    /// The version handshake; fails on an agent that speaks another API version.
+    pub async fn check(&self) -> Result<CheckResponse, AgentError> {
+        let request = CheckRequest { api_version: AGENT_API_VERSION, ..Default::default() };
+        let response = self.call("Check", self.rpc.check(self.context(), &request)).await?;
+        if response.api_version != AGENT_API_VERSION {
+            return Err(AgentError::ApiMismatch {
+                address: self.address.clone(),
+                agent: response.api_version,
+            });
+        }
+        Ok(response)
+    }
+
+    /// The guest's kernel, CPUs, memory, shares and cgroup controllers.
+    pub async fn guest_details(&self) -> Result<GuestDetails, AgentError> {
+        self.call("GetGuestDetails", self.rpc.get_guest_details(self.context(), &GuestDetailsRequest::new()))
+            .await
+    }
+
+    fn context(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(self.timeout.as_nanos().try_into().unwrap_or(i64::MAX))
+    }
+
+    /// Runs one call with this client's deadline (enforced here too: a guest that stops reading
+    /// must not hang the host).
+    async fn call<T>(
+        &self,
+        call: &'static str,
+        request: impl std::future::Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T, AgentError> {
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(source)) => Err(AgentError::Call { address: self.address.clone(), call, source }),
+            Err(_) => {
+                Err(AgentError::Timeout { address: self.address.clone(), what: call, timeout: self.timeout })
+            }
+        }
+    }
+}
+
+/// A byte stream to the agent: the unix socket itself, or the VM's vsock socket after the hybrid
+/// handshake.
+async fn open_stream(address: &AgentAddress) -> Result<UnixStream, AgentError> {
+    let connect_error = |source| AgentError::Connect { address: address.clone(), source };
+    match address {
+        AgentAddress::Unix(path) => UnixStream::connect(path).await.map_err(connect_error),
+        AgentAddress::HybridVsock { socket, port } => {
+            let mut stream = UnixStream::connect(socket).await.map_err(connect_error)?;
+            stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(connect_error)?;
+            let reply = read_reply_line(&mut stream).await.map_err(connect_error)?;
+            if !is_ok_reply(&reply) {
+                return Err(AgentError::HandshakeRefused { address: address.clone(), port: *port, reply });
+            }
+            Ok(stream)
+        }
+    }
+}
+
+/// Reads one line (without its newline), at most [`MAX_HANDSHAKE_REPLY`] bytes, not a byte more.
+async fn read_reply_line(stream: &mut UnixStream) -> std::io::Result<String> {
+    let mut line = Vec::with_capacity(MAX_HANDSHAKE_REPLY);
+    loop {
+        let byte = stream.read_u8().await?;
+        if byte == b'\n' {
+            break;
+        }
+        line.push(byte);
+        if line.len() >= MAX_HANDSHAKE_REPLY {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// `OK <host port>`, as the VMM answers an accepted `CONNECT`.
+fn is_ok_reply(line: &str) -> bool {
+    line.strip_prefix("OK ").is_some_and(|port| port.parse::<u32>().is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_well_formed_ok_line_accepts_the_handshake() {
+        assert!(is_ok_reply("OK 1073741824"));
+        for bad in ["", "OK", "OK ", "OK x", "ERR 1", "ok 1", "OK 1 2"] {
+            assert!(!is_ok_reply(bad), "{bad:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_silent_vsock_peer_times_out_with_the_address_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vsock.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let err =
+            AgentClient::connect(AgentAddress::vm(&socket), Duration::from_millis(200)).await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, AgentError::Timeout { .. }), "{text}");
+        assert!(text.contains("vsock.sock") && text.contains("connect"), "{text}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_refused_port_is_reported_with_the_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vsock.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            let (mut peer, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 13];
+            peer.read_exact(&mut request).await.unwrap();
+            assert_eq!(&request, b"CONNECT 1024\n");
+            peer.write_all(b"no listener on that port, and a very long reply after it\n").await.unwrap();
+        });
+        let err = AgentClient::connect(AgentAddress::vm(&socket), Duration::from_secs(5)).await.unwrap_err();
+        let AgentError::HandshakeRefused { reply, .. } = &err else { panic!("{err}") };
+        assert_eq!(reply.len(), MAX_HANDSHAKE_REPLY, "the reply is cut at the bound");
+    }
+}
