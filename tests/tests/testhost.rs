@@ -65,3 +65,20 @@ fn a_hung_command_is_killed_at_the_timeout_and_qemu_does_not_survive() {
     let comm = fs::read_to_string(format!("/proc/{}/comm", pid.trim())).unwrap_or_default();
     assert!(!comm.starts_with("qemu"), "QEMU (pid {}) survived the timeout", pid.trim());
 }
+
+#[test]
+fn a_wedged_test_host_is_detected_and_the_command_rerun_then_given_up_on() {
+    // The test host's kernel reporting a stalled CPU is what a wedged emulator looks like from
+    // outside; this command fakes that report on every attempt.
+    let fake_stall =
+        "echo 'rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:' > /dev/console; sleep 3600";
+    let started = Instant::now();
+    let output = run(testhost_command(Duration::from_secs(240), &["sh", "-c", fake_stall])
+        .env("HUSK_TESTHOST_ATTEMPTS", "2"));
+    let elapsed = started.elapsed();
+    assert_eq!(output.status.code(), Some(124), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("froze") && stderr.contains("attempt 2 of 2"), "{}", describe(&output));
+    assert!(stderr.contains("giving up"), "{}", describe(&output));
+    assert!(elapsed < Duration::from_secs(200), "detected long before the timeout: took {elapsed:?}");
+}
