@@ -4,8 +4,10 @@
 //!
 //! The tests expect `make build guest-image testhost` to have run (`make test` does that first).
 
+pub mod bench;
 pub mod console_scenario;
 pub mod cpio;
+pub mod debug_console_vm;
 pub mod elf;
 
 pub use console_scenario::ConsoleScenario;

@@ -24,16 +24,16 @@
 //! stalls fails after `--timeout-s` with the tails of the guest console and of husk-vmm's stderr
 //! (husk-vmm inherits `RUST_LOG`, e.g. `RUST_LOG=husk_vmm=debug`).
 
-use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Parser;
+use husk_tests::bench::{spread, vm_host_description};
+use husk_tests::debug_console_vm::{DebugConsoleVm, VmSpec};
 
 /// Guest ports of `husk-vsock-test sink` and `husk-vsock-test source`.
 const SINK_PORT: u32 = 5001;
@@ -83,9 +83,16 @@ fn main() -> Result<()> {
     start_local_peer(&local)?;
 
     let vsock = work.path().join("vsock.sock");
-    let mut vm = Vm::boot(&cli, work.path(), &vsock)?;
-    let results = vm
-        .start_guest_side(timeout)
+    let spec = VmSpec {
+        vmm: cli.vmm.clone(),
+        kernel: cli.kernel.clone(),
+        initrd: cli.initrd.clone(),
+        vcpus: cli.vcpus,
+        mem_mib: cli.mem_mib,
+        extra_args: vec!["--vsock".into(), vsock.display().to_string()],
+    };
+    let mut vm = DebugConsoleVm::boot(&spec, work.path(), timeout)?;
+    let results = start_guest_side(&mut vm, timeout)
         .and_then(|()| measure(&cli, &vsock, &local, timeout))
         .map_err(|err| anyhow!("{err:#}\n{}", vm.diagnostics()));
     // Stop the VM whatever happened; a measurement error is the one to report.
@@ -93,6 +100,16 @@ fn main() -> Result<()> {
     let results = results?;
     stopped?;
     report(&cli, &results);
+    Ok(())
+}
+
+/// Starts the guest tools from the debug console and waits until both listen.
+fn start_guest_side(vm: &mut DebugConsoleVm, timeout: Duration) -> Result<()> {
+    vm.type_line(&format!("husk-vsock-test sink {SINK_PORT} &"))?;
+    vm.type_line(&format!("husk-vsock-test source {SOURCE_PORT} &"))?;
+    for port in [SINK_PORT, SOURCE_PORT] {
+        vm.wait_for(&format!("listening on port {port}"), timeout)?;
+    }
     Ok(())
 }
 
@@ -294,133 +311,8 @@ fn serve_local(mut conn: UnixStream) -> Result<()> {
     Ok(())
 }
 
-/// `husk-vmm` running the guest with a vsock device and the debug console on its stdin.
-#[derive(Debug)]
-struct Vm {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    console: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Vm {
-    fn boot(cli: &Cli, work: &Path, vsock: &Path) -> Result<Vm> {
-        let console = work.join("console.log");
-        let stderr = work.join("vmm.stderr");
-        fs::write(&console, "")?;
-        let mut command = Command::new(&cli.vmm);
-        command
-            .arg("--kernel")
-            .arg(&cli.kernel)
-            .arg("--initrd")
-            .arg(&cli.initrd)
-            .args(["--vcpus", &cli.vcpus.to_string(), "--mem", &cli.mem_mib.to_string()])
-            .arg("--console")
-            .arg(&console)
-            .arg("--console-input")
-            .arg("--vsock")
-            .arg(vsock)
-            .args(["--append", "husk.debug_console"]);
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&stderr)?)
-            .spawn()
-            .with_context(|| format!("{command:?}"))?;
-        let stdin = child.stdin.take();
-        Ok(Vm { child, stdin, console, stderr })
-    }
-
-    /// Starts the guest tools from the debug console and waits until both listen.
-    fn start_guest_side(&mut self, timeout: Duration) -> Result<()> {
-        self.wait_for("debug console started", timeout)?;
-        self.type_line(&format!("husk-vsock-test sink {SINK_PORT} &"))?;
-        self.type_line(&format!("husk-vsock-test source {SOURCE_PORT} &"))?;
-        for port in [SINK_PORT, SOURCE_PORT] {
-            self.wait_for(&format!("listening on port {port}"), timeout)?;
-        }
-        Ok(())
-    }
-
-    fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if fs::read_to_string(&self.console).is_ok_and(|text| text.contains(marker)) {
-                return Ok(());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("husk-vmm exited with {status} before the console said {marker:?}");
-            }
-            ensure!(Instant::now() < deadline, "the console did not say {marker:?} within {timeout:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn type_line(&mut self, line: &str) -> Result<()> {
-        let stdin = self.stdin.as_mut().context("husk-vmm's stdin is closed")?;
-        stdin.write_all(format!("{line}\n").as_bytes()).context("writing to the debug console")?;
-        Ok(stdin.flush()?)
-    }
-
-    /// Asks the guest to power off (`kill -TERM 1`); husk-vmm must exit with status 0 in time.
-    fn stop(&mut self, timeout: Duration) -> Result<()> {
-        // The guest may be gone already; the exit status below says how it ended.
-        let _ = self.type_line("kill -TERM 1");
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!("husk-vmm did not exit within {timeout:?} of `kill -TERM 1`\n{}", self.diagnostics());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        ensure!(status.success(), "husk-vmm exited with {status}\n{}", self.diagnostics());
-        Ok(())
-    }
-
-    /// The tails of the guest console and of husk-vmm's stderr.
-    fn diagnostics(&self) -> String {
-        let tail = |path: &Path, lines: usize| {
-            let text = fs::read_to_string(path).unwrap_or_default();
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        };
-        format!(
-            "--- guest console (last lines) ---\n{}\n--- husk-vmm stderr (last lines) ---\n{}",
-            tail(&self.console, 20),
-            tail(&self.stderr, 40)
-        )
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Median, min and max of `values` (which is not empty).
-fn spread(values: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
-    (median, sorted[0], sorted[n - 1])
-}
-
 fn report(cli: &Cli, results: &Results) {
-    let host = if std::env::var_os("HUSK_IN_TESTHOST").is_some() {
-        "nested test host (QEMU TCG + kvm-amd): compare ratios, not absolute figures"
-    } else {
-        "this machine's KVM"
-    };
+    let host = vm_host_description();
     println!(
         "vsock benchmark: {} MiB per transfer, {} runs per direction, {} connects, {} vCPUs, {} MiB guest; \
          median (min..max); ratio = vsock / host-local unix socket; VM host: {host}",
