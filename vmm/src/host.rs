@@ -242,14 +242,33 @@ fn run_probe_guest(kvm: &Kvm) -> Result<(), String> {
     }
 }
 
-/// Raises this process's open-file limit to its hard limit: each vsock connection holds a host
-/// socket (up to `MAX_CONNECTIONS` per VM), beyond the usual soft limit of 1024. Returns the
-/// limit now in force.
+/// The open-file limit a VMM asks for: virtio-fs (fuse-backend-rs passthrough) holds one
+/// descriptor per inode the guest has looked up, so a container rootfs with tens of thousands of
+/// files needs far more than the usual 1024 (or init's 4096); vsock holds one host socket per
+/// connection besides. virtiofsd asks for the same million.
+pub const WANTED_FD_LIMIT: u64 = 1 << 20;
+
+/// Raises this process's open-file limit towards [`WANTED_FD_LIMIT`]: both limits when the
+/// process may (root, and no more than `fs.nr_open`), else the soft limit up to the hard one.
+/// Returns the soft limit now in force.
 pub fn raise_fd_limit() -> std::io::Result<u64> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `limit` is a valid out-pointer for getrlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    let nr_open = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(WANTED_FD_LIMIT);
+    let wanted = WANTED_FD_LIMIT.min(nr_open);
+    if limit.rlim_max < wanted {
+        let raised = libc::rlimit { rlim_cur: wanted, rlim_max: wanted };
+        // SAFETY: `raised` is an initialised rlimit; raising the hard limit needs
+        // CAP_SYS_RESOURCE, and without it the call fails with EPERM and changes nothing.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok(wanted);
+        }
     }
     if limit.rlim_cur < limit.rlim_max {
         limit.rlim_cur = limit.rlim_max;

@@ -113,7 +113,7 @@ fn wait_for(signals: &libc::sigset_t) -> Option<i32> {
 
 fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
     if let Err(err) = husk_vmm::host::raise_fd_limit() {
-        tracing::warn!(%err, "could not raise the open-file limit; vsock connections are capped by it");
+        tracing::warn!(%err, "could not raise the open-file limit; virtio-fs inodes and vsock connections are capped by it");
     }
     let mut log = None;
     let mut stdout = false;

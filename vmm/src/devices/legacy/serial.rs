@@ -84,6 +84,21 @@ mod tests {
     }
 
     #[test]
+    fn restoring_ier_reasserts_pending_interrupts() {
+        // Linux's 8250 console masks IER around every printk and relies on the UART raising the
+        // interrupt again on restore; without it typed input and queued output stall for good.
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut serial = Serial::new(irq.try_clone().unwrap(), Console::default());
+        serial.write(1, &[0x00]); // IER masked, as during a printk
+        assert_eq!(serial.enqueue_input(b"ls\n"), 3);
+        assert!(irq.read().is_err(), "no interrupt while masked");
+        serial.write(1, &[0x01]); // IER restored: received data available
+        assert!(irq.read().unwrap() > 0, "pending input raises the interrupt on restore");
+        serial.write(1, &[0x02]); // transmitter holding register empty
+        assert!(irq.read().unwrap() > 0, "an empty THR raises the interrupt on enable");
+    }
+
+    #[test]
     fn wide_accesses_are_ignored() {
         let mut serial = Serial::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), Console::default());
         let mut word = [0u8; 2];
