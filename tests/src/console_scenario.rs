@@ -6,7 +6,7 @@ use crate::{guest_dir, target_bin};
 
 /// A scenario's pieces. Host steps are shell run on the host (inside the test host where needed)
 /// with `$work` (a scratch directory), `$log` (the console log) and `$sock` (the vsock socket
-/// path, when `vsock` is set) defined, plus `wait_for MARKER` (waits up to 180 s for MARKER in the
+/// path, when `vsock` is set) defined, plus `wait_for MARKER` (waits up to 300 s for MARKER in the
 /// console log), `guest CMD...` (types a command line into the guest's shell and waits until it has
 /// run: one line at a time, never a burst of typed input) and `sync_guest NAME`
 /// (waits until the guest's shell has run everything typed so far: it echoes a marker whose typed
@@ -33,7 +33,7 @@ impl ConsoleScenario {
         let vsock = if self.vsock { "--vsock $sock" } else { "" };
         format!(
             "work=$(mktemp -d); log=$work/console.log; sock=$work/vsock.sock; : > $log
-wait_for() {{ i=0; until grep -q -- \"$1\" $log; do sleep 0.2; i=$((i+1)); [ $i -lt 900 ] || return 1; done; }}
+wait_for() {{ i=0; until grep -q -- \"$1\" $log; do sleep 0.2; i=$((i+1)); [ $i -lt 1500 ] || return 1; done; }}
 sync_guest() {{ printf 'echo %s-$((6*7))\\n' \"$1\"; wait_for \"$1-42\" || echo \"guest never reached $1\" >&2; }}
 n=0; guest() {{ printf '%s\\n' \"$*\"; n=$((n+1)); sync_guest \"line$n\"; }}
 {host_setup}
