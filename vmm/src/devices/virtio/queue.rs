@@ -39,6 +39,10 @@ impl RequestQueue {
         mut handle: impl FnMut(Chain<'_>) -> u32,
     ) -> usize {
         let mut completed = 0;
+        // A pass that pops nothing although the driver's index said more had arrived: legitimate
+        // once (the chain may have been published between our last pop and re-enabling
+        // notifications), a corrupt index if it happens twice in a row.
+        let mut empty_pass = false;
         while !self.broken {
             if self.queue.disable_notification(mem).is_err() {
                 self.mark_broken("bad used ring address");
@@ -55,9 +59,12 @@ impl RequestQueue {
                 completed += 1;
             }
             match self.queue.enable_notification(mem) {
-                // More arrived while notifications were off: go again, unless nothing could be
-                // popped, which means the avail index is corrupt (it would loop forever).
-                Ok(true) if completed > before => continue,
+                // More arrived while notifications were off: go again, unless passes keep popping
+                // nothing, which means the avail index is corrupt (it would loop forever).
+                Ok(true) if completed > before || !empty_pass => {
+                    empty_pass = completed == before;
+                    continue;
+                }
                 Ok(true) | Err(_) => self.mark_broken("corrupt available ring"),
                 Ok(false) => break,
             }
