@@ -73,7 +73,11 @@ fn a_tree_of_thousands_of_files_copies_through_the_share_intact() {
     scenario.host_checks = format!("echo \"host-copy-sum=$(cd $work/share/copy && {tree_sum})\"");
     let text = run_scenario(&scenario);
     let sum = |key: &str| {
-        text.lines().find_map(|l| l.split_once(key).map(|(_, v)| v.trim().to_owned())).unwrap_or_default()
+        // The last one: the console also echoes the command line that prints it.
+        text.lines()
+            .rev()
+            .find_map(|l| l.split_once(key).map(|(_, v)| v.trim().to_owned()))
+            .unwrap_or_default()
     };
     let host_src = sum("host-src-sum=");
     assert_eq!(host_src.len(), 64, "{text}");
