@@ -115,9 +115,9 @@ fn the_guest_cannot_reach_outside_the_shared_directory() {
 
 /// Two guest processes racing a directory/symlink swap against lookups through it. Known to wedge
 /// the guest today (its FUSE requests stop completing; the VMM's virtio-fs thread sits idle): see
-/// the issue "virtio-fs: concurrent lookups and removals wedge the guest". Run with `--ignored`.
+/// issue 5 (Virtio devices II), still open for it. Run with `--ignored`.
 #[test]
-#[ignore = "known hang: concurrent lookups and removals on virtio-fs wedge the guest (open issue)"]
+#[ignore = "known hang: concurrent lookups and removals on virtio-fs wedge the guest (issue 5, open)"]
 fn a_symlink_race_from_two_guest_processes_neither_escapes_nor_wedges() {
     let mut scenario = shared(
         "guest 'cd /mnt/share; i=0; while [ $i -lt 200 ]; do rm -rf race; mkdir race; rm -rf race; ln -s / race; i=$((i+1)); done & j=0; while [ $j -lt 200 ]; do cat race/outside-secret race/../outside-secret 2>/dev/null; j=$((j+1)); done; wait; cd /'
