@@ -138,3 +138,42 @@ pub fn describe(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// Runs the benchmark binary `bench` (from `target/debug`) with `--vmm`, `--kernel` and `--initrd`
+/// of this workspace's build plus `extra`, on the VM host (`files` are host files it needs there);
+/// asserts it exits 0 and returns its combined output.
+///
+/// # Panics
+/// When the benchmark fails, with its output.
+pub fn run_benchmark(bench: &str, extra: &[&str], files: &[&Path], timeout: Duration) -> String {
+    let (bench, vmm, guest) = (target_bin(bench), target_bin("husk-vmm"), guest_dir());
+    let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initramfs.cpio"));
+    let path = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    let mut args = vec![path(&bench), "--vmm".into(), path(&vmm), "--kernel".into(), path(&kernel)];
+    args.extend(["--initrd".into(), path(&initrd)]);
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = run(&mut VmHost::detect().command_with(timeout, files, &args));
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    combined(&output)
+}
+
+/// Asserts that `text` has a `figure=<v> ... <baseline>=<v> ... ratio=<v>` line (as the vsock
+/// and virtio-fs benchmarks print) with all three values positive.
+///
+/// # Panics
+/// When the line is missing or a value is not positive.
+pub fn assert_figure_beside_baseline(text: &str, figure: &str, baseline: &str) {
+    let value = |line: &str, name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{figure}=")))
+        .unwrap_or_else(|| panic!("no {figure} line: {text}"));
+    for name in [figure, baseline, "ratio"] {
+        assert!(value(line, name) > 0.0, "{figure}: no positive {name} value: {line}");
+    }
+}

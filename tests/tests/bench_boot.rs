@@ -7,29 +7,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use husk_tests::{combined, describe, guest_dir, run, target_bin, VmHost};
+use husk_tests::run_benchmark;
 
 #[test]
 fn the_boot_benchmark_prints_husk_and_qemu_figures_side_by_side() {
     let qemu = Path::new("/usr/bin/qemu-system-x86_64");
     assert!(qemu.exists(), "qemu-system-x86_64 is needed for the baseline (package qemu-system-x86)");
-    let (bench, vmm, guest) = (target_bin("husk-bench-boot"), target_bin("husk-vmm"), guest_dir());
-    let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initramfs.cpio"));
-    let args = [
-        bench.to_str().unwrap(),
-        "--vmm",
-        vmm.to_str().unwrap(),
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--runs",
-        "1",
-    ];
     let files = [qemu, Path::new("/usr/share/qemu")];
-    let output = run(&mut VmHost::detect().command_with(Duration::from_secs(300), &files, &args));
-    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
-    let text = combined(&output);
+    let text = run_benchmark("husk-bench-boot", &["--runs", "1"], &files, Duration::from_secs(300));
     for figure in ["vmm_setup_ms", "boot_to_init_ms", "start_to_ready_ms", "vmm_rss_overhead_mib"] {
         let row =
             text.lines().find(|l| l.starts_with(figure)).unwrap_or_else(|| panic!("no {figure} row: {text}"));
