@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::fs;
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use anyhow::{Context, Result};
@@ -13,7 +14,7 @@ use crate::{guest_events, guest_info};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::termios::tcdrain;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{sync, Pid};
@@ -118,9 +119,24 @@ fn ready_line() -> Result<ReadyLine> {
 }
 
 fn start_debug_console() {
-    match Command::new("/bin/sh").env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin").spawn() {
+    let mut shell = Command::new("/bin/sh");
+    shell.env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin");
+    match with_no_signals_blocked(&mut shell).spawn() {
         Ok(child) => println!("husk-agent: debug console started (pid {})", child.id()),
         Err(err) => println!("husk-agent: cannot start the debug console /bin/sh: {err}"),
+    }
+}
+
+/// Makes `command`'s process start with an empty signal mask. PID 1 blocks the signals it waits
+/// for, and a blocked mask survives fork and exec: a child would never see SIGCHLD or SIGTERM
+/// (a shell's `wait` then sleeps forever next to its exited child).
+fn with_no_signals_blocked(command: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs in the forked child before exec and only calls sigprocmask, which
+    // is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        command.pre_exec(|| {
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None).map_err(std::io::Error::from)
+        })
     }
 }
 

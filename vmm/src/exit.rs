@@ -11,8 +11,10 @@ pub enum ExitReason {
     Reboot,
     /// The guest kernel panicked (its panic message is in the console tail).
     GuestPanic,
-    /// A vCPU triple-faulted (`KVM_EXIT_SHUTDOWN`).
-    TripleFault,
+    /// A vCPU triple-faulted (`KVM_EXIT_SHUTDOWN`); `state` is its registers at that point
+    /// (instruction and stack pointers, control registers), for telling a guest crash from a bad
+    /// boot setup.
+    TripleFault { vcpu: u8, state: String },
     /// The host stopped the VM ([`crate::VmHandle::stop`]).
     Stopped,
     /// KVM or the VMM failed.
@@ -32,7 +34,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Poweroff => write!(f, "guest powered off"),
             ExitReason::Reboot => write!(f, "guest requested a reboot"),
             ExitReason::GuestPanic => write!(f, "guest kernel panicked"),
-            ExitReason::TripleFault => write!(f, "vCPU triple fault"),
+            ExitReason::TripleFault { vcpu, state } => write!(f, "vCPU {vcpu} triple fault ({state})"),
             ExitReason::Stopped => write!(f, "stopped by the host"),
             ExitReason::Error(err) => write!(f, "VMM error: {err}"),
         }

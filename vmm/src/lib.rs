@@ -247,7 +247,7 @@ impl VmHandle {
     pub fn wait(mut self) -> VmExit {
         let reason = self.exits.recv().unwrap_or(ExitReason::Stopped);
         let reason = match reason {
-            ExitReason::Reboot | ExitReason::TripleFault
+            ExitReason::Reboot | ExitReason::TripleFault { .. }
                 if self.console.tail_text().contains(PANIC_MARKER) =>
             {
                 ExitReason::GuestPanic

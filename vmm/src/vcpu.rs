@@ -71,6 +71,9 @@ fn run(index: u8, mut vcpu: VcpuFd, shared: &VcpuShared) {
             let _ = shared.timestamps.first_vcpu_entry.set(Instant::now());
         }
         let end = match vcpu.run() {
+            Ok(VcpuExit::Shutdown) => {
+                Some(ExitReason::TripleFault { vcpu: index, state: describe_state(&vcpu) })
+            }
             Ok(exit) => handle_exit(index, exit, shared),
             Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => None,
             Err(err) => Some(ExitReason::Error(format!("KVM_RUN on vCPU {index}: {err}"))),
@@ -80,6 +83,22 @@ fn run(index: u8, mut vcpu: VcpuFd, shared: &VcpuShared) {
             return;
         }
     }
+}
+
+/// The registers that say where a vCPU was when it stopped (one line, for the exit message).
+fn describe_state(vcpu: &VcpuFd) -> String {
+    let regs = match vcpu.get_regs() {
+        Ok(regs) => format!("rip={:#x} rsp={:#x} rflags={:#x}", regs.rip, regs.rsp, regs.rflags),
+        Err(err) => format!("registers unreadable: {err}"),
+    };
+    let sregs = match vcpu.get_sregs() {
+        Ok(s) => format!(
+            "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} idt={:#x}/{:#x}",
+            s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.idt.base, s.idt.limit
+        ),
+        Err(err) => format!("system registers unreadable: {err}"),
+    };
+    format!("{regs} {sregs}")
 }
 
 /// Handles one exit; `Some` ends the VM.
@@ -102,7 +121,6 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, shared: &VcpuShared) -> Option<Exi
             None
         }
         VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
-        VcpuExit::Shutdown => Some(ExitReason::TripleFault),
         VcpuExit::SystemEvent(kind, _) => Some(match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::Poweroff,
             KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
