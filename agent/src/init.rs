@@ -3,21 +3,24 @@
 use std::convert::Infallible;
 use std::fs;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result};
 use husk_protocols::{GuestEvent, ReadyLine, AGENT_API_VERSION};
 
 use crate::api::server::{self, Endpoint};
-use crate::{guest_events, guest_info};
+use crate::api::AgentService;
+use crate::container::ContainerPaths;
+use crate::reaper::Reaper;
+use crate::sandbox::Place;
+use crate::stdio::StdioBroker;
+use crate::{guest_events, guest_info, signals};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
-use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::termios::tcdrain;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{sync, Pid};
+use nix::unistd::sync;
 
 /// Kernel filesystems every guest needs, in mount order: (source, target, fstype, flags, data).
 const MOUNTS: &[(&str, &str, &str, MsFlags, &str)] = &[
@@ -43,6 +46,11 @@ const MOUNTS: &[(&str, &str, &str, MsFlags, &str)] = &[
     ),
 ];
 
+/// Where CreateSandbox mounts the pod's shared file system.
+const SHARED_DIR: &str = "/run/husk/shared";
+/// Bundles and the container runtime's records (guest memory: /run is a tmpfs).
+const STATE_DIR: &str = "/run/husk/containers";
+
 /// Kernel command-line flag that starts a shell on the console (needs busybox in the image).
 const DEBUG_CONSOLE_FLAG: &str = "husk.debug_console";
 /// Kernel command-line option saying what to do once ready (for boot checks and tests):
@@ -51,13 +59,16 @@ const AFTER_READY_OPTION: &str = "husk.after_ready=";
 
 /// Brings the guest up and serves as PID 1 until asked to power off.
 pub fn run() -> Result<Infallible> {
-    // Block the signals PID 1 handles synchronously below, before any child can exist.
-    let signals = handled_signals();
-    signals.thread_block().context("blocking signals")?;
+    // Block the signals PID 1 handles synchronously below, before any thread or child exists.
+    signals::block()?;
 
     mount_kernel_filesystems()?;
     // Ready means the API answers: bind before announcing.
-    let api = server::start(Endpoint::guest()).context("starting the agent API")?;
+    let endpoint = Endpoint::guest();
+    StdioBroker::global().listen(&endpoint.stdio()).context("listening for stdio streams")?;
+    let paths = ContainerPaths { shared: PathBuf::from(SHARED_DIR), state: PathBuf::from(STATE_DIR) };
+    let api =
+        server::start(endpoint, AgentService::new(Place::Guest, paths)).context("starting the agent API")?;
     println!("husk-agent: serving the agent API on {:?}", api.endpoint);
     println!("{}", ready_line()?.render());
     report(GuestEvent::Ready);
@@ -77,7 +88,10 @@ pub fn run() -> Result<Infallible> {
         }
         Some(other) => println!("husk-agent: ignoring unknown {AFTER_READY_OPTION}{other}"),
     }
-    serve_signals(&signals)
+    signals::serve(|signal| {
+        println!("husk-agent: {signal} received, powering off");
+        power_off()
+    })
 }
 
 /// Sends `event` to the VMM, saying so on the console when this kernel forbids port I/O.
@@ -87,14 +101,6 @@ fn report(event: GuestEvent) {
             "husk-agent: cannot report {event:?} to the VMM (ioperm: {err}); is CONFIG_X86_IOPL_IOPERM set?"
         );
     }
-}
-
-fn handled_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for signal in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGPWR] {
-        set.add(signal);
-    }
-    set
 }
 
 fn mount_kernel_filesystems() -> Result<()> {
@@ -121,44 +127,9 @@ fn ready_line() -> Result<ReadyLine> {
 fn start_debug_console() {
     let mut shell = Command::new("/bin/sh");
     shell.env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin");
-    match with_no_signals_blocked(&mut shell).spawn() {
-        Ok(child) => println!("husk-agent: debug console started (pid {})", child.id()),
+    match Reaper::global().spawn(signals::with_no_signals_blocked(&mut shell)) {
+        Ok((child, _)) => println!("husk-agent: debug console started (pid {})", child.id()),
         Err(err) => println!("husk-agent: cannot start the debug console /bin/sh: {err}"),
-    }
-}
-
-/// Makes `command`'s process start with an empty signal mask. PID 1 blocks the signals it waits
-/// for, and a blocked mask survives fork and exec: a child would never see SIGCHLD or SIGTERM
-/// (a shell's `wait` then sleeps forever next to its exited child).
-fn with_no_signals_blocked(command: &mut Command) -> &mut Command {
-    // SAFETY: the closure runs in the forked child before exec and only calls sigprocmask, which
-    // is async-signal-safe; it touches no memory shared with the parent.
-    unsafe {
-        command.pre_exec(|| {
-            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None).map_err(std::io::Error::from)
-        })
-    }
-}
-
-/// Reaps children on SIGCHLD; powers off on SIGTERM/SIGINT/SIGPWR.
-fn serve_signals(signals: &SigSet) -> Result<Infallible> {
-    loop {
-        match signals.wait().context("waiting for signals")? {
-            Signal::SIGCHLD => reap_children(),
-            other => {
-                println!("husk-agent: {other} received, powering off");
-                power_off()
-            }
-        }
-    }
-}
-
-fn reap_children() {
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(_) => {}
-        }
     }
 }
 

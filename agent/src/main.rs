@@ -7,9 +7,14 @@
 //!                                    for container logic; the VM path stays the product)
 
 mod api;
+mod container;
 mod guest_events;
 mod guest_info;
 mod init;
+mod reaper;
+mod sandbox;
+mod signals;
+mod stdio;
 
 use std::process::ExitCode;
 
@@ -23,7 +28,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         [] => run_as_init(),
-        ["--listen", endpoint] => run_host_mode(endpoint),
+        ["--listen", endpoint] => run_host_mode(endpoint, None),
+        ["--listen", endpoint, "--shared", shared] => run_host_mode(endpoint, Some(shared)),
+        ["runtime", ..] => container::helper::main(&args[1..]),
         ["--version"] => {
             println!(
                 "husk-agent {} (agent API {})",
@@ -34,7 +41,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: husk-agent            (PID 1 of a Husk guest)\n       husk-agent --listen unix:PATH"
+                "usage: husk-agent            (PID 1 of a Husk guest)\n       husk-agent --listen unix:PATH [--shared DIR]"
             );
             ExitCode::from(2)
         }
@@ -60,17 +67,34 @@ fn run_as_init() -> ExitCode {
     }
 }
 
-fn run_host_mode(endpoint: &str) -> ExitCode {
-    let result = Endpoint::parse(endpoint).and_then(server::start);
-    match result {
-        Ok(server) => {
-            eprintln!("husk-agent: host mode, serving the agent API on {:?}", server.endpoint);
-            server.join();
-            ExitCode::FAILURE
-        }
+fn run_host_mode(endpoint: &str, shared: Option<&str>) -> ExitCode {
+    match host_mode(endpoint, shared) {
+        Ok(never) => match never {},
         Err(err) => {
             eprintln!("husk-agent: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Host mode: the API on `unix:PATH`, stdio streams on `PATH_1025`, containers' images under
+/// `shared` (default `PATH.shared`), state under `PATH.state`. The agent is the subreaper of what
+/// it starts, as PID 1 is in the guest.
+fn host_mode(endpoint: &str, shared: Option<&str>) -> anyhow::Result<std::convert::Infallible> {
+    use anyhow::Context;
+    signals::block()?;
+    nix::sys::prctl::set_child_subreaper(true).context("becoming a subreaper")?;
+    let endpoint = Endpoint::parse(endpoint)?;
+    let server::Endpoint::Unix(path) = &endpoint else { anyhow::bail!("host mode listens on unix:PATH") };
+    let paths = container::ContainerPaths {
+        shared: shared.map_or_else(|| format!("{path}.shared").into(), Into::into),
+        state: format!("{path}.state").into(),
+    };
+    stdio::StdioBroker::global().listen(&endpoint.stdio())?;
+    let server = server::start(endpoint, api::AgentService::new(sandbox::Place::Host, paths))?;
+    eprintln!("husk-agent: host mode, serving the agent API on {:?}", server.endpoint);
+    signals::serve(|signal| {
+        eprintln!("husk-agent: {signal} received, exiting");
+        std::process::exit(0)
+    })
 }

@@ -7,8 +7,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use husk_protocols::agent::{CheckRequest, CheckResponse, GuestDetails, GuestDetailsRequest};
-use husk_protocols::{agent_ttrpc, AGENT_API_VERSION, AGENT_VSOCK_PORT};
+use husk_protocols::agent::{
+    CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, CreateContainerRequest,
+    CreateSandboxRequest, ExecProcessRequest, GuestDetails, GuestDetailsRequest, RemoveContainerRequest,
+    SignalProcessRequest, Stdio, WaitProcessRequest, WaitProcessResponse,
+};
+use husk_protocols::{
+    agent_ttrpc, StdioHello, StdioStream, AGENT_API_VERSION, AGENT_VSOCK_PORT, STDIO_VSOCK_PORT,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -28,6 +34,19 @@ impl AgentAddress {
     /// The agent of the VM whose hybrid vsock socket is `socket`.
     pub fn vm(socket: &Path) -> AgentAddress {
         AgentAddress::HybridVsock { socket: socket.to_path_buf(), port: AGENT_VSOCK_PORT }
+    }
+
+    /// Where the same agent takes stdio streams: guest port [`STDIO_VSOCK_PORT`], or
+    /// `<PATH>_1025` beside a host-mode agent's socket.
+    pub fn stdio(&self) -> AgentAddress {
+        match self {
+            AgentAddress::HybridVsock { socket, .. } => {
+                AgentAddress::HybridVsock { socket: socket.clone(), port: STDIO_VSOCK_PORT }
+            }
+            AgentAddress::Unix(path) => {
+                AgentAddress::Unix(PathBuf::from(format!("{}_{STDIO_VSOCK_PORT}", path.display())))
+            }
+        }
     }
 }
 
@@ -104,6 +123,112 @@ impl AgentClient {
     pub async fn guest_details(&self) -> Result<GuestDetails, AgentError> {
         self.call("GetGuestDetails", self.rpc.get_guest_details(self.context(), &GuestDetailsRequest::new()))
             .await
+    }
+
+    /// Sets the guest up for the pod; once per VM, before any container.
+    pub async fn create_sandbox(&self, request: &CreateSandboxRequest) -> Result<(), AgentError> {
+        self.call("CreateSandbox", self.rpc.create_sandbox(self.context(), request)).await.map(drop)
+    }
+
+    /// Creates a container from its OCI spec (JSON); its streams must be opened with
+    /// [`AgentClient::open_stdio`] (before or while this call runs).
+    pub async fn create_container(
+        &self,
+        id: &str,
+        oci_spec: Vec<u8>,
+        stdio: Stdio,
+    ) -> Result<(), AgentError> {
+        let request = CreateContainerRequest {
+            container_id: id.to_owned(),
+            oci_spec,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        self.call("CreateContainer", self.rpc.create_container(self.context(), &request)).await.map(drop)
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<(), AgentError> {
+        let request = ContainerRequest { container_id: id.to_owned(), ..Default::default() };
+        self.call("StartContainer", self.rpc.start_container(self.context(), &request)).await.map(drop)
+    }
+
+    /// Runs an OCI `process` (JSON) in a running container as `exec_id`.
+    pub async fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: Vec<u8>,
+        stdio: Stdio,
+    ) -> Result<(), AgentError> {
+        let request = ExecProcessRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            process,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        self.call("ExecProcess", self.rpc.exec_process(self.context(), &request)).await.map(drop)
+    }
+
+    /// Signals the process (`exec_id` "" is the container's init; `all`: every process).
+    pub async fn signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        let request = SignalProcessRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.call("SignalProcess", self.rpc.signal_process(self.context(), &request)).await.map(drop)
+    }
+
+    /// Waits for the process to exit, however long that takes (no deadline).
+    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<WaitProcessResponse, AgentError> {
+        let request = WaitProcessRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        self.rpc
+            .wait_process(ttrpc::context::with_timeout(0), &request)
+            .await
+            .map_err(|source| AgentError::Call { address: self.address.clone(), call: "WaitProcess", source })
+    }
+
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let request = CloseStdinRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        self.call("CloseStdin", self.rpc.close_stdin(self.context(), &request)).await.map(drop)
+    }
+
+    /// Removes a container (with `force`, kills it first).
+    pub async fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError> {
+        let request = RemoveContainerRequest { container_id: id.to_owned(), force, ..Default::default() };
+        self.call("RemoveContainer", self.rpc.remove_container(self.context(), &request)).await.map(drop)
+    }
+
+    /// Opens one standard stream of a process to be created with `token`.
+    pub async fn open_stdio(&self, token: &str, stream: StdioStream) -> Result<UnixStream, AgentError> {
+        let address = self.address.stdio();
+        let mut connection =
+            tokio::time::timeout(self.timeout, open_stream(&address)).await.map_err(|_| {
+                AgentError::Timeout { address: address.clone(), what: "stdio connect", timeout: self.timeout }
+            })??;
+        let hello = StdioHello { token: token.to_owned(), stream }.render();
+        connection
+            .write_all(hello.as_bytes())
+            .await
+            .map_err(|source| AgentError::Connect { address: address.clone(), source })?;
+        Ok(connection)
     }
 
     fn context(&self) -> ttrpc::context::Context {

@@ -9,6 +9,7 @@ pub mod console_scenario;
 pub mod cpio;
 pub mod debug_console_vm;
 pub mod elf;
+pub mod host_agent;
 
 pub use console_scenario::ConsoleScenario;
 

@@ -5,45 +5,13 @@
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use husk_protocols::agent::{CheckRequest, CreateSandboxRequest};
+use husk_protocols::agent::{CheckRequest, ContainerRequest};
 use husk_protocols::{agent_ttrpc, AGENT_API_VERSION};
 use husk_shim::agent_client::{AgentAddress, AgentClient};
+use husk_tests::host_agent::HostAgent;
 use husk_tests::{combined, describe, guest_dir, run, target_bin, VmHost};
-
-/// A host-mode agent on a unix socket in a temporary directory; killed on drop.
-struct HostAgent {
-    child: Child,
-    socket: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl HostAgent {
-    fn start() -> HostAgent {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
-        let child = Command::new(target_bin("husk-agent"))
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "husk-agent did not create {}", socket.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        HostAgent { child, socket, _dir: dir }
-    }
-}
-
-impl Drop for HostAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
@@ -51,7 +19,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn a_host_mode_agent_answers_check_and_guest_details() {
-    let agent = HostAgent::start();
+    let agent = HostAgent::start().unwrap();
     runtime().block_on(async {
         let client = AgentClient::connect(AgentAddress::Unix(agent.socket.clone()), Duration::from_secs(5))
             .await
@@ -67,7 +35,7 @@ fn a_host_mode_agent_answers_check_and_guest_details() {
 
 #[test]
 fn a_host_of_another_api_version_and_calls_not_served_yet_get_named_errors() {
-    let agent = HostAgent::start();
+    let agent = HostAgent::start().unwrap();
     runtime().block_on(async {
         let address = format!("unix://{}", agent.socket.display());
         let rpc = agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::connect(&address).await.unwrap());
@@ -75,8 +43,8 @@ fn a_host_of_another_api_version_and_calls_not_served_yet_get_named_errors() {
         let request = CheckRequest { api_version: AGENT_API_VERSION + 1, ..Default::default() };
         let err = rpc.check(context(), &request).await.unwrap_err().to_string();
         assert!(err.contains("api_version") && err.contains("FAILED_PRECONDITION"), "{err}");
-        let err = rpc.create_sandbox(context(), &CreateSandboxRequest::new()).await.unwrap_err().to_string();
-        assert!(err.contains("CreateSandbox is not supported"), "{err}");
+        let err = rpc.stats_container(context(), &ContainerRequest::new()).await.unwrap_err().to_string();
+        assert!(err.contains("StatsContainer is not supported"), "{err}");
         // The agent keeps serving after refusing.
         let ok = CheckRequest { api_version: AGENT_API_VERSION, ..Default::default() };
         assert_eq!(rpc.check(context(), &ok).await.unwrap().api_version, AGENT_API_VERSION);

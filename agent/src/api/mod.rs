@@ -4,21 +4,70 @@
 
 pub mod server;
 
+use std::sync::{Mutex, PoisonError};
+
 use async_trait::async_trait;
-use husk_protocols::agent::{CheckRequest, CheckResponse, GuestDetails, GuestDetailsRequest};
+use husk_protocols::agent::{
+    CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, CreateContainerRequest,
+    CreateSandboxRequest, DestroySandboxRequest, Empty, ExecProcessRequest, GuestDetails,
+    GuestDetailsRequest, ListProcessesResponse, RemoveContainerRequest, SignalProcessRequest,
+    WaitProcessRequest, WaitProcessResponse,
+};
 use husk_protocols::agent_ttrpc::Agent;
 use husk_protocols::AGENT_API_VERSION;
 use ttrpc::r#async::TtrpcContext;
 
+use crate::container::{CallError, ContainerPaths, Containers};
 use crate::guest_info;
+use crate::sandbox::{self, Place};
 
 /// The agent's API handlers.
-#[derive(Debug, Default)]
-pub struct AgentService;
+#[derive(Debug)]
+pub struct AgentService {
+    place: Place,
+    paths: ContainerPaths,
+    containers: Containers,
+    /// The id CreateSandbox was given (containers need it first).
+    sandbox: Mutex<Option<String>>,
+}
+
+impl AgentService {
+    pub fn new(place: Place, paths: ContainerPaths) -> AgentService {
+        AgentService { place, containers: Containers::new(paths.clone()), paths, sandbox: Mutex::new(None) }
+    }
+
+    fn sandbox(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.sandbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn require_sandbox(&self) -> Result<(), CallError> {
+        match self.sandbox().is_some() {
+            true => Ok(()),
+            false => Err(CallError::FailedPrecondition("CreateSandbox must come first".into())),
+        }
+    }
+}
 
 /// A ttrpc error status with `code` and `message`.
 fn status(code: ttrpc::Code, message: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
+}
+
+impl From<CallError> for ttrpc::Error {
+    fn from(err: CallError) -> ttrpc::Error {
+        let code = match err {
+            CallError::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
+            CallError::NotFound(_) => ttrpc::Code::NOT_FOUND,
+            CallError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
+            CallError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
+            CallError::Internal(_) => ttrpc::Code::INTERNAL,
+        };
+        status(code, err.to_string())
+    }
+}
+
+fn exit_time_ns(at: std::time::SystemTime) -> i64 {
+    at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
 #[async_trait]
@@ -49,5 +98,88 @@ impl Agent for AgentService {
         _req: GuestDetailsRequest,
     ) -> ttrpc::Result<GuestDetails> {
         guest_info::details().map_err(|err| status(ttrpc::Code::INTERNAL, format!("{err:#}")))
+    }
+
+    async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> ttrpc::Result<Empty> {
+        if let Some(existing) = self.sandbox().as_ref() {
+            return Err(
+                CallError::AlreadyExists(format!("this guest already runs sandbox {existing}")).into()
+            );
+        }
+        sandbox::create(&req, self.place, &self.paths.shared)?;
+        *self.sandbox() = Some(req.sandbox_id);
+        Ok(Empty::new())
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: DestroySandboxRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.remove_all().await;
+        Ok(Empty::new())
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.require_sandbox()?;
+        let stdio = req.stdio.clone().unwrap_or_default();
+        self.containers.create(&req.container_id, &req.oci_spec, &stdio).await?;
+        Ok(Empty::new())
+    }
+
+    async fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.start(&req.container_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.remove(&req.container_id, req.force).await?;
+        Ok(Empty::new())
+    }
+
+    async fn exec_process(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let stdio = req.stdio.clone().unwrap_or_default();
+        self.containers.exec(&req.container_id, &req.exec_id, &req.process, &stdio).await?;
+        Ok(Empty::new())
+    }
+
+    async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers.signal(&req.container_id, &req.exec_id, req.signal, req.all).await?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        let exit = self.containers.wait(&req.container_id, &req.exec_id).await?;
+        Ok(WaitProcessResponse {
+            status: exit.status,
+            exited_at_unix_ns: exit_time_ns(exit.at),
+            ..Default::default()
+        })
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        let pids = self.containers.pids(&req.container_id)?;
+        Ok(ListProcessesResponse { pids, ..Default::default() })
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<Empty> {
+        self.containers.close_stdin(&req.container_id, &req.exec_id)?;
+        Ok(Empty::new())
     }
 }

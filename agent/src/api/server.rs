@@ -2,11 +2,14 @@
 //! socket on the host (`husk-agent --listen unix:PATH`, the test seam). The server runs on a tokio
 //! runtime of its own thread, so PID 1's signal loop never waits on it.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use husk_protocols::agent_ttrpc::create_agent;
-use husk_protocols::AGENT_VSOCK_PORT;
+use husk_protocols::{AGENT_VSOCK_PORT, STDIO_VSOCK_PORT};
+
+use crate::stdio::StdioEndpoint;
 
 use super::AgentService;
 
@@ -39,6 +42,16 @@ impl Endpoint {
         bail!("--listen {text:?}: expected unix:PATH or vsock:PORT")
     }
 
+    /// Where stdio streams for processes of this endpoint's agent arrive: vsock port
+    /// [`STDIO_VSOCK_PORT`], or `<PATH>_1025` beside a unix socket (the name a hybrid vsock gives
+    /// a port's socket).
+    pub fn stdio(&self) -> StdioEndpoint {
+        match self {
+            Endpoint::Vsock(_) => StdioEndpoint::Vsock(STDIO_VSOCK_PORT),
+            Endpoint::Unix(path) => StdioEndpoint::Unix(PathBuf::from(format!("{path}_{STDIO_VSOCK_PORT}"))),
+        }
+    }
+
     fn ttrpc_address(&self) -> String {
         match self {
             Endpoint::Vsock(port) => format!("vsock://-1:{port}"),
@@ -51,19 +64,13 @@ impl Endpoint {
 #[derive(Debug)]
 pub struct RunningServer {
     pub endpoint: Endpoint,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl RunningServer {
-    /// Waits until the server thread ends (it ends only on a fatal error).
-    pub fn join(self) {
-        let _ = self.thread.join();
-    }
+    /// The serving thread (it ends only on a fatal error).
+    _thread: std::thread::JoinHandle<()>,
 }
 
 /// Binds `endpoint` and serves the agent API on a thread of its own; returns once it listens, so
 /// a ready report after this call means the API answers.
-pub fn start(endpoint: Endpoint) -> Result<RunningServer> {
+pub fn start(endpoint: Endpoint, service: AgentService) -> Result<RunningServer> {
     if let Endpoint::Unix(path) = &endpoint {
         // A stale socket from an earlier run would make bind fail.
         let _ = std::fs::remove_file(path);
@@ -80,18 +87,18 @@ pub fn start(endpoint: Endpoint) -> Result<RunningServer> {
                     return;
                 }
             };
-            runtime.block_on(serve(address, bound));
+            runtime.block_on(serve(address, service, bound));
         })
         .context("starting the API thread")?;
     match bound_rx.recv() {
-        Ok(Ok(())) => Ok(RunningServer { endpoint, thread }),
+        Ok(Ok(())) => Ok(RunningServer { endpoint, _thread: thread }),
         Ok(Err(err)) => Err(err),
         Err(_) => bail!("the API thread ended before it listened"),
     }
 }
 
-async fn serve(address: String, bound: std::sync::mpsc::SyncSender<Result<()>>) {
-    let services = create_agent(Arc::new(AgentService));
+async fn serve(address: String, service: AgentService, bound: std::sync::mpsc::SyncSender<Result<()>>) {
+    let services = create_agent(Arc::new(service));
     let mut server = match ttrpc::r#async::Server::new().bind(&address) {
         Ok(server) => server.register_service(services),
         Err(err) => {

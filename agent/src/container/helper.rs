@@ -1,0 +1,89 @@
+//! `husk-agent runtime ...`: the container runtime the agent runs as a short-lived child process
+//! for each lifecycle step, as a shim runs runc. libcontainer waits for the processes it forks and
+//! changes its caller (dumpable flag, OOM score); in a child of its own it can do both without
+//! disturbing PID 1's reaper. What the step prints on stdout is its result (a pid); errors go to
+//! stderr with their cause chain and a non-zero exit.
+//!
+//! ```text
+//! husk-agent runtime ROOT create ID BUNDLE    stdio on fds 3, 4, 5; prints the init pid
+//! husk-agent runtime ROOT start ID
+//! husk-agent runtime ROOT exec ID PROCESS.JSON stdio on fds 3, 4, 5; prints the pid
+//! husk-agent runtime ROOT kill-all ID SIGNAL
+//! husk-agent runtime ROOT delete ID
+//! ```
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::signal::Signal;
+use libcontainer::syscall::syscall::SyscallType;
+
+/// First of the three fds (stdin, stdout, stderr) a process's streams arrive on.
+pub const FIRST_STDIO_FD: i32 = 3;
+
+/// Runs one step; `args` follow `runtime`.
+pub fn main(args: &[String]) -> ExitCode {
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Some((root, step)) = args.split_first() else { bail!("usage: husk-agent runtime ROOT STEP ...") };
+    let root = Path::new(root);
+    match step {
+        ["create", id, bundle] => {
+            let container = with_stdio(builder(root, id)?)
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .context("creating the container")?;
+            println!("{}", container.pid().context("the created container has no pid")?);
+        }
+        ["start", id] => load(root, id)?.start().context("starting the container")?,
+        ["exec", id, process] => {
+            let pid = with_stdio(builder(root, id)?)
+                .as_tenant()
+                .with_detach(true)
+                .with_process(Some(PathBuf::from(process)))
+                .build()
+                .context("starting the process")?;
+            println!("{pid}");
+        }
+        ["kill-all", id, signal] => {
+            let signal = Signal::try_from(*signal).context("signal")?;
+            load(root, id)?.kill(signal, true).context("signalling the container's processes")?
+        }
+        ["delete", id] => load(root, id)?.delete(true).context("deleting the container")?,
+        _ => bail!("husk-agent runtime: unknown step {step:?}"),
+    }
+    Ok(())
+}
+
+fn builder(root: &Path, id: &str) -> Result<ContainerBuilder> {
+    ContainerBuilder::new((*id).to_owned(), SyscallType::default())
+        .with_root_path(root)
+        .with_context(|| format!("container state directory {}", root.display()))
+}
+
+fn load(root: &Path, id: &str) -> Result<Container> {
+    Container::load(root.join(id)).with_context(|| format!("container {id}"))
+}
+
+/// The streams the agent passed on fds 3, 4 and 5 become the process's stdin, stdout, stderr.
+fn with_stdio(builder: ContainerBuilder) -> ContainerBuilder {
+    // SAFETY: the agent spawns this helper with exactly these three fds open for it (stream
+    // sockets or /dev/null), and nothing else in this process owns them.
+    let [stdin, stdout, stderr] = [0, 1, 2].map(|n| unsafe { OwnedFd::from_raw_fd(FIRST_STDIO_FD + n) });
+    builder.with_stdin(stdin).with_stdout(stdout).with_stderr(stderr)
+}

@@ -1,0 +1,154 @@
+//! Containers through the agent API in host mode: husk-agent serves on a unix socket on this
+//! machine and creates real containers (namespaces, overlay rootfs, stdio streams) from OCI specs
+//! over a busybox image, as it does inside the guest. Needs root, like the agent.
+
+// Test code: a failed expectation is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use husk_shim::agent_client::AgentClient;
+use husk_tests::host_agent::{busybox_spec, process_json, spec_json, stdio, HostAgent, TestStdio};
+
+const SIGKILL: u32 = 9;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Creates and starts container `id` running `args` with stdout/stderr (and stdin) streams.
+async fn run_container(client: &AgentClient, id: &str, args: &[&str], with_stdin: bool) -> TestStdio {
+    let stdio = stdio(id, with_stdin);
+    let streams = TestStdio::open(client, &stdio).await.unwrap();
+    client.create_container(id, spec_json(&busybox_spec(args)), stdio).await.unwrap();
+    client.start_container(id).await.unwrap();
+    streams
+}
+
+#[test]
+fn a_container_prints_to_its_stdout_stream_and_its_exit_code_is_reported() {
+    let agent = HostAgent::with_busybox().unwrap();
+    runtime().block_on(async {
+        let client = agent.client().await.unwrap();
+        let args = ["sh", "-c", "echo hello-from-container; echo to-stderr >&2; echo pid=$$; exit 3"];
+        let mut streams = run_container(&client, "echo", &args, false).await;
+        let (out, err) = streams.output().await;
+        assert_eq!(out, "hello-from-container\npid=1\n", "its own pid namespace, its own output");
+        assert_eq!(err, "to-stderr\n");
+        let exit = client.wait_process("echo", "").await.unwrap();
+        assert_eq!(exit.status, 3);
+        assert!(exit.exited_at_unix_ns > 0);
+        client.remove_container("echo", false).await.unwrap();
+    });
+    assert_eq!(
+        std::fs::read_dir(agent.state_dir().join("bundles")).unwrap().count(),
+        0,
+        "the bundle is gone"
+    );
+}
+
+#[test]
+fn sigkill_ends_a_container_with_status_137_and_exec_runs_beside_its_init() {
+    let agent = HostAgent::with_busybox().unwrap();
+    runtime().block_on(async {
+        let client = agent.client().await.unwrap();
+        let _init = run_container(&client, "sleeper", &["sleep", "1000"], false).await;
+        let exec_stdio = stdio("sleeper-exec", false);
+        let mut exec = TestStdio::open(&client, &exec_stdio).await.unwrap();
+        let args = ["sh", "-c", "echo init=$(cat /proc/1/comm) pids=$(ls /proc | grep -c '^[0-9]'); exit 5"];
+        client.exec_process("sleeper", "e1", process_json(&args), exec_stdio).await.unwrap();
+        let (out, _) = exec.output().await;
+        // The container's init is pid 1; besides it only the exec's shell, its subshell, ls and
+        // grep: nothing of the host's.
+        let (init, pids) = out.trim().split_once(' ').unwrap();
+        assert_eq!(init, "init=sleep", "{out}");
+        let pids: u32 = pids.strip_prefix("pids=").unwrap().parse().unwrap();
+        assert!((2..=6).contains(&pids), "the exec sees only the container's processes: {out}");
+        assert_eq!(client.wait_process("sleeper", "e1").await.unwrap().status, 5);
+        let err = client.remove_container("sleeper", false).await.unwrap_err().to_string();
+        assert!(err.contains("FAILED_PRECONDITION") && err.contains("running"), "{err}");
+        client.signal_process("sleeper", "", SIGKILL, false).await.unwrap();
+        assert_eq!(client.wait_process("sleeper", "").await.unwrap().status, 137);
+        assert_eq!(client.wait_process("sleeper", "").await.unwrap().status, 137, "asked again, same answer");
+        client.remove_container("sleeper", false).await.unwrap();
+    });
+}
+
+#[test]
+fn stdin_reaches_the_container_and_close_stdin_ends_it() {
+    let agent = HostAgent::with_busybox().unwrap();
+    runtime().block_on(async {
+        let client = agent.client().await.unwrap();
+        let mut streams = run_container(&client, "cat", &["cat"], true).await;
+        streams.write_stdin(b"piped through\n").await.unwrap();
+        client.close_stdin("cat", "").await.unwrap();
+        let (out, _) = tokio::time::timeout(Duration::from_secs(30), streams.output()).await.unwrap();
+        assert_eq!(out, "piped through\n");
+        assert_eq!(client.wait_process("cat", "").await.unwrap().status, 0, "cat saw EOF and exited");
+        client.remove_container("cat", false).await.unwrap();
+    });
+}
+
+#[test]
+fn a_read_only_rootfs_refuses_writes_and_a_writable_one_keeps_them_off_the_image() {
+    let agent = HostAgent::with_busybox().unwrap();
+    runtime().block_on(async {
+        let client = agent.client().await.unwrap();
+        // The default spec's root is read-only.
+        let mut ro = run_container(&client, "ro", &["sh", "-c", "touch /new-file"], false).await;
+        let (_, err) = ro.output().await;
+        assert!(err.contains("Read-only file system"), "{err}");
+        assert_ne!(client.wait_process("ro", "").await.unwrap().status, 0);
+        let mut spec = busybox_spec(&["sh", "-c", "echo written > /new-file && cat /new-file"]);
+        spec.root_mut().as_mut().unwrap().set_readonly(Some(false));
+        let rw_stdio = stdio("rw", false);
+        let mut rw = TestStdio::open(&client, &rw_stdio).await.unwrap();
+        client.create_container("rw", spec_json(&spec), rw_stdio).await.unwrap();
+        client.start_container("rw").await.unwrap();
+        assert_eq!(rw.output().await.0, "written\n");
+        assert_eq!(client.wait_process("rw", "").await.unwrap().status, 0);
+        for id in ["ro", "rw"] {
+            client.remove_container(id, false).await.unwrap();
+        }
+    });
+    assert!(!agent.shared.join("busybox/new-file").exists(), "the image is untouched");
+}
+
+#[test]
+fn bad_specs_and_unknown_ids_get_named_errors_and_leave_nothing_behind() {
+    let agent = HostAgent::with_busybox().unwrap();
+    runtime().block_on(async {
+        let client = agent.client().await.unwrap();
+        let create = |id: &'static str, spec: Vec<u8>| {
+            let client = &client;
+            async move { client.create_container(id, spec, Default::default()).await.unwrap_err().to_string() }
+        };
+        let err = create("bad-json", b"{not json".to_vec()).await;
+        assert!(err.contains("INVALID_ARGUMENT") && err.contains("oci_spec"), "{err}");
+        let mut escape = busybox_spec(&["true"]);
+        escape.root_mut().as_mut().unwrap().set_path("../../etc".into());
+        let err = create("escape", spec_json(&escape)).await;
+        assert!(err.contains("INVALID_ARGUMENT") && err.contains("root.path"), "{err}");
+        let mut missing = busybox_spec(&["true"]);
+        missing.root_mut().as_mut().unwrap().set_path("no-such-image".into());
+        let err = create("missing", spec_json(&missing)).await;
+        assert!(err.contains("root.path no-such-image"), "{err}");
+        let err = create("no-binary", spec_json(&busybox_spec(&["/bin/not-there"]))).await;
+        assert!(err.contains("INTERNAL") || err.contains("not-there"), "{err}");
+        let err = create("Bad/Id", spec_json(&busybox_spec(&["true"]))).await;
+        assert!(err.contains("container_id"), "{err}");
+        let err = client.start_container("nobody").await.unwrap_err().to_string();
+        assert!(err.contains("NOT_FOUND") && err.contains("nobody"), "{err}");
+        let err = client.wait_process("nobody", "").await.unwrap_err().to_string();
+        assert!(err.contains("NOT_FOUND"), "{err}");
+        // Still serving, and the failed creates left no bundle, mount or runtime record.
+        let mut ok = run_container(&client, "ok", &["echo", "still-serving"], false).await;
+        assert_eq!(ok.output().await.0, "still-serving\n");
+        assert_eq!(client.wait_process("ok", "").await.unwrap().status, 0);
+        client.remove_container("ok", false).await.unwrap();
+    });
+    let bundles = agent.state_dir().join("bundles");
+    assert_eq!(std::fs::read_dir(&bundles).unwrap().count(), 0, "no bundle left");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(agent.state_dir().to_str().unwrap()), "no mount left: {mounts}");
+}
