@@ -15,6 +15,7 @@ mod reaper;
 mod sandbox;
 mod signals;
 mod stdio;
+mod switch_root;
 
 use std::process::ExitCode;
 
@@ -55,6 +56,14 @@ fn run_as_init() -> ExitCode {
              for host mode use --listen unix:PATH"
         );
         return ExitCode::from(2);
+    }
+    if switch_root::needed() {
+        // Returns only if the switch failed; carry on from the initramfs then (containers will
+        // fail to pivot_root, everything else works) and say why.
+        match switch_root::switch_to_tmpfs() {
+            Ok(never) => match never {},
+            Err(err) => println!("husk-agent: cannot leave the initramfs: {err:#}"),
+        }
     }
     match init::run() {
         Ok(never) => match never {},

@@ -72,6 +72,9 @@ pub enum AgentError {
     Timeout { address: AgentAddress, what: &'static str, timeout: Duration },
     #[error("agent at {address}: {call}: {source}")]
     Call { address: AgentAddress, call: &'static str, source: ttrpc::Error },
+    /// The agent answered with an error status (its message names the field or id at fault).
+    #[error("agent at {address}: {call}: {code:?}: {message}")]
+    Refused { address: AgentAddress, call: &'static str, code: ttrpc::Code, message: String },
     #[error("agent at {address} speaks API {agent}, this host speaks {AGENT_API_VERSION}")]
     ApiMismatch { address: AgentAddress, agent: u32 },
 }
@@ -99,6 +102,30 @@ impl AgentClient {
         let socket = ttrpc::r#async::transport::Socket::new(stream);
         let rpc = agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(socket));
         Ok(AgentClient { address, rpc, timeout })
+    }
+
+    /// Connects and checks, retrying while the agent is not up yet (the VM is still booting) until
+    /// `wait` runs out; then fails with the last error.
+    pub async fn connect_when_ready(
+        address: AgentAddress,
+        timeout: Duration,
+        wait: Duration,
+    ) -> Result<(AgentClient, CheckResponse), AgentError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let attempt = async {
+                let client = AgentClient::connect(address.clone(), timeout).await?;
+                let check = client.check().await?;
+                Ok((client, check))
+            };
+            match attempt.await {
+                Ok(ready) => return Ok(ready),
+                // Another API version will not change by retrying.
+                Err(err @ AgentError::ApiMismatch { .. }) => return Err(err),
+                Err(err) if tokio::time::Instant::now() >= deadline => return Err(err),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
     }
 
     /// Where this client is connected.
@@ -198,7 +225,7 @@ impl AgentClient {
         self.rpc
             .wait_process(ttrpc::context::with_timeout(0), &request)
             .await
-            .map_err(|source| AgentError::Call { address: self.address.clone(), call: "WaitProcess", source })
+            .map_err(|source| self.call_error("WaitProcess", source))
     }
 
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
@@ -235,6 +262,19 @@ impl AgentClient {
         ttrpc::context::with_timeout(self.timeout.as_nanos().try_into().unwrap_or(i64::MAX))
     }
 
+    fn call_error(&self, call: &'static str, source: ttrpc::Error) -> AgentError {
+        let address = self.address.clone();
+        match source {
+            ttrpc::Error::RpcStatus(status) => AgentError::Refused {
+                address,
+                call,
+                code: status.code.enum_value_or_default(),
+                message: status.message,
+            },
+            source => AgentError::Call { address, call, source },
+        }
+    }
+
     /// Runs one call with this client's deadline (enforced here too: a guest that stops reading
     /// must not hang the host).
     async fn call<T>(
@@ -244,7 +284,7 @@ impl AgentClient {
     ) -> Result<T, AgentError> {
         match tokio::time::timeout(self.timeout, request).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(source)) => Err(AgentError::Call { address: self.address.clone(), call, source }),
+            Ok(Err(source)) => Err(self.call_error(call, source)),
             Err(_) => {
                 Err(AgentError::Timeout { address: self.address.clone(), what: call, timeout: self.timeout })
             }

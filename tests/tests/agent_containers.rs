@@ -1,6 +1,7 @@
 //! Containers through the agent API in host mode: husk-agent serves on a unix socket on this
 //! machine and creates real containers (namespaces, overlay rootfs, stdio streams) from OCI specs
-//! over a busybox image, as it does inside the guest. Needs root, like the agent.
+//! over a busybox image, as it does inside the guest (needs root, like the agent); and the same
+//! through a real VM (test host), with the image on virtio-fs and stdio on vsock.
 
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use husk_shim::agent_client::AgentClient;
 use husk_tests::host_agent::{busybox_spec, process_json, spec_json, stdio, HostAgent, TestStdio};
+use husk_tests::{combined, describe, guest_dir, run, target_bin, VmHost};
 
 const SIGKILL: u32 = 9;
 
@@ -151,4 +153,33 @@ fn bad_specs_and_unknown_ids_get_named_errors_and_leave_nothing_behind() {
     assert_eq!(std::fs::read_dir(&bundles).unwrap().count(), 0, "no bundle left");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(agent.state_dir().to_str().unwrap()), "no mount left: {mounts}");
+}
+
+/// The VM path: a pod in a real guest, containers whose rootfs comes from the host over virtio-fs,
+/// stdio over vsock streams.
+#[test]
+fn a_pod_in_a_vm_runs_containers_from_the_virtio_fs_share() {
+    let (vmm, probe, guest) = (target_bin("husk-vmm"), target_bin("husk-pod-probe"), guest_dir());
+    let script = format!(
+        "work=$(mktemp -d); sock=$work/vsock.sock; mkdir $work/share
+{vmm} --kernel {kernel} --initrd {initrd} --mem 512 --vcpus 2 --vsock $sock --fs share=$work/share \
+  --console $work/console.log & vmm=$!
+{probe} --vsock $sock --share $work/share --wait-s 120; probe=$?
+kill -TERM $vmm; wait $vmm; echo \"vmm-status=$? probe-status=$probe\"
+echo '--- console'; cat $work/console.log; rm -rf $work",
+        vmm = vmm.display(),
+        probe = probe.display(),
+        kernel = guest.join("vmlinux").display(),
+        initrd = guest.join("initramfs.cpio").display(),
+    );
+    let output = run(&mut VmHost::detect().command(Duration::from_secs(600), &["sh", "-c", &script]));
+    let text = combined(&output);
+    assert!(text.contains("vmm-status=0 probe-status=0"), "{}", describe(&output));
+    assert!(text.contains("first-stdout=hello-from-vm pid=1"), "{text}");
+    assert!(text.contains("first-stderr=on-stderr") && text.contains("first-status=7"), "{text}");
+    assert!(text.contains("exec-stdout=exec-sees-init=sleep") && text.contains("exec-status=4"), "{text}");
+    assert!(text.contains("sleeper-status=137"), "{text}");
+    assert!(text.contains("bad-spec-error=") && text.contains("INVALID_ARGUMENT"), "{text}");
+    assert!(text.contains("unknown-id-error=") && text.contains("NOT_FOUND"), "{text}");
+    assert!(text.contains("still-serving=true"), "{text}");
 }

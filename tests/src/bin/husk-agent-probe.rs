@@ -36,23 +36,10 @@ fn main() -> Result<()> {
 }
 
 async fn probe(address: AgentAddress, wait: Duration) -> Result<()> {
-    let deadline = Instant::now() + wait;
     let started = Instant::now();
-    let (client, check) = loop {
-        let attempt = async {
-            let client = AgentClient::connect(address.clone(), Duration::from_secs(10)).await?;
-            let check = client.check().await?;
-            anyhow::Ok((client, check))
-        };
-        match attempt.await {
-            Ok(done) => break done,
-            Err(err) if Instant::now() < deadline => {
-                let _ = err;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(err) => return Err(err).with_context(|| format!("no answer from the agent within {wait:?}")),
-        }
-    };
+    let (client, check) = AgentClient::connect_when_ready(address, Duration::from_secs(10), wait)
+        .await
+        .with_context(|| format!("no answer from the agent within {wait:?}"))?;
     println!("connect_ms={}", started.elapsed().as_millis());
     println!("api_version={}", check.api_version);
     println!("agent_version={}", check.agent_version);
