@@ -65,10 +65,11 @@ pub fn run() -> Result<Infallible> {
     mount_kernel_filesystems()?;
     // Ready means the API answers: bind before announcing.
     let endpoint = Endpoint::guest();
-    StdioBroker::global().listen(&endpoint.stdio()).context("listening for stdio streams")?;
+    let stdio = endpoint.stdio();
     let paths = ContainerPaths { shared: PathBuf::from(SHARED_DIR), state: PathBuf::from(STATE_DIR) };
     let api =
         server::start(endpoint, AgentService::new(Place::Guest, paths)).context("starting the agent API")?;
+    StdioBroker::global().listen(&stdio).context("listening for stdio streams")?;
     println!("husk-agent: serving the agent API on {:?}", api.endpoint);
     println!("{}", ready_line()?.render());
     report(GuestEvent::Ready);

@@ -16,6 +16,7 @@ mod sandbox;
 mod signals;
 mod stdio;
 mod switch_root;
+mod tty;
 
 use std::process::ExitCode;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use husk_protocols::agent::{
     CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, CreateContainerRequest,
     CreateSandboxRequest, ExecProcessRequest, GuestDetails, GuestDetailsRequest, RemoveContainerRequest,
-    SignalProcessRequest, Stdio, WaitProcessRequest, WaitProcessResponse,
+    ResizePtyRequest, SignalProcessRequest, Stdio, WaitProcessRequest, WaitProcessResponse,
 };
 use husk_protocols::{
     agent_ttrpc, StdioHello, StdioStream, AGENT_API_VERSION, AGENT_VSOCK_PORT, STDIO_VSOCK_PORT,
@@ -226,6 +226,24 @@ impl AgentClient {
             .wait_process(ttrpc::context::with_timeout(0), &request)
             .await
             .map_err(|source| self.call_error("WaitProcess", source))
+    }
+
+    /// Sets the window size of the process's terminal.
+    pub async fn resize_pty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        columns: u32,
+        rows: u32,
+    ) -> Result<(), AgentError> {
+        let request = ResizePtyRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            columns,
+            rows,
+            ..Default::default()
+        };
+        self.call("ResizePty", self.rpc.resize_pty(self.context(), &request)).await.map(drop)
     }
 
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {

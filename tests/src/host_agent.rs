@@ -128,10 +128,20 @@ pub fn spec_json(spec: &Spec) -> Vec<u8> {
 
 /// JSON of an OCI process running `args` as root in `/`.
 pub fn process_json(args: &[&str]) -> Vec<u8> {
+    oci_process_json(args, false)
+}
+
+/// JSON of an OCI process running `args` as root in `/` on a terminal.
+pub fn terminal_process_json(args: &[&str]) -> Vec<u8> {
+    oci_process_json(args, true)
+}
+
+fn oci_process_json(args: &[&str], terminal: bool) -> Vec<u8> {
     let process = ProcessBuilder::default()
         .args(args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>())
         .cwd("/")
         .env(vec!["PATH=/bin".to_owned()])
+        .terminal(terminal)
         .build()
         .map(|p| serde_json::to_vec(&p).unwrap_or_default());
     process.unwrap_or_default()
@@ -181,6 +191,11 @@ impl TestStdio {
         let (out, err) = tokio::join!(drain(self.stdout.as_mut()), drain(self.stderr.as_mut()));
         (out, err)
     }
+}
+
+/// Stdio of a process with a terminal: stdin and the pty's output under `token`.
+pub fn terminal_stdio(token: &str) -> Stdio {
+    Stdio { token: token.to_owned(), stdin: true, stdout: true, terminal: true, ..Default::default() }
 }
 
 /// Stdio with stdout and stderr (and stdin if `stdin`) under `token`.

@@ -9,7 +9,9 @@
 use std::time::Duration;
 
 use husk_shim::agent_client::AgentClient;
-use husk_tests::host_agent::{busybox_spec, process_json, spec_json, stdio, HostAgent, TestStdio};
+use husk_tests::host_agent::{
+    busybox_spec, process_json, spec_json, stdio, terminal_stdio, HostAgent, TestStdio,
+};
 use husk_tests::{combined, describe, guest_dir, run, target_bin, VmHost};
 
 const SIGKILL: u32 = 9;
@@ -88,6 +90,36 @@ fn stdin_reaches_the_container_and_close_stdin_ends_it() {
         assert_eq!(out, "piped through\n");
         assert_eq!(client.wait_process("cat", "").await.unwrap().status, 0, "cat saw EOF and exited");
         client.remove_container("cat", false).await.unwrap();
+    });
+}
+
+#[test]
+fn a_terminal_process_gets_a_pty_its_window_size_and_its_input() {
+    let agent = HostAgent::with_busybox().unwrap();
+    runtime().block_on(async {
+        let client = agent.client().await.unwrap();
+        let mut spec = busybox_spec(&["sh", "-c", "tty; stty size; read line; echo got=$line; exit 6"]);
+        spec.process_mut().as_mut().unwrap().set_terminal(Some(true));
+        let stdio = terminal_stdio("tty");
+        let mut streams = TestStdio::open(&client, &stdio).await.unwrap();
+        client.create_container("tty", spec_json(&spec), stdio.clone()).await.unwrap();
+        client.resize_pty("tty", "", 100, 40).await.unwrap();
+        client.start_container("tty").await.unwrap();
+        streams.write_stdin(b"hello\n").await.unwrap();
+        let (out, _) = tokio::time::timeout(Duration::from_secs(30), streams.output()).await.unwrap();
+        assert!(out.contains("/dev/pts/"), "stdin and stdout are a terminal: {out:?}");
+        assert!(out.contains("40 100\r\n"), "the window size set before start: {out:?}");
+        assert!(out.contains("got=hello\r\n"), "input reached the process through the pty: {out:?}");
+        assert_eq!(client.wait_process("tty", "").await.unwrap().status, 6);
+        let err = client.resize_pty("nobody", "", 1, 1).await.unwrap_err().to_string();
+        assert!(err.contains("NOT_FOUND"), "{err}");
+        // A terminal the process does not ask for is a named error.
+        let err = client
+            .create_container("mismatch", spec_json(&busybox_spec(&["true"])), stdio)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("stdio.terminal"), "{err}");
+        client.remove_container("tty", false).await.unwrap();
     });
 }
 
@@ -178,6 +210,8 @@ echo '--- console'; cat $work/console.log; rm -rf $work",
     assert!(text.contains("first-stdout=hello-from-vm pid=1"), "{text}");
     assert!(text.contains("first-stderr=on-stderr") && text.contains("first-status=7"), "{text}");
     assert!(text.contains("exec-stdout=exec-sees-init=sleep") && text.contains("exec-status=4"), "{text}");
+    assert!(text.contains("exec-tty=go|30 120|/dev/pts/"), "a terminal exec, resized: {text}");
+    assert!(text.contains("exec-tty-status=0"), "{text}");
     assert!(text.contains("sleeper-status=137"), "{text}");
     assert!(text.contains("bad-spec-error=") && text.contains("INVALID_ARGUMENT"), "{text}");
     assert!(text.contains("unknown-id-error=") && text.contains("NOT_FOUND"), "{text}");

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use husk_protocols::agent::{
     CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, CreateContainerRequest,
     CreateSandboxRequest, DestroySandboxRequest, Empty, ExecProcessRequest, GuestDetails,
-    GuestDetailsRequest, ListProcessesResponse, RemoveContainerRequest, SignalProcessRequest,
-    WaitProcessRequest, WaitProcessResponse,
+    GuestDetailsRequest, ListProcessesResponse, RemoveContainerRequest, ResizePtyRequest,
+    SignalProcessRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use husk_protocols::agent_ttrpc::Agent;
 use husk_protocols::AGENT_API_VERSION;
@@ -176,6 +176,11 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<ListProcessesResponse> {
         let pids = self.containers.pids(&req.container_id)?;
         Ok(ListProcessesResponse { pids, ..Default::default() })
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        self.containers.resize(&req.container_id, &req.exec_id, req.columns, req.rows)?;
+        Ok(Empty::new())
     }
 
     async fn close_stdin(&self, _ctx: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<Empty> {

@@ -14,6 +14,8 @@ use super::CallError;
 pub struct Bundle {
     dir: PathBuf,
     mounted: bool,
+    /// The spec's `process.terminal`.
+    terminal: bool,
 }
 
 impl Bundle {
@@ -24,7 +26,8 @@ impl Bundle {
             .map_err(|err| CallError::InvalidArgument(format!("oci_spec: {err}")))?;
         let lower = image_dir(&spec, shared)?;
         check_process(&spec)?;
-        let mut bundle = Bundle { dir: bundles.join(id), mounted: false };
+        let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+        let mut bundle = Bundle { dir: bundles.join(id), mounted: false, terminal };
         if bundle.dir.exists() {
             return Err(CallError::AlreadyExists(format!(
                 "container {id}: bundle {} exists",
@@ -56,6 +59,10 @@ impl Bundle {
         }
         spec.save(bundle.dir.join("config.json")).map_err(|e| internal("writing config.json", &e))?;
         Ok(bundle)
+    }
+
+    pub fn terminal(&self) -> bool {
+        self.terminal
     }
 
     pub fn dir(&self) -> &Path {

@@ -5,9 +5,11 @@
 //! stderr with their cause chain and a non-zero exit.
 //!
 //! ```text
-//! husk-agent runtime ROOT create ID BUNDLE    stdio on fds 3, 4, 5; prints the init pid
+//! husk-agent runtime ROOT create ID BUNDLE [CONSOLE]    stdio on fds 3, 4, 5; prints the init pid
 //! husk-agent runtime ROOT start ID
-//! husk-agent runtime ROOT exec ID PROCESS.JSON stdio on fds 3, 4, 5; prints the pid
+//! husk-agent runtime ROOT exec ID PROCESS.JSON [CONSOLE] stdio on fds 3, 4, 5; prints the pid
+//!
+//! With CONSOLE (a unix socket path) the process gets a pty whose master is sent there.
 //! husk-agent runtime ROOT kill-all ID SIGNAL
 //! husk-agent runtime ROOT delete ID
 //! ```
@@ -41,8 +43,9 @@ fn run(args: &[String]) -> Result<()> {
     let Some((root, step)) = args.split_first() else { bail!("usage: husk-agent runtime ROOT STEP ...") };
     let root = Path::new(root);
     match step {
-        ["create", id, bundle] => {
+        ["create", id, bundle, console @ ..] => {
             let container = with_stdio(builder(root, id)?)
+                .with_console_socket(console.first().copied())
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
@@ -51,8 +54,9 @@ fn run(args: &[String]) -> Result<()> {
             println!("{}", container.pid().context("the created container has no pid")?);
         }
         ["start", id] => load(root, id)?.start().context("starting the container")?,
-        ["exec", id, process] => {
+        ["exec", id, process, console @ ..] => {
             let pid = with_stdio(builder(root, id)?)
+                .with_console_socket(console.first().copied())
                 .as_tenant()
                 .with_detach(true)
                 .with_process(Some(PathBuf::from(process)))

@@ -9,6 +9,7 @@ pub mod runtime;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -20,9 +21,12 @@ use self::bundle::Bundle;
 use self::runtime::{Runtime, RuntimeError};
 use crate::reaper::{self, Exit, ExitWatch, Reaper};
 use crate::stdio::{ProcessStdio, StdioBroker, StdioError};
+use crate::tty::{ConsoleSocket, Tty, TtyError};
 
 /// How long a forced removal waits for the container's init to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long WaitProcess waits, after a terminal process exited, for its output to reach the host.
+const TTY_DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Why a call failed; each maps to one ttrpc status code.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,12 @@ impl From<StdioError> for CallError {
     }
 }
 
+impl From<TtyError> for CallError {
+    fn from(err: TtyError) -> CallError {
+        CallError::Internal(err.to_string())
+    }
+}
+
 impl From<RuntimeError> for CallError {
     fn from(err: RuntimeError) -> CallError {
         CallError::Internal(err.to_string())
@@ -70,11 +80,12 @@ struct Process {
     exit: ExitWatch,
     /// The agent's handle on the process's stdin stream, for CloseStdin.
     stdin: Option<OwnedFd>,
+    tty: Option<Tty>,
 }
 
 impl Process {
-    fn new(pid: i32, stdin: Option<OwnedFd>) -> Process {
-        Process { pid, exit: Reaper::global().watch(pid), stdin }
+    fn new(pid: i32, io: ProcessIo) -> Process {
+        Process { pid, exit: Reaper::global().watch(pid), stdin: io.stdin_handle, tty: io.tty }
     }
 
     fn exited(&self) -> bool {
@@ -145,21 +156,45 @@ impl Containers {
         stdio: &Stdio,
     ) -> Result<Container, CallError> {
         let bundle = Bundle::create(&self.paths.state.join("bundles"), id, &self.paths.shared, oci_spec)?;
-        let streams = claim(stdio).await?;
-        let stdin = keep_stdin(&streams)?;
-        match self.runtime.create(id, bundle.dir(), streams).await {
-            Ok(pid) => Ok(Container {
-                bundle,
-                init: Process::new(pid, stdin),
-                execs: HashMap::new(),
-                started: false,
-            }),
+        check_terminal(stdio, bundle.terminal(), "oci_spec: process.terminal")?;
+        let io = self.prepare_io(stdio).await?;
+        let created = self.runtime.create(id, bundle.dir(), io.runtime_streams(), io.console_path()).await;
+        let pid = match created {
+            Ok(pid) => pid,
             Err(err) => {
                 // The runtime may have left its record behind; the bundle goes with `bundle`.
                 let _ = self.runtime.delete(id).await;
-                Err(err.into())
+                return Err(err.into());
+            }
+        };
+        match io.finish().await {
+            Ok(io) => {
+                Ok(Container { bundle, init: Process::new(pid, io), execs: HashMap::new(), started: false })
+            }
+            Err(err) => {
+                let _ = self.runtime.delete(id).await;
+                Err(err)
             }
         }
+    }
+
+    /// Claims the streams `stdio` names and, for a terminal, binds the console socket.
+    async fn prepare_io(&self, stdio: &Stdio) -> Result<PendingIo, CallError> {
+        static CONSOLES: AtomicU64 = AtomicU64::new(0);
+        let console = match stdio.terminal {
+            true => {
+                let dir = self.paths.state.join("consoles");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| CallError::Internal(format!("{}: {e}", dir.display())))?;
+                // A short name: socket paths are limited to 108 bytes.
+                let n = CONSOLES.fetch_add(1, Ordering::Relaxed);
+                Some(ConsoleSocket::bind(&dir.join(format!("{n}.sock")))?)
+            }
+            false => None,
+        };
+        let streams = claim(stdio).await?;
+        let stdin_handle = keep_stdin(&streams)?;
+        Ok(PendingIo { streams, console, stdin_handle })
     }
 
     /// Starts the container's init process.
@@ -186,8 +221,9 @@ impl Containers {
         stdio: &Stdio,
     ) -> Result<(), CallError> {
         check_id(exec_id).map_err(|_| CallError::InvalidArgument(format!("exec_id {exec_id:?}: bad id")))?;
-        let _: oci_spec::runtime::Process = serde_json::from_slice(process)
+        let parsed: oci_spec::runtime::Process = serde_json::from_slice(process)
             .map_err(|err| CallError::InvalidArgument(format!("process: {err}")))?;
+        check_terminal(stdio, parsed.terminal().unwrap_or(false), "process.terminal")?;
         let process_file = self.with_container(id, |c| {
             if !c.started || c.init.exited() {
                 return Err(CallError::FailedPrecondition(format!("container {id} is not running")));
@@ -201,13 +237,19 @@ impl Containers {
         })?;
         std::fs::write(&process_file, process)
             .map_err(|e| CallError::Internal(format!("writing {}: {e}", process_file.display())))?;
-        let streams = claim(stdio).await?;
-        let stdin = keep_stdin(&streams)?;
-        let pid = self.runtime.exec(id, &process_file, streams).await;
+        let io = self.prepare_io(stdio).await?;
+        let pid = self.runtime.exec(id, &process_file, io.runtime_streams(), io.console_path()).await;
         let _ = std::fs::remove_file(&process_file);
         let pid = pid?;
+        let io = match io.finish().await {
+            Ok(io) => io,
+            Err(err) => {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(err);
+            }
+        };
         self.with_container(id, |c| {
-            c.execs.insert(exec_id.to_owned(), Process::new(pid, stdin));
+            c.execs.insert(exec_id.to_owned(), Process::new(pid, io));
             Ok(())
         })
     }
@@ -231,8 +273,15 @@ impl Containers {
 
     /// Waits until the process exited.
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exit, CallError> {
-        let exit = self.with_process(id, exec_id, |p| Ok(p.exit.clone()))?;
-        reaper::exited(exit).await.ok_or_else(|| CallError::Internal("the process's exit was lost".into()))
+        let (exit, drained) =
+            self.with_process(id, exec_id, |p| Ok((p.exit.clone(), p.tty.as_ref().map(Tty::drained))))?;
+        let exit = reaper::exited(exit)
+            .await
+            .ok_or_else(|| CallError::Internal("the process's exit was lost".into()))?;
+        if let Some(mut drained) = drained {
+            let _ = tokio::time::timeout(TTY_DRAIN_LIMIT, drained.wait_for(|done| *done)).await;
+        }
+        Ok(exit)
     }
 
     /// The process reads EOF on stdin once it has read what was sent.
@@ -242,6 +291,19 @@ impl Containers {
                 let _ = nix::sys::socket::shutdown(stdin.as_raw_fd(), nix::sys::socket::Shutdown::Read);
             }
             Ok(())
+        })
+    }
+
+    /// Sets the window size of the process's terminal.
+    pub fn resize(&self, id: &str, exec_id: &str, columns: u32, rows: u32) -> Result<(), CallError> {
+        let size = |value: u32, field: &str| {
+            u16::try_from(value)
+                .map_err(|_| CallError::InvalidArgument(format!("{field} {value}: at most 65535")))
+        };
+        let (columns, rows) = (size(columns, "columns")?, size(rows, "rows")?);
+        self.with_process(id, exec_id, |p| match &p.tty {
+            Some(tty) => Ok(tty.resize(columns, rows)?),
+            None => Err(CallError::FailedPrecondition(format!("process {id}/{exec_id:?} has no terminal"))),
         })
     }
 
@@ -332,6 +394,62 @@ fn check_id(id: &str) -> Result<(), CallError> {
         Err(CallError::InvalidArgument(format!(
             "container_id {id:?}: expected 1 to 128 characters of [A-Za-z0-9_.-], not starting with `.`"
         )))
+    }
+}
+
+/// `stdio.terminal` and the process's own `terminal` must agree.
+fn check_terminal(stdio: &Stdio, process_terminal: bool, field: &str) -> Result<(), CallError> {
+    if stdio.terminal == process_terminal {
+        return Ok(());
+    }
+    Err(CallError::InvalidArgument(format!(
+        "stdio.terminal is {} but {field} is {process_terminal}",
+        stdio.terminal
+    )))
+}
+
+/// A process's streams between claiming them and the runtime's step.
+struct PendingIo {
+    streams: ProcessStdio,
+    console: Option<ConsoleSocket>,
+    stdin_handle: Option<OwnedFd>,
+}
+
+/// What the agent keeps of a started process's streams.
+struct ProcessIo {
+    stdin_handle: Option<OwnedFd>,
+    tty: Option<Tty>,
+}
+
+impl PendingIo {
+    /// The streams the runtime passes on: the host's, or /dev/null when the pty carries them.
+    fn runtime_streams(&self) -> ProcessStdio {
+        if self.console.is_some() {
+            return ProcessStdio::default();
+        }
+        let copy = |fd: &Option<OwnedFd>| fd.as_ref().and_then(|fd| fd.try_clone().ok());
+        ProcessStdio {
+            stdin: copy(&self.streams.stdin),
+            stdout: copy(&self.streams.stdout),
+            stderr: copy(&self.streams.stderr),
+        }
+    }
+
+    fn console_path(&self) -> Option<&std::path::Path> {
+        self.console.as_ref().map(ConsoleSocket::path)
+    }
+
+    /// After the runtime's step: receives the pty master and starts copying. The host's streams
+    /// are released here (without a terminal the process holds its own copies).
+    async fn finish(self) -> Result<ProcessIo, CallError> {
+        let PendingIo { streams, console, stdin_handle } = self;
+        let Some(console) = console else { return Ok(ProcessIo { stdin_handle, tty: None }) };
+        let master = tokio::task::spawn_blocking(move || console.receive_master())
+            .await
+            .map_err(|e| CallError::Internal(format!("receiving the pty master: {e}")))??;
+        let tty = Tty::start(master, streams.stdin, streams.stdout)
+            .map_err(|e| CallError::Internal(format!("starting the terminal copy: {e}")))?;
+        Ok(ProcessIo { stdin_handle, tty: Some(tty) })
     }
 }
 

@@ -33,14 +33,22 @@ impl Runtime {
     }
 
     /// Creates container `id` from the bundle; returns its init's pid (created, not started).
-    pub async fn create(&self, id: &str, bundle: &Path, stdio: ProcessStdio) -> Result<i32, RuntimeError> {
-        let bundle = bundle.display().to_string();
-        let out = self.step("create", &["create", id, &bundle], Some(stdio)).await?;
+    /// With `console`, its pty master is sent to that socket.
+    pub async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        stdio: ProcessStdio,
+        console: Option<&Path>,
+    ) -> Result<i32, RuntimeError> {
+        let mut args = vec!["create".to_owned(), id.to_owned(), bundle.display().to_string()];
+        args.extend(console.map(|path| path.display().to_string()));
+        let out = self.step("create", &args, Some(stdio)).await?;
         parse_pid("create", &out)
     }
 
     pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
-        self.step("start", &["start", id], None).await.map(drop)
+        self.step("start", &["start".into(), id.into()], None).await.map(drop)
     }
 
     /// Runs the OCI process in `process_json` in container `id`; returns its pid.
@@ -49,25 +57,27 @@ impl Runtime {
         id: &str,
         process_json: &Path,
         stdio: ProcessStdio,
+        console: Option<&Path>,
     ) -> Result<i32, RuntimeError> {
-        let process = process_json.display().to_string();
-        let out = self.step("exec", &["exec", id, &process], Some(stdio)).await?;
+        let mut args = vec!["exec".to_owned(), id.to_owned(), process_json.display().to_string()];
+        args.extend(console.map(|path| path.display().to_string()));
+        let out = self.step("exec", &args, Some(stdio)).await?;
         parse_pid("exec", &out)
     }
 
     pub async fn kill_all(&self, id: &str, signal: u32) -> Result<(), RuntimeError> {
-        self.step("kill", &["kill-all", id, &signal.to_string()], None).await.map(drop)
+        self.step("kill", &["kill-all".into(), id.into(), signal.to_string()], None).await.map(drop)
     }
 
     /// Deletes the container, killing what still runs in it.
     pub async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
-        self.step("delete", &["delete", id], None).await.map(drop)
+        self.step("delete", &["delete".into(), id.into()], None).await.map(drop)
     }
 
     async fn step(
         &self,
         step: &'static str,
-        args: &[&str],
+        args: &[String],
         stdio: Option<ProcessStdio>,
     ) -> Result<String, RuntimeError> {
         let mut command = Command::new("/proc/self/exe");

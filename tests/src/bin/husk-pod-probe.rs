@@ -15,7 +15,8 @@ use clap::Parser;
 use husk_protocols::agent::CreateSandboxRequest;
 use husk_shim::agent_client::{AgentAddress, AgentClient};
 use husk_tests::host_agent::{
-    busybox_spec, install_busybox, process_json, spec_json, stdio, TestStdio, BUSYBOX_IMAGE,
+    busybox_spec, install_busybox, process_json, spec_json, stdio, terminal_process_json, terminal_stdio,
+    TestStdio, BUSYBOX_IMAGE,
 };
 
 #[derive(Debug, Parser)]
@@ -72,6 +73,15 @@ async fn pod(cli: Cli) -> Result<()> {
     client.exec_process("sleeper", "e1", process_json(&exec_args), exec_stdio).await?;
     println!("exec-stdout={}", exec.output().await.0.trim());
     println!("exec-status={}", client.wait_process("sleeper", "e1").await?.status);
+    // An exec on a terminal, resized while it runs.
+    let tty_stdio = terminal_stdio("sleeper-t1");
+    let mut tty = TestStdio::open(&client, &tty_stdio).await?;
+    let tty_args = ["sh", "-c", "read go; stty size; tty"];
+    client.exec_process("sleeper", "t1", terminal_process_json(&tty_args), tty_stdio).await?;
+    client.resize_pty("sleeper", "t1", 120, 30).await?;
+    tty.write_stdin(b"go\n").await?;
+    println!("exec-tty={}", tty.output().await.0.replace("\r\n", "|"));
+    println!("exec-tty-status={}", client.wait_process("sleeper", "t1").await?.status);
     client.signal_process("sleeper", "", 9, false).await?;
     println!("sleeper-status={}", client.wait_process("sleeper", "").await?.status);
     client.remove_container("sleeper", false).await?;
