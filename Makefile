@@ -57,14 +57,17 @@ demo: build guest-image testhost
 
 ## bench: boot benchmark, husk-vmm side by side with QEMU microvm (same kernel, same KVM); vsock
 ## benchmark, husk-vmm's hybrid vsock side by side with a host-local unix socket (same run);
-## virtio-fs benchmark, file workloads over the share side by side with the host directory
+## virtio-fs benchmark, file workloads over the share side by side with the host directory;
+## container stdio and exec benchmark, a pod in the VM side by side with a host-mode agent
 bench: build guest-image testhost
 	$(CARGO) build --release --locked -p husk-vmm -p husk-tests --bin husk-vmm --bin husk-bench-boot \
-		--bin husk-bench-vsock --bin husk-bench-fs
+		--bin husk-bench-vsock --bin husk-bench-fs --bin husk-bench-stdio
+	$(CARGO) build --release --locked -p husk-agent
 	tests/vm-host-run --timeout 1800 --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu -- \
 		target/release/husk-bench-boot --vmm target/release/husk-vmm $(GUEST)
 	tests/vm-host-run --timeout 1800 -- target/release/husk-bench-vsock --vmm target/release/husk-vmm $(GUEST)
 	tests/vm-host-run --timeout 1800 -- target/release/husk-bench-fs --vmm target/release/husk-vmm $(GUEST)
+	tests/vm-host-run --timeout 1800 -- target/release/husk-bench-stdio --vmm target/release/husk-vmm $(GUEST)
 
 clean:
 	$(CARGO) clean

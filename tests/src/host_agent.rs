@@ -32,13 +32,18 @@ pub struct HostAgent {
 }
 
 impl HostAgent {
-    /// Starts the agent with an empty shared directory.
+    /// Starts this workspace's agent with an empty shared directory.
     pub fn start() -> std::io::Result<HostAgent> {
+        HostAgent::start_binary(&target_bin("husk-agent"))
+    }
+
+    /// Starts the agent `binary` with an empty shared directory.
+    pub fn start_binary(binary: &Path) -> std::io::Result<HostAgent> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("agent.sock");
         let shared = dir.path().join("shared");
         std::fs::create_dir(&shared)?;
-        let child = Command::new(target_bin("husk-agent"))
+        let child = Command::new(binary)
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .arg("--shared")
@@ -58,9 +63,14 @@ impl HostAgent {
         Ok(agent)
     }
 
-    /// Starts the agent with the busybox image in its shared directory.
+    /// Starts this workspace's agent with the busybox image in its shared directory.
     pub fn with_busybox() -> std::io::Result<HostAgent> {
-        let agent = HostAgent::start()?;
+        HostAgent::binary_with_busybox(&target_bin("husk-agent"))
+    }
+
+    /// Starts the agent `binary` with the busybox image in its shared directory.
+    pub fn binary_with_busybox(binary: &Path) -> std::io::Result<HostAgent> {
+        let agent = HostAgent::start_binary(binary)?;
         install_busybox(&agent.shared.join(BUSYBOX_IMAGE))?;
         Ok(agent)
     }
