@@ -68,7 +68,7 @@ pub fn run() -> Result<Infallible> {
     let stdio = endpoint.stdio();
     let paths = ContainerPaths { shared: PathBuf::from(SHARED_DIR), state: PathBuf::from(STATE_DIR) };
     let api =
-        server::start(endpoint, AgentService::new(Place::Guest, paths)).context("starting the agent API")?;
+        server::start(endpoint, AgentService::new(Place::Guest, paths)?).context("starting the agent API")?;
     StdioBroker::global().listen(&stdio).context("listening for stdio streams")?;
     println!("husk-agent: serving the agent API on {:?}", api.endpoint);
     println!("{}", ready_line()?.render());

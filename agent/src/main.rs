@@ -101,7 +101,7 @@ fn host_mode(endpoint: &str, shared: Option<&str>) -> anyhow::Result<std::conver
         state: format!("{path}.state").into(),
     };
     stdio::StdioBroker::global().listen(&endpoint.stdio())?;
-    let server = server::start(endpoint, api::AgentService::new(sandbox::Place::Host, paths))?;
+    let server = server::start(endpoint, api::AgentService::new(sandbox::Place::Host, paths)?)?;
     eprintln!("husk-agent: host mode, serving the agent API on {:?}", server.endpoint);
     signals::serve(|signal| {
         eprintln!("husk-agent: {signal} received, exiting");

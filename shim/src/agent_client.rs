@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use husk_protocols::agent::{
-    CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, CreateContainerRequest,
-    CreateSandboxRequest, ExecProcessRequest, GuestDetails, GuestDetailsRequest, RemoveContainerRequest,
-    ResizePtyRequest, SignalProcessRequest, Stdio, WaitProcessRequest, WaitProcessResponse,
+    CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, ContainerStats, CreateContainerRequest,
+    CreateSandboxRequest, ExecProcessRequest, GetOOMEventRequest, GuestDetails, GuestDetailsRequest,
+    RemoveContainerRequest, ResizePtyRequest, SignalProcessRequest, Stdio, UpdateContainerRequest,
+    WaitProcessRequest, WaitProcessResponse,
 };
 use husk_protocols::{
     agent_ttrpc, StdioHello, StdioStream, AGENT_API_VERSION, AGENT_VSOCK_PORT, STDIO_VSOCK_PORT,
@@ -226,6 +227,37 @@ impl AgentClient {
             .wait_process(ttrpc::context::with_timeout(0), &request)
             .await
             .map_err(|source| self.call_error("WaitProcess", source))
+    }
+
+    /// The container's cgroup figures (CPU, memory, pids, I/O, OOM kills).
+    pub async fn stats_container(&self, id: &str) -> Result<ContainerStats, AgentError> {
+        let request = ContainerRequest { container_id: id.to_owned(), ..Default::default() };
+        self.call("StatsContainer", self.rpc.stats_container(self.context(), &request)).await
+    }
+
+    /// Applies an OCI `linux.resources` object (JSON) to the container.
+    pub async fn update_container(&self, id: &str, resources: Vec<u8>) -> Result<(), AgentError> {
+        let request = UpdateContainerRequest { container_id: id.to_owned(), resources, ..Default::default() };
+        self.call("UpdateContainer", self.rpc.update_container(self.context(), &request)).await.map(drop)
+    }
+
+    pub async fn pause_container(&self, id: &str) -> Result<(), AgentError> {
+        let request = ContainerRequest { container_id: id.to_owned(), ..Default::default() };
+        self.call("PauseContainer", self.rpc.pause_container(self.context(), &request)).await.map(drop)
+    }
+
+    pub async fn resume_container(&self, id: &str) -> Result<(), AgentError> {
+        let request = ContainerRequest { container_id: id.to_owned(), ..Default::default() };
+        self.call("ResumeContainer", self.rpc.resume_container(self.context(), &request)).await.map(drop)
+    }
+
+    /// Waits (no deadline) for the next container of the pod to have a process OOM-killed.
+    pub async fn next_oom_event(&self) -> Result<String, AgentError> {
+        self.rpc
+            .get_oom_event(ttrpc::context::with_timeout(0), &GetOOMEventRequest::new())
+            .await
+            .map(|event| event.container_id)
+            .map_err(|source| self.call_error("GetOOMEvent", source))
     }
 
     /// Sets the window size of the process's terminal.

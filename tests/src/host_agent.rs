@@ -131,6 +131,15 @@ pub fn busybox_spec(args: &[&str]) -> Spec {
     spec
 }
 
+/// JSON of `spec` with `resources` (an OCI `linux.resources` object) set.
+pub fn spec_json_with_resources(spec: &Spec, resources: serde_json::Value) -> Vec<u8> {
+    let mut value = serde_json::to_value(spec).unwrap_or_default();
+    if let Some(linux) = value.get_mut("linux").and_then(serde_json::Value::as_object_mut) {
+        linux.insert("resources".into(), resources);
+    }
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
 /// JSON of `spec`.
 pub fn spec_json(spec: &Spec) -> Vec<u8> {
     serde_json::to_vec(spec).unwrap_or_default()

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use husk_shim::agent_client::AgentClient;
 use husk_tests::host_agent::{
-    busybox_spec, process_json, spec_json, stdio, terminal_stdio, HostAgent, TestStdio,
+    busybox_spec, process_json, spec_json, spec_json_with_resources, stdio, terminal_stdio, HostAgent,
+    TestStdio,
 };
 use husk_tests::{combined, describe, guest_dir, run, target_bin, VmHost};
+use serde_json::json;
 
 const SIGKILL: u32 = 9;
 
@@ -124,6 +126,78 @@ fn a_terminal_process_gets_a_pty_its_window_size_and_its_input() {
 }
 
 #[test]
+fn a_memory_limit_oom_kills_and_reports_an_oom_event() {
+    let agent = HostAgent::with_busybox().unwrap();
+    runtime().block_on(async {
+        let client = agent.client().await.unwrap();
+        // sort keeps its whole input (one 64 MB line) in memory: far over the 16 MiB limit.
+        let spec = busybox_spec(&["sh", "-c", "head -c 64000000 /dev/zero | sort > /dev/null"]);
+        let limit = 16 << 20;
+        let resources = json!({"memory": {"limit": limit, "swap": limit}});
+        let stdio = stdio("oom", false);
+        let mut streams = TestStdio::open(&client, &stdio).await.unwrap();
+        client.create_container("oom", spec_json_with_resources(&spec, resources), stdio).await.unwrap();
+        client.start_container("oom").await.unwrap();
+        let (_, err) = streams.output().await;
+        assert_eq!(client.wait_process("oom", "").await.unwrap().status, 137, "killed: {err}");
+        let event =
+            tokio::time::timeout(Duration::from_secs(10), client.next_oom_event()).await.unwrap().unwrap();
+        assert_eq!(event, "oom");
+        let stats = client.stats_container("oom").await.unwrap();
+        assert!(stats.oom_kills >= 1 && stats.memory_limit_bytes == limit, "{stats:?}");
+        client.remove_container("oom", false).await.unwrap();
+    });
+}
+
+#[test]
+fn a_pids_limit_is_enforced_and_stats_and_updates_follow_the_container() {
+    let agent = HostAgent::with_busybox().unwrap();
+    runtime().block_on(async {
+        let client = agent.client().await.unwrap();
+        // A failed fork ends a shell, so the forking runs in a child shell.
+        let script = "read go; sh -c 'for i in $(seq 1 10); do sleep 30 & done'; echo forked; i=0; \
+                      while [ $i -lt 30000 ]; do i=$((i+1)); done; echo counted; read done";
+        let spec = busybox_spec(&["sh", "-c", script]);
+        let stdio = stdio("pids", true);
+        let mut streams = TestStdio::open(&client, &stdio).await.unwrap();
+        let resources = json!({"pids": {"limit": 5}});
+        client.create_container("pids", spec_json_with_resources(&spec, resources), stdio).await.unwrap();
+        client.start_container("pids").await.unwrap();
+        let before = client.stats_container("pids").await.unwrap();
+        assert_eq!(before.pids_limit, 5, "{before:?}");
+        streams.write_stdin(b"go\n").await.unwrap();
+        let mut out = Vec::new();
+        let stdout = streams.stdout.as_mut().unwrap();
+        while !String::from_utf8_lossy(&out).contains("counted") {
+            let mut chunk = [0u8; 256];
+            let read = tokio::io::AsyncReadExt::read(stdout, &mut chunk).await.unwrap();
+            assert!(read > 0, "stdout ended early: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&chunk[..read]);
+        }
+        let during = client.stats_container("pids").await.unwrap();
+        assert!((2..=5).contains(&during.pids_current), "the limit held: {during:?}");
+        assert!(during.cpu_usage_usec > before.cpu_usage_usec, "CPU time moved: {before:?} -> {during:?}");
+        assert!(during.memory_usage_bytes > 0, "{during:?}");
+        client
+            .update_container("pids", serde_json::to_vec(&json!({"pids": {"limit": 50}})).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(client.stats_container("pids").await.unwrap().pids_limit, 50, "the update applied");
+        let err = client.update_container("pids", b"[1]".to_vec()).await.unwrap_err().to_string();
+        assert!(err.contains("INVALID_ARGUMENT") && err.contains("resources"), "{err}");
+        client.pause_container("pids").await.unwrap();
+        client.resume_container("pids").await.unwrap();
+        streams.write_stdin(b"done\n").await.unwrap();
+        let (_, err) = streams.output().await;
+        assert!(err.contains("can't fork"), "forks beyond the limit failed: {err}");
+        assert_eq!(client.wait_process("pids", "").await.unwrap().status, 0);
+        let err = client.pause_container("pids").await.unwrap_err().to_string();
+        assert!(err.contains("FAILED_PRECONDITION"), "{err}");
+        client.remove_container("pids", true).await.unwrap();
+    });
+}
+
+#[test]
 fn a_read_only_rootfs_refuses_writes_and_a_writable_one_keeps_them_off_the_image() {
     let agent = HostAgent::with_busybox().unwrap();
     runtime().block_on(async {
@@ -213,6 +287,12 @@ echo '--- console'; cat $work/console.log; rm -rf $work",
     assert!(text.contains("exec-tty=go|30 120|/dev/pts/"), "a terminal exec, resized: {text}");
     assert!(text.contains("exec-tty-status=0"), "{text}");
     assert!(text.contains("sleeper-status=137"), "{text}");
+    assert!(
+        text.contains("oom-status=137") && text.contains("oom-event=oom"),
+        "an OOM kill and its event: {text}"
+    );
+    assert!(text.contains("oom-stats=kills:1 memory_limit:16777216 pids_limit:20 cpu_usec:"), "{text}");
+    assert!(!text.contains("cpu_usec:0\n"), "CPU time was counted: {text}");
     assert!(text.contains("bad-spec-error=") && text.contains("INVALID_ARGUMENT"), "{text}");
     assert!(text.contains("unknown-id-error=") && text.contains("NOT_FOUND"), "{text}");
     assert!(text.contains("still-serving=true"), "{text}");

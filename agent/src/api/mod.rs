@@ -8,10 +8,10 @@ use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
 use husk_protocols::agent::{
-    CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, CreateContainerRequest,
-    CreateSandboxRequest, DestroySandboxRequest, Empty, ExecProcessRequest, GuestDetails,
-    GuestDetailsRequest, ListProcessesResponse, RemoveContainerRequest, ResizePtyRequest,
-    SignalProcessRequest, WaitProcessRequest, WaitProcessResponse,
+    CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, ContainerStats, CreateContainerRequest,
+    CreateSandboxRequest, DestroySandboxRequest, Empty, ExecProcessRequest, GetOOMEventRequest, GuestDetails,
+    GuestDetailsRequest, ListProcessesResponse, OOMEvent, RemoveContainerRequest, ResizePtyRequest,
+    SignalProcessRequest, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use husk_protocols::agent_ttrpc::Agent;
 use husk_protocols::AGENT_API_VERSION;
@@ -32,8 +32,13 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    pub fn new(place: Place, paths: ContainerPaths) -> AgentService {
-        AgentService { place, containers: Containers::new(paths.clone()), paths, sandbox: Mutex::new(None) }
+    pub fn new(place: Place, paths: ContainerPaths) -> std::io::Result<AgentService> {
+        Ok(AgentService {
+            place,
+            containers: Containers::new(paths.clone())?,
+            paths,
+            sandbox: Mutex::new(None),
+        })
     }
 
     fn sandbox(&self) -> std::sync::MutexGuard<'_, Option<String>> {
@@ -176,6 +181,54 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<ListProcessesResponse> {
         let pids = self.containers.pids(&req.container_id)?;
         Ok(ListProcessesResponse { pids, ..Default::default() })
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ContainerStats> {
+        let s = self.containers.stats(&req.container_id).await?;
+        Ok(ContainerStats {
+            cpu_usage_usec: s.cpu_usage_usec,
+            cpu_user_usec: s.cpu_user_usec,
+            cpu_system_usec: s.cpu_system_usec,
+            memory_usage_bytes: s.memory_usage_bytes,
+            memory_limit_bytes: s.memory_limit_bytes,
+            memory_max_usage_bytes: s.memory_max_usage_bytes,
+            pids_current: s.pids_current,
+            pids_limit: s.pids_limit,
+            io_read_bytes: s.io_read_bytes,
+            io_write_bytes: s.io_write_bytes,
+            oom_kills: s.oom_kills,
+            ..Default::default()
+        })
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.update(&req.container_id, &req.resources).await?;
+        Ok(Empty::new())
+    }
+
+    async fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.freeze(&req.container_id, true).await?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.freeze(&req.container_id, false).await?;
+        Ok(Empty::new())
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: GetOOMEventRequest) -> ttrpc::Result<OOMEvent> {
+        match self.containers.next_oom().await {
+            Some(container_id) => Ok(OOMEvent { container_id, ..Default::default() }),
+            None => Err(CallError::Internal("the OOM watcher stopped".into()).into()),
+        }
     }
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {

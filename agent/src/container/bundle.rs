@@ -16,6 +16,8 @@ pub struct Bundle {
     mounted: bool,
     /// The spec's `process.terminal`.
     terminal: bool,
+    /// The spec's `linux.cgroupsPath` (Husk's default when it had none).
+    cgroups_path: PathBuf,
 }
 
 impl Bundle {
@@ -27,7 +29,12 @@ impl Bundle {
         let lower = image_dir(&spec, shared)?;
         check_process(&spec)?;
         let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
-        let mut bundle = Bundle { dir: bundles.join(id), mounted: false, terminal };
+        let cgroups_path = spec
+            .linux()
+            .as_ref()
+            .and_then(|linux| linux.cgroups_path().clone())
+            .unwrap_or_else(|| PathBuf::from(format!("/husk/{id}")));
+        let mut bundle = Bundle { dir: bundles.join(id), mounted: false, terminal, cgroups_path };
         if bundle.dir.exists() {
             return Err(CallError::AlreadyExists(format!(
                 "container {id}: bundle {} exists",
@@ -53,12 +60,14 @@ impl Bundle {
             root.set_path(bundle.rootfs());
         }
         if let Some(linux) = spec.linux_mut() {
-            if linux.cgroups_path().is_none() {
-                linux.set_cgroups_path(Some(PathBuf::from(format!("/husk/{id}"))));
-            }
+            linux.set_cgroups_path(Some(bundle.cgroups_path.clone()));
         }
         spec.save(bundle.dir.join("config.json")).map_err(|e| internal("writing config.json", &e))?;
         Ok(bundle)
+    }
+
+    pub fn cgroups_path(&self) -> &Path {
+        &self.cgroups_path
     }
 
     pub fn terminal(&self) -> bool {

@@ -11,6 +11,8 @@
 //!
 //! With CONSOLE (a unix socket path) the process gets a pty whose master is sent there.
 //! husk-agent runtime ROOT kill-all ID SIGNAL
+//! husk-agent runtime ROOT pause ID | resume ID
+//! husk-agent runtime ROOT update ID CGROUPS_PATH RESOURCES.JSON   an OCI linux.resources object
 //! husk-agent runtime ROOT delete ID
 //! ```
 
@@ -68,10 +70,33 @@ fn run(args: &[String]) -> Result<()> {
             let signal = Signal::try_from(*signal).context("signal")?;
             load(root, id)?.kill(signal, true).context("signalling the container's processes")?
         }
+        ["pause", id] => load(root, id)?.pause().context("pausing the container")?,
+        ["resume", id] => load(root, id)?.resume().context("resuming the container")?,
+        ["update", id, cgroups_path, resources] => update(id, cgroups_path, resources)?,
         ["delete", id] => load(root, id)?.delete(true).context("deleting the container")?,
         _ => bail!("husk-agent runtime: unknown step {step:?}"),
     }
     Ok(())
+}
+
+/// Applies new `linux.resources` to the container's cgroup.
+fn update(id: &str, cgroups_path: &str, resources: &str) -> Result<()> {
+    use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
+    let text = std::fs::read(resources).with_context(|| format!("reading {resources}"))?;
+    let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&text).context("resources")?;
+    let config = CgroupConfig {
+        cgroup_path: PathBuf::from(cgroups_path),
+        systemd_cgroup: false,
+        container_name: id.to_owned(),
+    };
+    let manager = create_cgroup_manager(config).context("the container's cgroup")?;
+    let options = ControllerOpt {
+        resources: &resources,
+        disable_oom_killer: false,
+        oom_score_adj: None,
+        freezer_state: None,
+    };
+    manager.apply(&options).context("applying the resources")
 }
 
 fn builder(root: &Path, id: &str) -> Result<ContainerBuilder> {

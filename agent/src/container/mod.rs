@@ -3,7 +3,9 @@
 //! stdio from [`crate::stdio`], exits from [`crate::reaper`].
 
 pub mod bundle;
+pub mod cgroup;
 pub mod helper;
+pub mod oom;
 pub mod runtime;
 
 use std::collections::HashMap;
@@ -18,6 +20,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use self::bundle::Bundle;
+use self::cgroup::{Cgroup, CgroupStats};
+use self::oom::OomWatcher;
 use self::runtime::{Runtime, RuntimeError};
 use crate::reaper::{self, Exit, ExitWatch, Reaper};
 use crate::stdio::{ProcessStdio, StdioBroker, StdioError};
@@ -96,6 +100,7 @@ impl Process {
 #[derive(Debug)]
 struct Container {
     bundle: Bundle,
+    cgroup: Cgroup,
     init: Process,
     execs: HashMap<String, Process>,
     started: bool,
@@ -105,7 +110,7 @@ struct Container {
 #[derive(Debug)]
 enum Slot {
     Creating,
-    Ready(Container),
+    Ready(Box<Container>),
 }
 
 /// Every container of the pod.
@@ -113,13 +118,14 @@ enum Slot {
 pub struct Containers {
     paths: ContainerPaths,
     runtime: Runtime,
+    oom: OomWatcher,
     table: Mutex<HashMap<String, Slot>>,
 }
 
 impl Containers {
-    pub fn new(paths: ContainerPaths) -> Containers {
+    pub fn new(paths: ContainerPaths) -> std::io::Result<Containers> {
         let runtime = Runtime::new(paths.state.join("runtime"));
-        Containers { paths, runtime, table: Mutex::new(HashMap::new()) }
+        Ok(Containers { paths, runtime, oom: OomWatcher::start()?, table: Mutex::new(HashMap::new()) })
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
@@ -139,7 +145,7 @@ impl Containers {
         let mut table = self.table();
         match created {
             Ok(container) => {
-                table.insert(id.to_owned(), Slot::Ready(container));
+                table.insert(id.to_owned(), Slot::Ready(Box::new(container)));
                 Ok(())
             }
             Err(err) => {
@@ -169,7 +175,15 @@ impl Containers {
         };
         match io.finish().await {
             Ok(io) => {
-                Ok(Container { bundle, init: Process::new(pid, io), execs: HashMap::new(), started: false })
+                let cgroup = Cgroup::locate(bundle.cgroups_path());
+                self.oom.watch(id, cgroup.clone());
+                Ok(Container {
+                    bundle,
+                    cgroup,
+                    init: Process::new(pid, io),
+                    execs: HashMap::new(),
+                    started: false,
+                })
             }
             Err(err) => {
                 let _ = self.runtime.delete(id).await;
@@ -328,6 +342,7 @@ impl Containers {
         // The runtime's delete kills what still runs (a created container's init too).
         self.runtime.delete(id).await?;
         let _ = tokio::time::timeout(KILL_TIMEOUT, reaper::exited(init)).await;
+        self.oom.forget(id);
         let removed = self.table().remove(id);
         if let Some(Slot::Ready(container)) = removed {
             container
@@ -336,6 +351,45 @@ impl Containers {
                 .map_err(|e| CallError::Internal(format!("removing the bundle: {e}")))?;
         }
         Ok(())
+    }
+
+    /// The container's cgroup figures.
+    pub async fn stats(&self, id: &str) -> Result<CgroupStats, CallError> {
+        let cgroup = self.with_container(id, |c| Ok(c.cgroup.clone()))?;
+        tokio::task::spawn_blocking(move || cgroup.stats())
+            .await
+            .map_err(|e| CallError::Internal(format!("reading the cgroup: {e}")))
+    }
+
+    /// Freezes (`pause`) or thaws the container's processes.
+    pub async fn freeze(&self, id: &str, pause: bool) -> Result<(), CallError> {
+        self.with_container(id, |c| match c.started && !c.init.exited() {
+            true => Ok(()),
+            false => Err(CallError::FailedPrecondition(format!("container {id} is not running"))),
+        })?;
+        match pause {
+            true => Ok(self.runtime.pause(id).await?),
+            false => Ok(self.runtime.resume(id).await?),
+        }
+    }
+
+    /// Applies new OCI `linux.resources` (JSON) to the container.
+    pub async fn update(&self, id: &str, resources: &[u8]) -> Result<(), CallError> {
+        let _: oci_spec::runtime::LinuxResources = serde_json::from_slice(resources)
+            .map_err(|err| CallError::InvalidArgument(format!("resources: {err}")))?;
+        let (file, cgroups_path) = self.with_container(id, |c| {
+            Ok((c.bundle.dir().join("resources.json"), c.bundle.cgroups_path().to_path_buf()))
+        })?;
+        std::fs::write(&file, resources)
+            .map_err(|e| CallError::Internal(format!("writing {}: {e}", file.display())))?;
+        let updated = self.runtime.update(id, &cgroups_path, &file).await;
+        let _ = std::fs::remove_file(&file);
+        Ok(updated?)
+    }
+
+    /// The next container that had a process OOM-killed (waits for one).
+    pub async fn next_oom(&self) -> Option<String> {
+        self.oom.next().await
     }
 
     /// Removes every container, killing what runs (DestroySandbox, agent shutdown).

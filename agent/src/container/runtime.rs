@@ -69,6 +69,30 @@ impl Runtime {
         self.step("kill", &["kill-all".into(), id.into(), signal.to_string()], None).await.map(drop)
     }
 
+    pub async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.step("pause", &["pause".into(), id.into()], None).await.map(drop)
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.step("resume", &["resume".into(), id.into()], None).await.map(drop)
+    }
+
+    /// Applies the OCI `linux.resources` in `resources_json` to the cgroup at `cgroups_path`.
+    pub async fn update(
+        &self,
+        id: &str,
+        cgroups_path: &Path,
+        resources_json: &Path,
+    ) -> Result<(), RuntimeError> {
+        let args = [
+            "update".to_owned(),
+            id.to_owned(),
+            cgroups_path.display().to_string(),
+            resources_json.display().to_string(),
+        ];
+        self.step("update", &args, None).await.map(drop)
+    }
+
     /// Deletes the container, killing what still runs in it.
     pub async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
         self.step("delete", &["delete".into(), id.into()], None).await.map(drop)

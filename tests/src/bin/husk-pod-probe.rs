@@ -15,8 +15,8 @@ use clap::Parser;
 use husk_protocols::agent::CreateSandboxRequest;
 use husk_shim::agent_client::{AgentAddress, AgentClient};
 use husk_tests::host_agent::{
-    busybox_spec, install_busybox, process_json, spec_json, stdio, terminal_process_json, terminal_stdio,
-    TestStdio, BUSYBOX_IMAGE,
+    busybox_spec, install_busybox, process_json, spec_json, spec_json_with_resources, stdio,
+    terminal_process_json, terminal_stdio, TestStdio, BUSYBOX_IMAGE,
 };
 
 #[derive(Debug, Parser)]
@@ -85,6 +85,24 @@ async fn pod(cli: Cli) -> Result<()> {
     client.signal_process("sleeper", "", 9, false).await?;
     println!("sleeper-status={}", client.wait_process("sleeper", "").await?.status);
     client.remove_container("sleeper", false).await?;
+
+    // cgroup v2 limits: a memory limit that OOM-kills, reported as an event; stats of the cgroup.
+    let spec = busybox_spec(&["sh", "-c", "head -c 64000000 /dev/zero | sort > /dev/null"]);
+    let resources = serde_json::json!({"memory": {"limit": 16 << 20}, "pids": {"limit": 20}});
+    let oom_stdio = stdio("oom", false);
+    let mut oom = TestStdio::open(&client, &oom_stdio).await?;
+    client.create_container("oom", spec_json_with_resources(&spec, resources), oom_stdio).await?;
+    client.start_container("oom").await?;
+    let _ = oom.output().await;
+    println!("oom-status={}", client.wait_process("oom", "").await?.status);
+    let event = tokio::time::timeout(Duration::from_secs(30), client.next_oom_event()).await;
+    println!("oom-event={}", event.ok().and_then(Result::ok).unwrap_or_default());
+    let stats = client.stats_container("oom").await?;
+    println!(
+        "oom-stats=kills:{} memory_limit:{} pids_limit:{} cpu_usec:{}",
+        stats.oom_kills, stats.memory_limit_bytes, stats.pids_limit, stats.cpu_usage_usec
+    );
+    client.remove_container("oom", false).await?;
 
     // Errors name what is wrong, and the agent keeps serving.
     let bad = client.create_container("bad", b"{\"ociVersion\": 1}".to_vec(), Default::default()).await;
