@@ -14,6 +14,7 @@ use husk_tests::host_agent::{
     TestStdio,
 };
 use husk_tests::{combined, describe, guest_dir, run, target_bin, VmHost};
+use oci_spec::runtime::Spec;
 use serde_json::json;
 
 const SIGKILL: u32 = 9;
@@ -24,9 +25,14 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Creates and starts container `id` running `args` with stdout/stderr (and stdin) streams.
 async fn run_container(client: &AgentClient, id: &str, args: &[&str], with_stdin: bool) -> TestStdio {
+    run_spec(client, id, &busybox_spec(args), with_stdin).await
+}
+
+/// Creates and starts container `id` from `spec` with stdout/stderr (and stdin) streams.
+async fn run_spec(client: &AgentClient, id: &str, spec: &Spec, with_stdin: bool) -> TestStdio {
     let stdio = stdio(id, with_stdin);
     let streams = TestStdio::open(client, &stdio).await.unwrap();
-    client.create_container(id, spec_json(&busybox_spec(args)), stdio).await.unwrap();
+    client.create_container(id, spec_json(spec), stdio).await.unwrap();
     client.start_container(id).await.unwrap();
     streams
 }
@@ -71,6 +77,12 @@ fn sigkill_ends_a_container_with_status_137_and_exec_runs_beside_its_init() {
         let pids: u32 = pids.strip_prefix("pids=").unwrap().parse().unwrap();
         assert!((2..=6).contains(&pids), "the exec sees only the container's processes: {out}");
         assert_eq!(client.wait_process("sleeper", "e1").await.unwrap().status, 5);
+        // Another container of the pod sees neither the sleeper nor the agent.
+        let mut peer = run_container(&client, "peer", &["sh", "-c", "cat /proc/[0-9]*/comm"], false).await;
+        let (seen, _) = peer.output().await;
+        assert!(!seen.contains("sleep") && !seen.contains("husk-agent"), "peer sees: {seen}");
+        assert_eq!(client.wait_process("peer", "").await.unwrap().status, 0);
+        client.remove_container("peer", false).await.unwrap();
         let err = client.remove_container("sleeper", false).await.unwrap_err().to_string();
         assert!(err.contains("FAILED_PRECONDITION") && err.contains("running"), "{err}");
         client.signal_process("sleeper", "", SIGKILL, false).await.unwrap();
@@ -194,6 +206,31 @@ fn a_pids_limit_is_enforced_and_stats_and_updates_follow_the_container() {
         let err = client.pause_container("pids").await.unwrap_err().to_string();
         assert!(err.contains("FAILED_PRECONDITION"), "{err}");
         client.remove_container("pids", true).await.unwrap();
+    });
+}
+
+#[test]
+fn the_spec_user_capabilities_and_rlimits_apply() {
+    let agent = HostAgent::with_busybox().unwrap();
+    runtime().block_on(async {
+        let client = agent.client().await.unwrap();
+        let script =
+            "echo uid=$(id -u) gid=$(id -g); ulimit -n; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; \
+                      chown 1:1 /tmp 2>&1 || echo chown-refused";
+        let mut spec = busybox_spec(&["sh", "-c", script]);
+        let mut value = serde_json::to_value(&spec).unwrap();
+        value["process"]["user"] = json!({"uid": 65534, "gid": 65534});
+        value["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 123}]);
+        spec = serde_json::from_value(value).unwrap();
+        let mut streams = run_spec(&client, "user", &spec, false).await;
+        let (out, _) = streams.output().await;
+        assert!(out.contains("uid=65534 gid=65534"), "{out}");
+        assert!(out.contains("123\n"), "the soft RLIMIT_NOFILE: {out}");
+        // The default spec's set: AUDIT_WRITE (29), NET_BIND_SERVICE (10), KILL (5); no CHOWN.
+        assert!(out.contains("CapEff:\t0000000020000420"), "exactly the spec's capabilities: {out}");
+        assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+        assert!(out.contains("chown-refused"), "{out}");
+        client.remove_container("user", false).await.unwrap();
     });
 }
 

@@ -19,6 +19,16 @@ fn the_image_verifies_and_init_is_a_static_executable() {
     assert_eq!(init.mode & 0o170000, 0o100000, "/init is a regular file");
     assert_ne!(init.mode & 0o111, 0, "/init is executable");
     assert_eq!(elf::is_static(&init.data), Some(true), "/init must not need a dynamic loader");
+    // What a user would check: ldd on the agent that became /init (libseccomp linked in too).
+    let work = tempfile::tempdir().unwrap();
+    let agent = work.path().join("husk-agent");
+    fs::write(&agent, &init.data).unwrap();
+    let ldd = run(Command::new("ldd").arg(&agent));
+    let text = String::from_utf8_lossy(&ldd.stdout).into_owned() + &String::from_utf8_lossy(&ldd.stderr);
+    assert!(
+        text.contains("statically linked") || text.contains("not a dynamic executable"),
+        "ldd husk-agent: {text}"
+    );
     let console = entries.iter().find(|e| e.name == "dev/console").expect("the initramfs has /dev/console");
     assert_eq!(console.mode & 0o170000, 0o020000, "/dev/console is a character device");
 }
