@@ -100,11 +100,14 @@ fn host_mode(endpoint: &str, shared: Option<&str>) -> anyhow::Result<std::conver
         shared: shared.map_or_else(|| format!("{path}.shared").into(), Into::into),
         state: format!("{path}.state").into(),
     };
+    // An earlier agent on this socket that was killed may have left containers behind.
+    container::leftovers::remove(&paths);
     stdio::StdioBroker::global().listen(&endpoint.stdio())?;
-    let server = server::start(endpoint, api::AgentService::new(sandbox::Place::Host, paths)?)?;
+    let server = server::start(endpoint, api::AgentService::new(sandbox::Place::Host, paths.clone())?)?;
     eprintln!("husk-agent: host mode, serving the agent API on {:?}", server.endpoint);
     signals::serve(|signal| {
-        eprintln!("husk-agent: {signal} received, exiting");
+        eprintln!("husk-agent: {signal} received; removing containers and exiting");
+        container::leftovers::remove(&paths);
         std::process::exit(0)
     })
 }

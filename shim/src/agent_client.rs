@@ -229,6 +229,12 @@ impl AgentClient {
             .map_err(|source| self.call_error("WaitProcess", source))
     }
 
+    /// Guest pids of the container's processes that still run.
+    pub async fn list_processes(&self, id: &str) -> Result<Vec<u32>, AgentError> {
+        let request = ContainerRequest { container_id: id.to_owned(), ..Default::default() };
+        self.call("ListProcesses", self.rpc.list_processes(self.context(), &request)).await.map(|r| r.pids)
+    }
+
     /// The container's cgroup figures (CPU, memory, pids, I/O, OOM kills).
     pub async fn stats_container(&self, id: &str) -> Result<ContainerStats, AgentError> {
         let request = ContainerRequest { container_id: id.to_owned(), ..Default::default() };

@@ -298,6 +298,22 @@ fn bad_specs_and_unknown_ids_get_named_errors_and_leave_nothing_behind() {
     assert!(!mounts.contains(agent.state_dir().to_str().unwrap()), "no mount left: {mounts}");
 }
 
+#[test]
+fn a_stopped_host_mode_agent_leaves_no_container_mount_or_cgroup_behind() {
+    let agent = HostAgent::with_busybox().unwrap();
+    let state = agent.state_dir();
+    runtime().block_on(async {
+        let client = agent.client().await.unwrap();
+        run_container(&client, "left-running", &["sleep", "1000"], false).await;
+        assert_eq!(client.list_processes("left-running").await.unwrap().len(), 1);
+    });
+    drop(agent); // SIGTERM
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(state.to_str().unwrap()), "no rootfs mount left: {mounts}");
+    let cgroups = ["/sys/fs/cgroup/husk/left-running", "/sys/fs/cgroup/pids/husk/left-running"];
+    assert!(cgroups.iter().all(|c| !std::path::Path::new(c).exists()), "no cgroup left");
+}
+
 /// The VM path: a pod in a real guest, containers whose rootfs comes from the host over virtio-fs,
 /// stdio over vsock streams.
 #[test]

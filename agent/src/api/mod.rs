@@ -122,6 +122,9 @@ impl Agent for AgentService {
         _req: DestroySandboxRequest,
     ) -> ttrpc::Result<Empty> {
         self.containers.remove_all().await;
+        if self.sandbox().take().is_some() && self.place == Place::Guest {
+            let _ = nix::mount::umount2(&self.paths.shared, nix::mount::MntFlags::MNT_DETACH);
+        }
         Ok(Empty::new())
     }
 

@@ -5,6 +5,7 @@
 pub mod bundle;
 pub mod cgroup;
 pub mod helper;
+pub mod leftovers;
 pub mod oom;
 pub mod runtime;
 
