@@ -50,10 +50,13 @@ test: lint build guest-image testhost
 
 GUEST := --kernel build/guest/vmlinux --initrd build/guest/initramfs.cpio
 
-## demo: what works end to end so far: boot the guest image with husk-vmm where guests can run
-## (directly, or in the nested test host), print the agent's ready line and the boot time
+## demo: a container in a microVM: `husk run` boots a sandbox VM (the VMM inside husk), shares a
+## busybox rootfs into it over virtio-fs and the agent runs the command there (directly where this
+## machine's KVM can run guests, otherwise inside the nested test host)
 demo: build guest-image testhost
-	tests/vm-host-run target/debug/husk-vmm $(GUEST) --vcpus 2 --append husk.after_ready=poweroff
+	scripts/busybox-rootfs build/demo-rootfs
+	tests/vm-host-run target/debug/husk run build/demo-rootfs -- \
+		sh -c 'echo "hello from a container in a Husk microVM: kernel $$(uname -r), pid $$$$, $$(nproc) vCPU"'
 
 ## bench: boot benchmark, husk-vmm side by side with QEMU microvm (same kernel, same KVM); vsock
 ## benchmark, husk-vmm's hybrid vsock side by side with a host-local unix socket (same run);

@@ -158,6 +158,14 @@ impl AgentClient {
         self.call("CreateSandbox", self.rpc.create_sandbox(self.context(), request)).await.map(drop)
     }
 
+    /// Kills the pod's containers and unmounts the share in the guest (the VM is stopped next).
+    pub async fn destroy_sandbox(
+        &self,
+        request: &husk_protocols::agent::DestroySandboxRequest,
+    ) -> Result<(), AgentError> {
+        self.call("DestroySandbox", self.rpc.destroy_sandbox(self.context(), request)).await.map(drop)
+    }
+
     /// Creates a container from its OCI spec (JSON); its streams must be opened with
     /// [`AgentClient::open_stdio`] (before or while this call runs).
     pub async fn create_container(

@@ -2,9 +2,13 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use husk_shim::check::{CheckName, CheckReport};
+use husk_shim::run::{default_sandbox_root, RunOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "husk", version, about = "Husk: containers in KVM microVMs")]
@@ -24,9 +28,42 @@ enum Commands {
         #[arg(long, value_enum)]
         only: Vec<CheckName>,
     },
+    /// Run a command in a container in its own microVM, without containerd: ROOTFS is a root
+    /// file system directory or an OCI bundle (a directory with config.json). Exits with the
+    /// container's status.
+    Run {
+        /// Allocate a terminal.
+        #[arg(short, long)]
+        tty: bool,
+        /// Attach stdin.
+        #[arg(short, long)]
+        interactive: bool,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
+        /// Guest image directory (default: the built or installed image).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Seconds the guest agent may take to answer.
+        #[arg(long, default_value_t = 120)]
+        agent_timeout_s: u64,
+        rootfs: PathBuf,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
         Commands::Check { json, only } => {
             let report = CheckReport::run(&only);
@@ -36,6 +73,44 @@ fn main() -> Result<ExitCode> {
                 print!("{}", report.render_text());
             }
             Ok(if report.ready { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Commands::Run { tty, interactive, vcpus, mem, image, agent_timeout_s, rootfs, command } => {
+            let options = RunOptions {
+                target: rootfs,
+                args: command,
+                tty,
+                interactive,
+                vcpus,
+                mem_mib: mem,
+                image,
+                sandbox_root: default_sandbox_root().to_path_buf(),
+                agent_timeout: Duration::from_secs(agent_timeout_s),
+            };
+            run(&options)
+        }
+    }
+}
+
+/// Exit status of `husk run` when Husk itself failed (as `docker run` does), not the container.
+const RUN_FAILED: u8 = 125;
+
+/// `husk run`; SIGINT and SIGTERM end it (dropping the sandbox stops the VM and removes it all).
+fn run(options: &RunOptions) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let status = runtime.block_on(async {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("handling SIGTERM")?;
+        tokio::select! {
+            status = husk_shim::run::run(options) => Ok(status?),
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the VM was stopped"),
+            _ = terminate.recv() => anyhow::bail!("terminated; the VM was stopped"),
+        }
+    });
+    match status {
+        Ok(status) => Ok(ExitCode::from(u8::try_from(status).unwrap_or(255))),
+        Err(err) => {
+            eprintln!("husk run: {err:#}");
+            Ok(ExitCode::from(RUN_FAILED))
         }
     }
 }

@@ -1,0 +1,214 @@
+//! A pod's microVM: [`Sandbox::boot`] creates its [`SandboxDir`], starts the VM in this process
+//! (Husk's VMM is a library) with the pod's vsock and virtio-fs share, waits for the agent and
+//! sets the pod up in the guest. Dropping a sandbox stops the VM and removes the directory.
+//!
+//! A VM that ends, or an agent that does not answer, is reported with the VM's exit reason and
+//! the guest console's last lines: "the agent did not answer" is never the whole message.
+
+pub mod dir;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use husk_protocols::agent::CreateSandboxRequest;
+use husk_vmm::devices::legacy::Console;
+use husk_vmm::{DeviceConfig, VmConfig, VmExit, VmHandle, VmStopper, DEFAULT_CMDLINE};
+
+pub use self::dir::{SandboxDir, SandboxDirError};
+use crate::agent_client::{AgentAddress, AgentClient, AgentError};
+use crate::guest_image::GuestImage;
+
+/// The virtio-fs tag of the pod's shared directory.
+pub const SHARED_FS_TAG: &str = "husk-shared";
+/// The guest's vsock CID.
+const GUEST_CID: u64 = 3;
+
+/// What a pod's VM looks like.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub id: String,
+    /// Where sandbox directories live (e.g. `/run/husk/sandboxes`).
+    pub root: PathBuf,
+    pub image: GuestImage,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// Added to the kernel command line.
+    pub extra_cmdline: String,
+    /// How long the agent may take to answer after the VM started.
+    pub agent_timeout: Duration,
+    /// Also copy the guest console to this process's stdout.
+    pub console_to_stdout: bool,
+}
+
+/// Why a sandbox could not be brought up or used.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Dir(#[from] SandboxDirError),
+    #[error("sandbox {id}: starting the VM: {source}")]
+    Vm { id: String, source: husk_vmm::VmError },
+    #[error("sandbox {id}: the agent did not come up: {source}\n{vm}\n--- guest console (last lines) ---\n{console}")]
+    Agent { id: String, source: AgentError, vm: String, console: String },
+    #[error("sandbox {id}: setting up the pod in the guest: {source}")]
+    Setup { id: String, source: AgentError },
+    #[error("sandbox {id}: opening the console log: {source}")]
+    Console { id: String, source: std::io::Error },
+}
+
+/// A running pod VM with its agent.
+pub struct Sandbox {
+    id: String,
+    client: AgentClient,
+    stopper: VmStopper,
+    /// Filled by the thread that waits for the VM when it ends.
+    exit: Arc<Mutex<Option<VmExit>>>,
+    waiter: Option<std::thread::JoinHandle<()>>,
+    // Dropped last: the VM must be gone before its directory.
+    dir: SandboxDir,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("id", &self.id).field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Sandbox {
+    /// Boots the pod's VM and waits for its agent; with `prepare`, shares directories into the
+    /// sandbox directory before the VM starts.
+    pub async fn boot(
+        config: &SandboxConfig,
+        prepare: impl FnOnce(&mut SandboxDir) -> Result<(), SandboxDirError>,
+    ) -> Result<Sandbox, SandboxError> {
+        let id = config.id.clone();
+        let mut dir = SandboxDir::create(&config.root, &id)?;
+        prepare(&mut dir)?;
+        let log = std::fs::File::create(dir.console_log())
+            .map_err(|source| SandboxError::Console { id: id.clone(), source })?;
+        if let Err(err) = husk_vmm::host::raise_fd_limit() {
+            tracing::warn!(sandbox = %id, %err, "cannot raise the open-file limit; big shares may fail");
+        }
+        let vm_config = VmConfig {
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            kernel: config.image.kernel(),
+            initrd: Some(config.image.initramfs()),
+            cmdline: format!("{DEFAULT_CMDLINE} {}", config.extra_cmdline).trim_end().to_owned(),
+            console: Console::new(Some(log), config.console_to_stdout),
+            setup_started: None,
+            console_input: None,
+            devices: vec![
+                DeviceConfig::Rng,
+                DeviceConfig::Vsock { guest_cid: GUEST_CID, socket: dir.vsock_socket() },
+                DeviceConfig::Fs { tag: SHARED_FS_TAG.to_owned(), shared_dir: dir.shared() },
+            ],
+        };
+        let handle =
+            VmHandle::start(vm_config).map_err(|source| SandboxError::Vm { id: id.clone(), source })?;
+        let stopper = handle.stopper();
+        let exit = Arc::new(Mutex::new(None));
+        let recorded = Arc::clone(&exit);
+        let sandbox_id = id.clone();
+        let waiter = std::thread::Builder::new().name(format!("vm-{id}")).spawn(move || {
+            let ended = handle.wait();
+            tracing::info!(sandbox = %sandbox_id, reason = %ended.reason, "the pod's VM ended");
+            *recorded.lock().unwrap_or_else(PoisonError::into_inner) = Some(ended);
+        });
+        let waiter = match waiter {
+            Ok(waiter) => waiter,
+            Err(source) => return Err(SandboxError::Console { id, source }),
+        };
+        let address = AgentAddress::vm(&dir.vsock_socket());
+        let connected =
+            AgentClient::connect_when_ready(address, config.agent_timeout, config.agent_timeout).await;
+        let mut sandbox = match connected {
+            Ok((client, _)) => Sandbox { id: id.clone(), client, stopper, exit, waiter: Some(waiter), dir },
+            Err(source) => {
+                stopper.stop();
+                let _ = waiter.join();
+                let vm = describe_exit(&exit);
+                let console = console_tail(&dir);
+                return Err(SandboxError::Agent { id, source, vm, console });
+            }
+        };
+        sandbox.set_up().await?;
+        Ok(sandbox)
+    }
+
+    async fn set_up(&mut self) -> Result<(), SandboxError> {
+        let host_time_unix_ns =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        let request = CreateSandboxRequest {
+            sandbox_id: self.id.clone(),
+            hostname: "husk".into(),
+            shared_fs_tag: SHARED_FS_TAG.into(),
+            host_time_unix_ns,
+            ..Default::default()
+        };
+        self.client
+            .create_sandbox(&request)
+            .await
+            .map_err(|source| SandboxError::Setup { id: self.id.clone(), source })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn client(&self) -> &AgentClient {
+        &self.client
+    }
+
+    pub fn dir(&self) -> &SandboxDir {
+        &self.dir
+    }
+
+    /// Why the VM ended, if it did, with the console's last lines (for errors about the pod).
+    pub fn vm_report(&self) -> String {
+        format!(
+            "{}\n--- guest console (last lines) ---\n{}",
+            describe_exit(&self.exit),
+            console_tail(&self.dir)
+        )
+    }
+
+    /// Removes the pod's containers in the guest and stops the VM (also done, without the
+    /// guest's part, by drop).
+    pub async fn shutdown(mut self) {
+        let destroy = husk_protocols::agent::DestroySandboxRequest {
+            sandbox_id: self.id.clone(),
+            ..Default::default()
+        };
+        if let Err(err) = self.client.destroy_sandbox(&destroy).await {
+            tracing::warn!(sandbox = %self.id, %err, "DestroySandbox failed; stopping the VM anyway");
+        }
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.stopper.stop();
+        if let Some(waiter) = self.waiter.take() {
+            let _ = waiter.join();
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn describe_exit(exit: &Mutex<Option<VmExit>>) -> String {
+    match exit.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+        Some(ended) => format!("the VM ended: {}", ended.reason),
+        None => "the VM was still running".into(),
+    }
+}
+
+fn console_tail(dir: &SandboxDir) -> String {
+    let text = std::fs::read_to_string(dir.console_log()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(husk_vmm::CONSOLE_TAIL_LINES)..].join("\n")
+}
