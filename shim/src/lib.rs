@@ -2,12 +2,14 @@
 //!
 //! - [`guest_image`]: locating and verifying the guest kernel + initramfs built by `make guest-image`.
 //! - [`check`]: `husk check`, whether this host can run Husk and why not.
+//! - [`config`]: `/etc/husk/configuration.toml` and the `io.husk.*` pod annotations it allows.
 //! - [`agent_client`]: the agent API client (hybrid vsock or unix socket).
 //! - [`sandbox`]: a pod's microVM: its host directory, the VM in this process, its agent.
 //! - [`run`]: `husk run`, one container in a microVM without containerd.
 
 pub mod agent_client;
 pub mod check;
+pub mod config;
 pub mod guest_image;
 pub mod run;
 pub mod sandbox;

@@ -5,7 +5,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use husk_protocols::agent::Stdio;
@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub image: Option<PathBuf>,
     /// Where sandbox directories are made.
     pub sandbox_root: PathBuf,
+    /// Added to the guest kernel's command line.
+    pub kernel_params: String,
     pub agent_timeout: Duration,
 }
 
@@ -82,7 +84,7 @@ pub async fn run(options: &RunOptions) -> Result<i32, RunError> {
         image,
         vcpus: options.vcpus,
         mem_mib: options.mem_mib,
-        extra_cmdline: String::new(),
+        extra_cmdline: options.kernel_params.clone(),
         agent_timeout: options.agent_timeout,
         console_to_stdout: false,
     };
@@ -256,9 +258,4 @@ impl Drop for RawTerminal {
         let stdin = std::io::stdin();
         let _ = nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &self.0);
     }
-}
-
-/// Where `husk run` makes sandbox directories by default.
-pub fn default_sandbox_root() -> &'static Path {
-    Path::new("/run/husk/sandboxes")
 }

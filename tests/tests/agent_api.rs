@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use husk_protocols::agent::{CheckRequest, ContainerRequest};
+use husk_protocols::agent::{CheckRequest, UpdateRoutesRequest};
 use husk_protocols::{agent_ttrpc, AGENT_API_VERSION};
 use husk_shim::agent_client::{AgentAddress, AgentClient};
 use husk_tests::host_agent::HostAgent;
@@ -43,8 +43,8 @@ fn a_host_of_another_api_version_and_calls_not_served_yet_get_named_errors() {
         let request = CheckRequest { api_version: AGENT_API_VERSION + 1, ..Default::default() };
         let err = rpc.check(context(), &request).await.unwrap_err().to_string();
         assert!(err.contains("api_version") && err.contains("FAILED_PRECONDITION"), "{err}");
-        let err = rpc.stats_container(context(), &ContainerRequest::new()).await.unwrap_err().to_string();
-        assert!(err.contains("StatsContainer is not supported"), "{err}");
+        let err = rpc.update_routes(context(), &UpdateRoutesRequest::new()).await.unwrap_err().to_string();
+        assert!(err.contains("UpdateRoutes is not supported"), "{err}");
         // The agent keeps serving after refusing.
         let ok = CheckRequest { api_version: AGENT_API_VERSION, ..Default::default() };
         assert_eq!(rpc.check(context(), &ok).await.unwrap().api_version, AGENT_API_VERSION);

@@ -8,11 +8,15 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use husk_shim::check::{CheckName, CheckReport};
-use husk_shim::run::{default_sandbox_root, RunOptions};
+use husk_shim::config::Config;
+use husk_shim::run::RunOptions;
 
 #[derive(Debug, Parser)]
 #[command(name = "husk", version, about = "Husk: containers in KVM microVMs")]
 struct Cli {
+    /// Configuration file (default: $HUSK_CONFIG, else /etc/husk/configuration.toml if it exists).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Commands,
 }
@@ -38,22 +42,27 @@ enum Commands {
         /// Attach stdin.
         #[arg(short, long)]
         interactive: bool,
-        #[arg(long, default_value_t = 1)]
-        vcpus: u8,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 256)]
-        mem: u64,
-        /// Guest image directory (default: the built or installed image).
+        /// vCPUs (default: hypervisor.vcpus of the configuration).
+        #[arg(long)]
+        vcpus: Option<u8>,
+        /// Guest memory in MiB (default: hypervisor.memory_mib).
+        #[arg(long)]
+        mem: Option<u64>,
+        /// Guest image directory (default: hypervisor.image_dir, else the built or installed image).
         #[arg(long)]
         image: Option<PathBuf>,
-        /// Seconds the guest agent may take to answer.
-        #[arg(long, default_value_t = 120)]
-        agent_timeout_s: u64,
+        /// Seconds the guest agent may take to answer (default: agent.boot_timeout_s).
+        #[arg(long)]
+        agent_timeout_s: Option<u64>,
         rootfs: PathBuf,
         /// The command and its arguments (after `--`).
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Print the effective configuration (TOML) and the file it came from.
+    Env,
+    /// Print Husk's version, the agent API version and the guest image's.
+    Version,
 }
 
 fn main() -> Result<ExitCode> {
@@ -64,7 +73,8 @@ fn main() -> Result<ExitCode> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match cli.command {
         Commands::Check { json, only } => {
             let report = CheckReport::run(&only);
             if json {
@@ -75,18 +85,50 @@ fn main() -> Result<ExitCode> {
             Ok(if report.ready { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Commands::Run { tty, interactive, vcpus, mem, image, agent_timeout_s, rootfs, command } => {
+            let config = match Config::load(cli.config.as_deref()) {
+                Ok(loaded) => loaded.config,
+                Err(err) => {
+                    eprintln!("husk run: {err}");
+                    return Ok(ExitCode::from(RUN_FAILED));
+                }
+            };
+            let h = &config.hypervisor;
+            let image_dir = (!h.image_dir.as_os_str().is_empty()).then(|| h.image_dir.clone());
             let options = RunOptions {
                 target: rootfs,
                 args: command,
                 tty,
                 interactive,
-                vcpus,
-                mem_mib: mem,
-                image,
-                sandbox_root: default_sandbox_root().to_path_buf(),
-                agent_timeout: Duration::from_secs(agent_timeout_s),
+                vcpus: vcpus.unwrap_or(h.vcpus),
+                mem_mib: mem.unwrap_or(h.memory_mib),
+                image: image.or(image_dir),
+                sandbox_root: config.runtime.sandbox_dir.clone(),
+                kernel_params: h.kernel_params.clone(),
+                agent_timeout: Duration::from_secs(agent_timeout_s.unwrap_or(config.agent.boot_timeout_s)),
             };
             run(&options)
+        }
+        Commands::Env => {
+            let loaded = Config::load(cli.config.as_deref())?;
+            match &loaded.source {
+                Some(path) => println!("# from {}", path.display()),
+                None => {
+                    println!("# no configuration file ({}): the defaults", husk_shim::config::DEFAULT_PATH)
+                }
+            }
+            print!("{}", loaded.config.render());
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Version => {
+            println!("husk {}", env!("CARGO_PKG_VERSION"));
+            println!("agent API {}", husk_protocols::AGENT_API_VERSION);
+            match husk_shim::guest_image::GuestImage::locate() {
+                Ok(image) => {
+                    println!("guest image {} (agent {})", image.dir.display(), image.manifest.agent.version)
+                }
+                Err(err) => println!("guest image: {err}"),
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -1,0 +1,268 @@
+//! Husk's configuration (`/etc/husk/configuration.toml`, defaults in `configs/`) and the per-pod
+//! sizing it allows through `io.husk.*` annotations. Errors name the file and key (with the line
+//! the TOML parser reports) or the annotation.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The installed configuration file.
+pub const DEFAULT_PATH: &str = "/etc/husk/configuration.toml";
+/// Environment variable naming another configuration file.
+pub const PATH_ENV: &str = "HUSK_CONFIG";
+/// Prefix of the pod annotations the runtime section may allow.
+pub const ANNOTATION_PREFIX: &str = "io.husk.";
+/// Annotations that can be allowed.
+const KNOWN_ANNOTATIONS: &[&str] = &["vcpus", "memory_mib"];
+/// The smallest guest the image boots in.
+const MIN_MEMORY_MIB: u64 = 64;
+
+/// Why the configuration or a pod's request cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{}: {key} {message}", path.display())]
+    Invalid { path: PathBuf, key: &'static str, message: String },
+    #[error("annotation {annotation}: {message}")]
+    Annotation { annotation: String, message: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub hypervisor: HypervisorConfig,
+    pub agent: AgentConfig,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HypervisorConfig {
+    /// Guest image directory; empty: located (see [`crate::guest_image::GuestImage::locate`]).
+    pub image_dir: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub max_vcpus: u8,
+    pub max_memory_mib: u64,
+    pub kernel_params: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    pub boot_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub sandbox_dir: PathBuf,
+    pub enable_annotations: Vec<String>,
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        HypervisorConfig {
+            image_dir: PathBuf::new(),
+            vcpus: 1,
+            memory_mib: 256,
+            max_vcpus: 8,
+            max_memory_mib: 16384,
+            kernel_params: String::new(),
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig { boot_timeout_s: 120 }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            sandbox_dir: PathBuf::from("/run/husk/sandboxes"),
+            enable_annotations: KNOWN_ANNOTATIONS.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+}
+
+/// A configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: Config,
+    /// The file read, or `None` when none exists at the default path (defaults apply).
+    pub source: Option<PathBuf>,
+}
+
+/// How big a pod's VM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodSizing {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+}
+
+impl Config {
+    /// Loads `explicit`, else `$HUSK_CONFIG`, else the default path if it exists (a missing file
+    /// there means the defaults; an explicitly named file must exist).
+    pub fn load(explicit: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
+        let named = explicit.map(Path::to_path_buf).or_else(|| std::env::var_os(PATH_ENV).map(PathBuf::from));
+        let path = match named {
+            Some(path) => path,
+            None if Path::new(DEFAULT_PATH).exists() => PathBuf::from(DEFAULT_PATH),
+            None => return Ok(LoadedConfig { config: Config::default(), source: None }),
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let config = Config::parse(&text, &path)?;
+        Ok(LoadedConfig { config, source: Some(path) })
+    }
+
+    /// Parses and checks `text` (read from `path`, named in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|err| ConfigError::Parse { path: path.to_path_buf(), message: err.to_string() })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid =
+            |key, message: String| Err(ConfigError::Invalid { path: path.to_path_buf(), key, message });
+        let h = &self.hypervisor;
+        if h.vcpus == 0 || h.vcpus > h.max_vcpus {
+            return invalid(
+                "hypervisor.vcpus",
+                format!("= {}: must be 1 to max_vcpus ({})", h.vcpus, h.max_vcpus),
+            );
+        }
+        if h.memory_mib < MIN_MEMORY_MIB || h.memory_mib > h.max_memory_mib {
+            return invalid(
+                "hypervisor.memory_mib",
+                format!(
+                    "= {}: must be {MIN_MEMORY_MIB} to max_memory_mib ({})",
+                    h.memory_mib, h.max_memory_mib
+                ),
+            );
+        }
+        if self.agent.boot_timeout_s == 0 {
+            return invalid("agent.boot_timeout_s", "= 0: must be at least 1".into());
+        }
+        if let Some(unknown) =
+            self.runtime.enable_annotations.iter().find(|a| !KNOWN_ANNOTATIONS.contains(&a.as_str()))
+        {
+            return invalid(
+                "runtime.enable_annotations",
+                format!("names {unknown:?}; allowed are {}", KNOWN_ANNOTATIONS.join(", ")),
+            );
+        }
+        Ok(())
+    }
+
+    /// The VM size for a pod with `annotations`: the defaults, overridden by allowed `io.husk.*`
+    /// annotations. An annotation that is not allowed, not a number or out of bounds is an error.
+    pub fn pod_sizing(&self, annotations: &HashMap<String, String>) -> Result<PodSizing, ConfigError> {
+        let h = &self.hypervisor;
+        let mut sizing = PodSizing { vcpus: h.vcpus, memory_mib: h.memory_mib };
+        for (key, value) in annotations {
+            let Some(name) = key.strip_prefix(ANNOTATION_PREFIX) else { continue };
+            let refuse = |message: String| ConfigError::Annotation { annotation: key.clone(), message };
+            if !self.runtime.enable_annotations.iter().any(|allowed| allowed == name) {
+                return Err(refuse(format!(
+                    "not allowed by runtime.enable_annotations ({})",
+                    self.runtime.enable_annotations.join(", ")
+                )));
+            }
+            let number: u64 =
+                value.parse().map_err(|_| refuse(format!("{value:?} is not a whole number")))?;
+            match name {
+                "vcpus" => {
+                    sizing.vcpus = u8::try_from(number)
+                        .ok()
+                        .filter(|n| (1..=h.max_vcpus).contains(n))
+                        .ok_or_else(|| refuse(format!("{number}: must be 1 to {}", h.max_vcpus)))?;
+                }
+                "memory_mib" => {
+                    if !(MIN_MEMORY_MIB..=h.max_memory_mib).contains(&number) {
+                        return Err(refuse(format!(
+                            "{number}: must be {MIN_MEMORY_MIB} to {}",
+                            h.max_memory_mib
+                        )));
+                    }
+                    sizing.memory_mib = number;
+                }
+                _ => return Err(refuse("unknown Husk annotation".into())),
+            }
+        }
+        Ok(sizing)
+    }
+
+    /// The effective configuration as TOML.
+    pub fn render(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/husk/configuration.toml"))
+    }
+
+    #[test]
+    fn the_shipped_file_is_exactly_the_defaults() {
+        let shipped = include_str!("../../configs/configuration.toml");
+        assert_eq!(parse(shipped).unwrap(), Config::default());
+        assert_eq!(parse("").unwrap(), Config::default(), "every key is optional");
+        let rendered = Config::default().render();
+        assert_eq!(parse(&rendered).unwrap(), Config::default(), "husk env's output reads back");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let err = parse("[hypervisor]\nvcpu = 2\n").unwrap_err().to_string();
+        assert!(err.contains("/etc/husk/configuration.toml") && err.contains("vcpu"), "{err}");
+        let err = parse("[hypervisor]\nmemory_mib = \"lots\"\n").unwrap_err().to_string();
+        assert!(err.contains("memory_mib") && err.contains("line 2"), "{err}");
+        let err = parse("[hypervisor]\nvcpus = 9\n").unwrap_err().to_string();
+        assert!(err.contains("hypervisor.vcpus = 9"), "{err}");
+        let err = parse("[runtime]\nenable_annotations = [\"kernel\"]\n").unwrap_err().to_string();
+        assert!(err.contains("runtime.enable_annotations") && err.contains("\"kernel\""), "{err}");
+        let err = Config::load(Some(Path::new("/nonexistent/husk.toml"))).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/husk.toml"), "{err}");
+    }
+
+    #[test]
+    fn allowed_annotations_size_the_pod_and_bad_ones_are_named() {
+        let config = Config::default();
+        let annotations = |pairs: &[(&str, &str)]| {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<HashMap<_, _>>()
+        };
+        let sizing =
+            config.pod_sizing(&annotations(&[("io.husk.vcpus", "2"), ("io.husk.memory_mib", "512")]));
+        assert_eq!(sizing.unwrap(), PodSizing { vcpus: 2, memory_mib: 512 });
+        let other = annotations(&[("io.kubernetes.cri.sandbox-id", "x")]);
+        assert_eq!(config.pod_sizing(&other).unwrap(), PodSizing { vcpus: 1, memory_mib: 256 });
+        for (key, value, expect) in [
+            ("io.husk.vcpus", "0", "must be 1 to 8"),
+            ("io.husk.vcpus", "two", "not a whole number"),
+            ("io.husk.memory_mib", "99999", "must be 64 to 16384"),
+            ("io.husk.kernel", "x", "not allowed"),
+        ] {
+            let err = config.pod_sizing(&annotations(&[(key, value)])).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(expect), "{key}={value}: {err}");
+        }
+        let mut locked = Config::default();
+        locked.runtime.enable_annotations.clear();
+        let err = locked.pod_sizing(&annotations(&[("io.husk.vcpus", "2")])).unwrap_err().to_string();
+        assert!(err.contains("not allowed"), "{err}");
+    }
+}
