@@ -9,7 +9,7 @@ AGENT_BIN := target/$(GUEST_TARGET)/guest/husk-agent
 AGENT_ENV := RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build agent guest-image testhost lint fuzz test demo bench clean
+.PHONY: all deps build agent guest-image testhost containerd lint fuzz test demo bench clean
 
 all: build guest-image
 
@@ -33,6 +33,11 @@ guest-image: agent
 testhost:
 	tests/testhost/build-base >/dev/null
 
+## containerd: containerd 2.x from Debian's packages into build/containerd (the shim's tests and
+## the runc baseline; fetched once per version, cached)
+containerd:
+	scripts/fetch-containerd build/containerd
+
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
@@ -44,7 +49,7 @@ fuzz:
 
 ## test: everything CI runs: lint, unit tests, guest image checks and VM tests (in the test host
 ## where this machine's KVM cannot run guests)
-test: lint build guest-image testhost
+test: lint build guest-image testhost containerd
 	fuzz/run --build-only
 	$(CARGO) test --workspace --locked -- --test-threads=2
 
