@@ -36,7 +36,7 @@ pub enum StdioEndpoint {
 pub enum StdioError {
     #[error("stdio.token {0:?}: expected 1 to 64 characters of [A-Za-z0-9_.-]")]
     BadToken(String),
-    #[error("stdio: the host did not open the {stream} stream of token {token:?} within {CLAIM_TIMEOUT:?}")]
+    #[error("stdio: the host did not open the {stream} stream of token {token:?} in time")]
     Missing { token: String, stream: &'static str },
 }
 
@@ -92,6 +92,10 @@ impl StdioBroker {
 
     /// Takes the streams `stdio` names, waiting for them to arrive.
     pub fn claim(&self, stdio: &Stdio) -> Result<ProcessStdio, StdioError> {
+        self.claim_within(stdio, CLAIM_TIMEOUT)
+    }
+
+    fn claim_within(&self, stdio: &Stdio, timeout: Duration) -> Result<ProcessStdio, StdioError> {
         let wanted = [
             (stdio.stdin, StdioStream::Stdin),
             (stdio.stdout, StdioStream::Stdout),
@@ -103,7 +107,7 @@ impl StdioBroker {
         if !valid_stdio_token(&stdio.token) {
             return Err(StdioError::BadToken(stdio.token.clone()));
         }
-        let deadline = Instant::now() + CLAIM_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         let mut arrived = self.arrived.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             let missing = wanted
@@ -187,5 +191,60 @@ impl Listener {
                 Ok(unsafe { OwnedFd::from_raw_fd(raw) })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn open(path: &std::path::Path, hello: &[u8]) -> UnixStream {
+        let mut stream = UnixStream::connect(path).unwrap();
+        stream.write_all(hello).unwrap();
+        stream
+    }
+
+    fn broker(dir: &std::path::Path) -> (&'static StdioBroker, PathBuf) {
+        let broker: &'static StdioBroker = Box::leak(Box::default());
+        let path = dir.join("stdio.sock");
+        broker.listen(&StdioEndpoint::Unix(path.clone())).unwrap();
+        (broker, path)
+    }
+
+    #[test]
+    fn streams_are_matched_by_token_and_keep_the_bytes_after_the_hello() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, path) = broker(dir.path());
+        let _other = open(&path, b"other stdout\n");
+        let _early = open(&path, b"tok-1 stdout\npayload-after-hello");
+        let stdio = Stdio { token: "tok-1".into(), stdin: true, stdout: true, ..Default::default() };
+        let late = std::thread::spawn(move || open(&path, b"tok-1 stdin\n"));
+        let streams = broker.claim_within(&stdio, Duration::from_secs(10)).unwrap();
+        let _late = late.join().unwrap();
+        assert!(streams.stdin.is_some() && streams.stderr.is_none());
+        let mut stdout = std::fs::File::from(streams.stdout.unwrap());
+        let mut data = [0u8; 19];
+        stdout.read_exact(&mut data).unwrap();
+        assert_eq!(&data, b"payload-after-hello", "nothing after the newline was consumed");
+    }
+
+    #[test]
+    fn a_missing_stream_and_a_bad_hello_are_named_errors_not_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, path) = broker(dir.path());
+        let _bad = open(&path, b"tok-2 stdwhat\n");
+        let _oversized = open(&path, &[b'x'; 200]);
+        let stdio = Stdio { token: "tok-2".into(), stdout: true, ..Default::default() };
+        let err = broker.claim_within(&stdio, Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(err, StdioError::Missing { stream: "stdout", .. }), "{err}");
+        let bad_token = Stdio { token: "no spaces allowed".into(), stdout: true, ..Default::default() };
+        assert!(matches!(broker.claim(&bad_token), Err(StdioError::BadToken(_))));
+        assert!(
+            broker.claim(&Stdio::default()).unwrap().stdout.is_none(),
+            "no streams asked, none waited for"
+        );
     }
 }

@@ -185,10 +185,38 @@ async fn run_container(
             return Ok(Err(RunError::Stdio(err)));
         }
     }
-    let status = client.wait_process(CONTAINER_ID, "").await?.status;
+    let status = wait_forwarding_resizes(sandbox, options.tty).await?;
     let _ = tokio::time::timeout(OUTPUT_DRAIN_LIMIT, output).await;
     client.remove_container(CONTAINER_ID, true).await?;
     Ok(Ok(status))
+}
+
+/// Waits for the container's exit; with a terminal, our window size follows it (SIGWINCH).
+async fn wait_forwarding_resizes(sandbox: &Sandbox, tty: bool) -> Result<i32, AgentError> {
+    let client = sandbox.client();
+    let wait = client.wait_process(CONTAINER_ID, "");
+    tokio::pin!(wait);
+    let mut resized = match tty {
+        true => tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok(),
+        false => None,
+    };
+    loop {
+        let next_resize = async {
+            match resized.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            exit = &mut wait => return Ok(exit?.status),
+            Some(()) = next_resize => {
+                if let Some((columns, rows)) = window_size() {
+                    // A resize racing the exit is harmless; the exit is what matters.
+                    let _ = client.resize_pty(CONTAINER_ID, "", columns, rows).await;
+                }
+            }
+        }
+    }
 }
 
 /// Copies the container's stdout and stderr streams to ours until they end.

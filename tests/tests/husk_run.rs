@@ -28,6 +28,7 @@ fn husk_run_runs_a_command_in_a_microvm_and_returns_its_status() {
 $husk run $rootfs -- echo hi; echo \"echo-status=$?\"
 $husk run $rootfs -- sh -c 'echo to-stderr >&2; exit 3'; echo \"exit-status=$?\"
 echo piped-in | $husk run -i $rootfs -- cat; echo \"cat-status=$?\"
+echo typed | $husk run -i -t $rootfs -- sh -c 'read line; echo tty=$(tty) got=$line'; echo \"tty-status=$?\"
 $husk run $rootfs -- sh -c 'echo host=$(hostname) pid=$$ cpus=$(grep -c ^processor /proc/cpuinfo)'
 $husk run {missing} -- true; echo \"missing-status=$?\"
 $husk run $rootfs; echo \"no-command-status=$?\"
@@ -46,6 +47,10 @@ echo \"left=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/
         "a non-zero status comes back: {text}"
     );
     assert!(text.contains("piped-in\ncat-status=0"), "stdin reaches the container, EOF ends it: {text}");
+    assert!(
+        text.contains("tty=/dev/pts/0 got=typed") && text.contains("tty-status=0"),
+        "-t gives a terminal: {text}"
+    );
     assert!(
         text.contains("host=husk pid=1 cpus=1"),
         "the container's own hostname, pid namespace and VM: {text}"
