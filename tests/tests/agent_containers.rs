@@ -230,6 +230,8 @@ fn the_spec_user_capabilities_and_rlimits_apply() {
         assert!(out.contains("CapEff:\t0000000020000420"), "exactly the spec's capabilities: {out}");
         assert!(out.contains("NoNewPrivs:\t1"), "{out}");
         assert!(out.contains("chown-refused"), "{out}");
+        // Output ends before the exit is reaped: wait, then remove.
+        assert_eq!(client.wait_process("user", "").await.unwrap().status, 0);
         client.remove_container("user", false).await.unwrap();
     });
 }
@@ -321,7 +323,7 @@ fn a_pod_in_a_vm_runs_containers_from_the_virtio_fs_share() {
     let (vmm, probe, guest) = (target_bin("husk-vmm"), target_bin("husk-pod-probe"), guest_dir());
     let script = format!(
         "work=$(mktemp -d); sock=$work/vsock.sock; mkdir $work/share
-{vmm} --kernel {kernel} --initrd {initrd} --mem 512 --vcpus 2 --vsock $sock --fs share=$work/share \
+{vmm} --kernel {kernel} --initrd {initrd} --mem 512 --vsock $sock --fs share=$work/share \
   --console $work/console.log & vmm=$!
 {probe} --vsock $sock --share $work/share --wait-s 120; probe=$?
 kill -TERM $vmm; wait $vmm; echo \"vmm-status=$? probe-status=$probe\"

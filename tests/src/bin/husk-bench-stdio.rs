@@ -95,7 +95,7 @@ fn boot(cli: &Cli, share: &Path, socket: &Path, work: &Path) -> Result<PodVm> {
         .arg(&cli.kernel)
         .arg("--initrd")
         .arg(&cli.initrd)
-        .args(["--vcpus", "2", "--mem", "512", "--vsock"])
+        .args(["--vcpus", "1", "--mem", "512", "--vsock"])
         .arg(socket)
         .arg("--fs")
         .arg(format!("share={}", share.display()))
