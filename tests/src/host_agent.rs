@@ -219,6 +219,21 @@ impl TestStdio {
     }
 }
 
+/// Creates and starts container `id` from `spec` with stdout and stderr (and stdin if `stdin`)
+/// streams opened under the token `id`.
+pub async fn start_container(
+    client: &AgentClient,
+    id: &str,
+    spec: &Spec,
+    stdin: bool,
+) -> Result<TestStdio, AgentError> {
+    let stdio = stdio(id, stdin);
+    let streams = TestStdio::open(client, &stdio).await?;
+    client.create_container(id, spec_json(spec), stdio).await?;
+    client.start_container(id).await?;
+    Ok(streams)
+}
+
 /// Stdio of a process with a terminal: stdin and the pty's output under `token`.
 pub fn terminal_stdio(token: &str) -> Stdio {
     Stdio { token: token.to_owned(), stdin: true, stdout: true, terminal: true, ..Default::default() }

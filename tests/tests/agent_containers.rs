@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use husk_shim::agent_client::AgentClient;
 use husk_tests::host_agent::{
-    busybox_spec, process_json, spec_json, spec_json_with_resources, stdio, terminal_stdio, HostAgent,
-    TestStdio,
+    busybox_spec, process_json, spec_json, spec_json_with_resources, start_container, stdio, terminal_stdio,
+    HostAgent, TestStdio,
 };
 use husk_tests::{combined, describe, guest_dir, run, target_bin, VmHost};
 use oci_spec::runtime::Spec;
@@ -30,11 +30,7 @@ async fn run_container(client: &AgentClient, id: &str, args: &[&str], with_stdin
 
 /// Creates and starts container `id` from `spec` with stdout/stderr (and stdin) streams.
 async fn run_spec(client: &AgentClient, id: &str, spec: &Spec, with_stdin: bool) -> TestStdio {
-    let stdio = stdio(id, with_stdin);
-    let streams = TestStdio::open(client, &stdio).await.unwrap();
-    client.create_container(id, spec_json(spec), stdio).await.unwrap();
-    client.start_container(id).await.unwrap();
-    streams
+    start_container(client, id, spec, with_stdin).await.unwrap()
 }
 
 #[test]

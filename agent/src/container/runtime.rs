@@ -41,10 +41,7 @@ impl Runtime {
         stdio: ProcessStdio,
         console: Option<&Path>,
     ) -> Result<i32, RuntimeError> {
-        let mut args = vec!["create".to_owned(), id.to_owned(), bundle.display().to_string()];
-        args.extend(console.map(|path| path.display().to_string()));
-        let out = self.step("create", &args, Some(stdio)).await?;
-        parse_pid("create", &out)
+        self.start_process("create", id, bundle, stdio, console).await
     }
 
     pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
@@ -59,10 +56,23 @@ impl Runtime {
         stdio: ProcessStdio,
         console: Option<&Path>,
     ) -> Result<i32, RuntimeError> {
-        let mut args = vec!["exec".to_owned(), id.to_owned(), process_json.display().to_string()];
+        self.start_process("exec", id, process_json, stdio, console).await
+    }
+
+    /// A step that starts a process (`create ID BUNDLE` or `exec ID PROCESS.JSON`, then the
+    /// optional console socket) and prints its pid.
+    async fn start_process(
+        &self,
+        step: &'static str,
+        id: &str,
+        file: &Path,
+        stdio: ProcessStdio,
+        console: Option<&Path>,
+    ) -> Result<i32, RuntimeError> {
+        let mut args = vec![step.to_owned(), id.to_owned(), file.display().to_string()];
         args.extend(console.map(|path| path.display().to_string()));
-        let out = self.step("exec", &args, Some(stdio)).await?;
-        parse_pid("exec", &out)
+        let out = self.step(step, &args, Some(stdio)).await?;
+        parse_pid(step, &out)
     }
 
     pub async fn kill_all(&self, id: &str, signal: u32) -> Result<(), RuntimeError> {

@@ -24,7 +24,7 @@ use husk_protocols::agent::CreateSandboxRequest;
 use husk_shim::agent_client::{AgentAddress, AgentClient};
 use husk_tests::bench::{spread, vm_host_description};
 use husk_tests::host_agent::{
-    busybox_spec, install_busybox, process_json, spec_json, stdio, HostAgent, TestStdio, BUSYBOX_IMAGE,
+    busybox_spec, install_busybox, process_json, start_container, stdio, HostAgent, TestStdio, BUSYBOX_IMAGE,
 };
 use tokio::io::AsyncReadExt;
 
@@ -169,11 +169,7 @@ fn report(figure: &str, unit: &str, columns: &[Vec<f64>; 2]) {
 }
 
 async fn start(client: &AgentClient, id: &str, args: &[&str], stdin: bool) -> Result<TestStdio> {
-    let stdio = stdio(id, stdin);
-    let streams = TestStdio::open(client, &stdio).await?;
-    client.create_container(id, spec_json(&busybox_spec(args)), stdio).await?;
-    client.start_container(id).await?;
-    Ok(streams)
+    Ok(start_container(client, id, &busybox_spec(args), stdin).await?)
 }
 
 /// One stdout transfer of `bytes`; returns MB/s.

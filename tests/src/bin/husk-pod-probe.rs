@@ -15,7 +15,7 @@ use clap::Parser;
 use husk_protocols::agent::CreateSandboxRequest;
 use husk_shim::agent_client::{AgentAddress, AgentClient};
 use husk_tests::host_agent::{
-    busybox_spec, install_busybox, process_json, spec_json, spec_json_with_resources, stdio,
+    busybox_spec, install_busybox, process_json, spec_json_with_resources, start_container, stdio,
     terminal_process_json, terminal_stdio, TestStdio, BUSYBOX_IMAGE,
 };
 
@@ -114,9 +114,5 @@ async fn pod(cli: Cli) -> Result<()> {
 }
 
 async fn start(client: &AgentClient, id: &str, args: &[&str]) -> Result<TestStdio> {
-    let stdio = stdio(id, false);
-    let streams = TestStdio::open(client, &stdio).await?;
-    client.create_container(id, spec_json(&busybox_spec(args)), stdio).await?;
-    client.start_container(id).await?;
-    Ok(streams)
+    Ok(start_container(client, id, &busybox_spec(args), false).await?)
 }
