@@ -11,9 +11,10 @@ pub enum ExitReason {
     Reboot,
     /// The guest kernel panicked (its panic message is in the console tail).
     GuestPanic,
-    /// A vCPU triple-faulted (`KVM_EXIT_SHUTDOWN`); `state` is its registers at that point
-    /// (instruction and stack pointers, control registers), for telling a guest crash from a bad
-    /// boot setup.
+    /// A vCPU triple-faulted (`KVM_EXIT_SHUTDOWN`); `state` is its registers as KVM reports them
+    /// afterwards (instruction and stack pointers, control registers). On Intel they are where the
+    /// vCPU faulted; on AMD, KVM reinitialises the vCPU on a shutdown intercept before returning, so
+    /// they read as the reset state (`rip=0xfff0 cs=0xf000`), whatever the guest was doing.
     TripleFault { vcpu: u8, state: String },
     /// The host stopped the VM ([`crate::VmHandle::stop`]).
     Stopped,

@@ -85,7 +85,8 @@ fn run(index: u8, mut vcpu: VcpuFd, shared: &VcpuShared) {
     }
 }
 
-/// The registers that say where a vCPU was when it stopped (one line, for the exit message).
+/// The registers that say where a vCPU was when it stopped (one line, for the exit message). After
+/// a shutdown on AMD these are KVM's reset values, not the faulting state (see `ExitReason`).
 fn describe_state(vcpu: &VcpuFd) -> String {
     let regs = match vcpu.get_regs() {
         Ok(regs) => format!("rip={:#x} rsp={:#x} rflags={:#x}", regs.rip, regs.rsp, regs.rflags),
