@@ -47,7 +47,7 @@ const MOUNTS: &[(&str, &str, &str, MsFlags, &str)] = &[
 ];
 
 /// Where CreateSandbox mounts the pod's shared file system.
-const SHARED_DIR: &str = "/run/husk/shared";
+const SHARED_DIR: &str = husk_protocols::GUEST_SHARED_DIR;
 /// Bundles and the container runtime's records (guest memory: /run is a tmpfs).
 const STATE_DIR: &str = "/run/husk/containers";
 

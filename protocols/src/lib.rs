@@ -44,6 +44,10 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// opens one stream per stdin/stdout/stderr and names it with a [`StdioHello`] line.
 pub const STDIO_VSOCK_PORT: u32 = 1025;
 
+/// Where the agent mounts the pod's shared file system in the guest (CreateSandbox): the host
+/// names shared rootfs and volumes below it in the specs it sends.
+pub const GUEST_SHARED_DIR: &str = "/run/husk/shared";
+
 /// I/O port on which the guest reports events to the VMM with one-byte writes of a
 /// [`GuestEvent`] (the agent uses it; the VMM's boot timer and poweroff detection listen).
 pub const GUEST_EVENT_PORT: u16 = 0x440;

@@ -80,7 +80,8 @@ pub enum AgentError {
     ApiMismatch { address: AgentAddress, agent: u32 },
 }
 
-/// A connection to one agent.
+/// A connection to one agent (clones share it).
+#[derive(Clone)]
 pub struct AgentClient {
     address: AgentAddress,
     rpc: agent_ttrpc::AgentClient,

@@ -93,9 +93,14 @@ impl GuestImage {
 
     /// Finds the first candidate directory holding a manifest and verifies it.
     pub fn locate() -> Result<GuestImage, GuestImageError> {
+        Self::locate_checking(Check::Digest)
+    }
+
+    /// [`GuestImage::locate`] with the files checked as `check` says.
+    pub fn locate_checking(check: Check) -> Result<GuestImage, GuestImageError> {
         let candidates = Self::candidate_dirs();
         match candidates.iter().find(|dir| dir.join(MANIFEST_FILE).is_file()) {
-            Some(dir) => Self::open(dir),
+            Some(dir) => Self::open_checking(dir, check),
             None => Err(GuestImageError::NotFound {
                 searched: candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
             }),
@@ -105,6 +110,11 @@ impl GuestImage {
     /// Reads `dir/manifest.json` and checks that the kernel and initramfs are the files it describes
     /// and that the agent speaks this host's API version.
     pub fn open(dir: &Path) -> Result<GuestImage, GuestImageError> {
+        Self::open_checking(dir, Check::Digest)
+    }
+
+    /// [`GuestImage::open`] with the files checked as `check` says.
+    pub fn open_checking(dir: &Path, check: Check) -> Result<GuestImage, GuestImageError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = fs::read_to_string(&manifest_path)
             .map_err(|cause| GuestImageError::Read { path: manifest_path.clone(), cause })?;
@@ -114,7 +124,7 @@ impl GuestImage {
             return Err(GuestImageError::Format { path: manifest_path, found: manifest.format });
         }
         for file in [&manifest.kernel, &manifest.initramfs] {
-            verify_file(&dir.join(&file.path), file)?;
+            verify_file(&dir.join(&file.path), file, check)?;
         }
         if manifest.agent.api != husk_protocols::AGENT_API_VERSION {
             return Err(GuestImageError::AgentApi {
@@ -147,16 +157,32 @@ fn workspace_root_of(exe: &Path) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
-fn verify_file(path: &Path, expected: &ImageFile) -> Result<(), GuestImageError> {
-    let bytes = fs::read(path).map_err(|cause| GuestImageError::Read { path: path.to_path_buf(), cause })?;
-    if bytes.len() as u64 != expected.size {
+/// How closely [`GuestImage::open_checking`] compares the files with the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Size and SHA-256 (`husk check`, `husk run`).
+    Digest,
+    /// Size only: what each pod boot of the shim does. Hashing ~20 MB costs tens of milliseconds
+    /// on every pod start for a root-owned directory that `husk check` verifies in full; a
+    /// half-written or stale image still shows as a size mismatch.
+    Size,
+}
+
+fn verify_file(path: &Path, expected: &ImageFile, check: Check) -> Result<(), GuestImageError> {
+    let read_error = |cause| GuestImageError::Read { path: path.to_path_buf(), cause };
+    let size = fs::metadata(path).map_err(read_error)?.len();
+    if size != expected.size {
         return Err(GuestImageError::Mismatch {
             path: path.to_path_buf(),
             what: "size",
-            found: bytes.len().to_string(),
+            found: size.to_string(),
             expected: expected.size.to_string(),
         });
     }
+    if check == Check::Size {
+        return Ok(());
+    }
+    let bytes = fs::read(path).map_err(read_error)?;
     let digest = hex(&Sha256::digest(&bytes));
     if digest != expected.sha256 {
         return Err(GuestImageError::Mismatch {
@@ -210,6 +236,11 @@ mod tests {
         fs::write(dir.path().join("vmlinux"), b"KERNEL").unwrap();
         let err = GuestImage::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("vmlinux") && err.contains("sha256"), "{err}");
+        // A size check does not see a same-size change, but sees a truncated file.
+        GuestImage::open_checking(dir.path(), Check::Size).unwrap();
+        fs::write(dir.path().join("vmlinux"), b"KERN").unwrap();
+        let err = GuestImage::open_checking(dir.path(), Check::Size).unwrap_err().to_string();
+        assert!(err.contains("vmlinux") && err.contains("size"), "{err}");
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! - [`agent_client`]: the agent API client (hybrid vsock or unix socket).
 //! - [`sandbox`]: a pod's microVM: its host directory, the VM in this process, its agent.
 //! - [`run`]: `husk run`, one container in a microVM without containerd.
+//! - [`containerd`]: `containerd-shim-husk-v2`, pods in microVMs through containerd 2.x.
 
 pub mod agent_client;
 pub mod check;
 pub mod config;
+pub mod containerd;
 pub mod guest_image;
 pub mod run;
 pub mod sandbox;

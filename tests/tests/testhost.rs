@@ -82,3 +82,30 @@ fn a_wedged_test_host_is_detected_and_the_command_rerun_then_given_up_on() {
     assert!(stderr.contains("giving up"), "{}", describe(&output));
     assert!(elapsed < Duration::from_secs(200), "detected long before the timeout: took {elapsed:?}");
 }
+
+#[test]
+fn a_nested_guest_triple_fault_or_a_test_host_reset_is_rerun_then_given_up_on() {
+    // What husk-vmm prints when a guest triple-faults, with no panic of the guest's own.
+    let fake_fault = "echo 'husk-vmm: the VM ended: vCPU 0 triple fault (rip=0xfff0)' >&2; exit 3";
+    let output =
+        run(testhost_command(BOOT_BUDGET, &["sh", "-c", fake_fault]).env("HUSK_TESTHOST_ATTEMPTS", "2"));
+    assert_eq!(output.status.code(), Some(3), "the last attempt's status: {}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("triple-faulted") && stderr.contains("attempt 2 of 2"), "{}", describe(&output));
+    assert!(stderr.contains("giving up"), "{}", describe(&output));
+
+    // The test host's kernel resetting the machine without a panic.
+    let reset = "echo b > /proc/sysrq-trigger; sleep 60";
+    let output = run(testhost_command(BOOT_BUDGET, &["sh", "-c", reset]).env("HUSK_TESTHOST_ATTEMPTS", "2"));
+    assert_eq!(output.status.code(), Some(125), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("reset itself") && stderr.contains("attempt 2 of 2"), "{}", describe(&output));
+
+    // A command that fails on its own is not rerun.
+    let output = run(&mut testhost_command(
+        BOOT_BUDGET,
+        &["sh", "-c", "echo 'Kernel panic - not syncing' >&2; exit 4"],
+    ));
+    assert_eq!(output.status.code(), Some(4), "{}", describe(&output));
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("attempt 2"), "{}", describe(&output));
+}

@@ -63,7 +63,7 @@ pub struct Sandbox {
     stopper: VmStopper,
     /// Filled by the thread that waits for the VM when it ends.
     exit: Arc<Mutex<Option<VmExit>>>,
-    waiter: Option<std::thread::JoinHandle<()>>,
+    waiter: Mutex<Option<std::thread::JoinHandle<()>>>,
     // Dropped last: the VM must be gone before its directory.
     dir: SandboxDir,
 }
@@ -79,11 +79,11 @@ impl Sandbox {
     /// sandbox directory before the VM starts.
     pub async fn boot(
         config: &SandboxConfig,
-        prepare: impl FnOnce(&mut SandboxDir) -> Result<(), SandboxDirError>,
+        prepare: impl FnOnce(&SandboxDir) -> Result<(), SandboxDirError>,
     ) -> Result<Sandbox, SandboxError> {
         let id = config.id.clone();
-        let mut dir = SandboxDir::create(&config.root, &id)?;
-        prepare(&mut dir)?;
+        let dir = SandboxDir::create(&config.root, &id)?;
+        prepare(&dir)?;
         let log = std::fs::File::create(dir.console_log())
             .map_err(|source| SandboxError::Console { id: id.clone(), source })?;
         if let Err(err) = husk_vmm::host::raise_fd_limit() {
@@ -122,8 +122,10 @@ impl Sandbox {
         let address = AgentAddress::vm(&dir.vsock_socket());
         let connected =
             AgentClient::connect_when_ready(address, config.agent_timeout, config.agent_timeout).await;
-        let mut sandbox = match connected {
-            Ok((client, _)) => Sandbox { id: id.clone(), client, stopper, exit, waiter: Some(waiter), dir },
+        let sandbox = match connected {
+            Ok((client, _)) => {
+                Sandbox { id: id.clone(), client, stopper, exit, waiter: Mutex::new(Some(waiter)), dir }
+            }
             Err(source) => {
                 stopper.stop();
                 let _ = waiter.join();
@@ -136,7 +138,7 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    async fn set_up(&mut self) -> Result<(), SandboxError> {
+    async fn set_up(&self) -> Result<(), SandboxError> {
         let host_time_unix_ns =
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
         let request = CreateSandboxRequest {
@@ -173,9 +175,14 @@ impl Sandbox {
         )
     }
 
+    /// Whether the VM has ended (on its own, or stopped).
+    pub fn has_ended(&self) -> bool {
+        self.exit.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+
     /// Removes the pod's containers in the guest and stops the VM (also done, without the
     /// guest's part, by drop).
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(&self) {
         let destroy = husk_protocols::agent::DestroySandboxRequest {
             sandbox_id: self.id.clone(),
             ..Default::default()
@@ -186,9 +193,10 @@ impl Sandbox {
         self.stop();
     }
 
-    fn stop(&mut self) {
+    fn stop(&self) {
         self.stopper.stop();
-        if let Some(waiter) = self.waiter.take() {
+        let waiter = self.waiter.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(waiter) = waiter {
             let _ = waiter.join();
         }
     }

@@ -1,0 +1,18 @@
+//! `containerd-shim-husk-v2`: containerd's runtime `io.containerd.husk.v2`. containerd runs it
+//! with `start`, `delete` or `-info`; the process `start` spawns serves the pod's tasks. See
+//! `husk_shim::containerd`.
+
+use husk_shim::containerd::{shim_config, HuskShim, RUNTIME_ID};
+
+#[tokio::main]
+async fn main() {
+    let version = std::env::args().skip(1).any(|arg| matches!(arg.as_str(), "-v" | "-version" | "--version"));
+    if version {
+        println!("containerd-shim-husk-v2:");
+        println!("  Version:  {}", env!("CARGO_PKG_VERSION"));
+        println!("  Runtime:  {RUNTIME_ID} (task API v{})", containerd_shim_protos::TASK_API_VERSION);
+        println!("  Agent API: {}", husk_protocols::AGENT_API_VERSION);
+        return;
+    }
+    containerd_shim::asynchronous::run::<HuskShim>(RUNTIME_ID, Some(shim_config())).await;
+}

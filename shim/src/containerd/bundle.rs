@@ -1,0 +1,219 @@
+//! A containerd bundle (`config.json` + rootfs) seen from Husk: which pod a container belongs to
+//! (the CRI annotations), and the spec the guest gets. Host paths never reach the guest: the
+//! rootfs and every bind-mounted host file or directory are shared under the pod's shared
+//! directory, and the spec names them there; namespaces the host set up by path (the CNI network
+//! namespace, the pause container's IPC/UTS) mean nothing inside the VM and are dropped or made
+//! fresh.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{LinuxNamespaceType, Mount, MountBuilder, Spec};
+
+/// CRI's annotation naming the kind of container ("sandbox" for the pod's pause container).
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+/// CRI's annotation naming the pod (the sandbox container's id).
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+pub use husk_protocols::GUEST_SHARED_DIR;
+
+/// Why a bundle cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{}: {reason}", path.display())]
+    Spec { path: PathBuf, reason: String },
+    #[error("annotation {annotation}: {reason}")]
+    Annotation { annotation: &'static str, reason: String },
+}
+
+/// Where a container stands in its pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodRole {
+    /// The container that brings the pod (and its VM) up: CRI's sandbox, or any container started
+    /// without CRI (`ctr run`), which is a pod of its own.
+    Sandbox { pod_id: String },
+    /// A container joining the running pod `pod_id`.
+    Member { pod_id: String },
+}
+
+impl PodRole {
+    /// The role the annotations give container `id`.
+    pub fn of(id: &str, annotations: &HashMap<String, String>) -> Result<PodRole, BundleError> {
+        let kind = annotations.get(CONTAINER_TYPE_ANNOTATION).map(String::as_str);
+        match kind {
+            None | Some("sandbox") => Ok(PodRole::Sandbox { pod_id: id.to_owned() }),
+            Some("container") => match annotations.get(SANDBOX_ID_ANNOTATION) {
+                Some(pod) if !pod.is_empty() => Ok(PodRole::Member { pod_id: pod.clone() }),
+                _ => Err(BundleError::Annotation {
+                    annotation: SANDBOX_ID_ANNOTATION,
+                    reason: format!("missing, but {CONTAINER_TYPE_ANNOTATION} is \"container\""),
+                }),
+            },
+            Some(other) => Err(BundleError::Annotation {
+                annotation: CONTAINER_TYPE_ANNOTATION,
+                reason: format!("{other:?}: expected \"sandbox\" or \"container\""),
+            }),
+        }
+    }
+
+    /// The pod's id (the shim's grouping key: one shim and one VM per pod).
+    pub fn pod_id(&self) -> &str {
+        match self {
+            PodRole::Sandbox { pod_id } | PodRole::Member { pod_id } => pod_id,
+        }
+    }
+}
+
+/// Reads `<bundle>/config.json`.
+pub fn load_spec(bundle: &Path) -> Result<Spec, BundleError> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|err| BundleError::Spec { path, reason: err.to_string() })
+}
+
+/// The spec's annotations (none: empty).
+pub fn annotations(spec: &Spec) -> HashMap<String, String> {
+    spec.annotations().clone().unwrap_or_default()
+}
+
+/// The host rootfs of a bundle without rootfs mounts: `root.path`, relative to the bundle.
+pub fn host_rootfs(bundle: &Path, spec: &Spec) -> PathBuf {
+    let root = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_else(|| PathBuf::from("rootfs"));
+    if root.is_absolute() {
+        root
+    } else {
+        bundle.join(root)
+    }
+}
+
+/// A host path the guest needs, and where in the shared directory it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostShare {
+    pub host: PathBuf,
+    /// Relative to the shared directory.
+    pub name: String,
+    pub read_only: bool,
+}
+
+/// The spec rewritten for the guest, and the host paths to share for it.
+#[derive(Debug)]
+pub struct GuestSpec {
+    pub spec: Spec,
+    pub shares: Vec<HostShare>,
+}
+
+/// Shared-directory name of container `id`'s rootfs.
+pub fn rootfs_name(id: &str) -> String {
+    format!("{id}/rootfs")
+}
+
+/// Rewrites `spec` for container `id` in the guest: `root.path` names the shared rootfs, bind
+/// mounts of host paths name their shares, the pod's `/dev/shm` becomes a tmpfs of the guest,
+/// and namespaces given by host path are made fresh (the network namespace is the VM's own).
+pub fn guest_spec(id: &str, mut spec: Spec) -> GuestSpec {
+    if let Some(root) = spec.root_mut() {
+        root.set_path(PathBuf::from(rootfs_name(id)));
+    }
+    let mut shares = Vec::new();
+    let mounts = spec.mounts().clone().unwrap_or_default();
+    let mounts = mounts.into_iter().map(|mount| guest_mount(id, mount, &mut shares)).collect();
+    spec.set_mounts(Some(mounts));
+    if let Some(linux) = spec.linux_mut() {
+        if let Some(namespaces) = linux.namespaces().clone() {
+            let namespaces = namespaces
+                .into_iter()
+                .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
+                .map(|mut ns| {
+                    ns.set_path(None);
+                    ns
+                })
+                .collect();
+            linux.set_namespaces(Some(namespaces));
+        }
+    }
+    GuestSpec { spec, shares }
+}
+
+fn guest_mount(id: &str, mount: Mount, shares: &mut Vec<HostShare>) -> Mount {
+    let options = mount.options().clone().unwrap_or_default();
+    let is_bind =
+        mount.typ().as_deref() == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind");
+    let Some(source) = mount.source().clone().filter(|s| is_bind && s.is_absolute()) else {
+        return mount;
+    };
+    if mount.destination() == Path::new("/dev/shm") {
+        // The pod's shm lives in host memory; a guest-side tmpfs is what IPC in the VM can use.
+        return MountBuilder::default()
+            .destination("/dev/shm")
+            .typ("tmpfs")
+            .source("shm")
+            .options(["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"].map(String::from).to_vec())
+            .build()
+            .unwrap_or(mount);
+    }
+    let name = format!("{id}/mounts/{}", shares.len());
+    let read_only = options.iter().any(|o| o == "ro");
+    shares.push(HostShare { host: source, name: name.clone(), read_only });
+    let mut mount = mount;
+    mount.set_source(Some(Path::new(GUEST_SHARED_DIR).join(&name)));
+    mount
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn annotated(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn cri_annotations_group_containers_into_their_pod() {
+        assert_eq!(PodRole::of("c1", &HashMap::new()).unwrap(), PodRole::Sandbox { pod_id: "c1".into() });
+        let sandbox = annotated(&[(CONTAINER_TYPE_ANNOTATION, "sandbox"), (SANDBOX_ID_ANNOTATION, "p")]);
+        assert_eq!(PodRole::of("p", &sandbox).unwrap(), PodRole::Sandbox { pod_id: "p".into() });
+        let member = annotated(&[(CONTAINER_TYPE_ANNOTATION, "container"), (SANDBOX_ID_ANNOTATION, "p")]);
+        assert_eq!(PodRole::of("c2", &member).unwrap().pod_id(), "p");
+        let orphan = annotated(&[(CONTAINER_TYPE_ANNOTATION, "container")]);
+        let err = PodRole::of("c3", &orphan).unwrap_err().to_string();
+        assert!(err.contains(SANDBOX_ID_ANNOTATION), "{err}");
+        let odd = annotated(&[(CONTAINER_TYPE_ANNOTATION, "vm")]);
+        assert!(PodRole::of("c4", &odd).unwrap_err().to_string().contains("\"vm\""));
+    }
+
+    #[test]
+    fn the_guest_spec_names_shares_and_no_host_path() {
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "/var/lib/containerd/x/rootfs"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/cri/hosts", "options": ["rbind", "ro"]},
+                {"destination": "/data", "source": "/srv/vol", "options": ["rbind", "rw"]},
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/cri/shm", "options": ["rbind"]}
+            ],
+            "linux": {"namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"}
+            ]}
+        }))
+        .unwrap();
+        let guest = guest_spec("c1", spec);
+        assert_eq!(guest.spec.root().as_ref().unwrap().path(), Path::new("c1/rootfs"));
+        assert_eq!(
+            guest.shares,
+            vec![
+                HostShare { host: "/var/lib/cri/hosts".into(), name: "c1/mounts/0".into(), read_only: true },
+                HostShare { host: "/srv/vol".into(), name: "c1/mounts/1".into(), read_only: false },
+            ]
+        );
+        let mounts = guest.spec.mounts().clone().unwrap();
+        assert_eq!(mounts[0].source().as_deref(), Some(Path::new("proc")));
+        assert_eq!(mounts[1].source().as_deref(), Some(Path::new("/run/husk/shared/c1/mounts/0")));
+        assert_eq!(mounts[2].source().as_deref(), Some(Path::new("/run/husk/shared/c1/mounts/1")));
+        assert_eq!(mounts[3].typ().as_deref(), Some("tmpfs"));
+        let namespaces = guest.spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let kinds: Vec<_> = namespaces.iter().map(|ns| (ns.typ(), ns.path().clone())).collect();
+        assert_eq!(kinds, vec![(LinuxNamespaceType::Pid, None), (LinuxNamespaceType::Ipc, None)]);
+    }
+}

@@ -1,0 +1,150 @@
+//! `containerd-shim-husk-v2`: the containerd runtime `io.containerd.husk.v2` (task API v3,
+//! containerd 2.x). One shim process serves one pod and holds its VM (Husk's VMM is a library);
+//! the containers of a CRI pod reach the same shim through their grouping key, the pod id.
+//!
+//! - [`bundle`]: pod grouping from the CRI annotations, and the guest's view of a bundle.
+//! - [`pod`]: the pod's VM, containers and processes; every task call's behaviour.
+//! - [`process`]: one process: stdio joined to containerd's FIFOs, status, exit.
+//! - [`task`]: the ttrpc task service over the pod.
+//! - [`events`], [`metrics`], [`error`]: what containerd gets back.
+//!
+//! The shim crate runs the process model: `start` spawns (or finds) the pod's shim server and
+//! prints its address, `delete` cleans up after a shim that died, and the server serves tasks
+//! until containerd shuts it down with no container left.
+
+pub mod bundle;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod pod;
+pub mod process;
+pub mod task;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{api, Config as ShimConfig, Error, Flags, StartOpts};
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+
+use self::bundle::PodRole;
+use self::events::EventSink;
+use self::pod::{sandbox_name, Pod};
+use self::task::TaskService;
+use crate::config::Config;
+use crate::sandbox::SandboxDir;
+
+/// The runtime name containerd knows Husk by (`ctr run --runtime io.containerd.husk.v2`).
+pub const RUNTIME_ID: &str = "io.containerd.husk.v2";
+/// Exit status reported for the tasks of a shim that was killed (128 + SIGKILL).
+const KILLED_STATUS: u32 = 137;
+
+/// The shim-crate side of the process model; see the module documentation.
+pub struct HuskShim {
+    namespace: String,
+    id: String,
+    debug: bool,
+    exit: Arc<ExitSignal>,
+}
+
+impl std::fmt::Debug for HuskShim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HuskShim")
+            .field("namespace", &self.namespace)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the shim crate must know about Husk before it starts: Husk logs with `tracing` to the
+/// bundle's `log` FIFO itself, and starts no child processes, so it needs no reaper.
+pub fn shim_config() -> ShimConfig {
+    ShimConfig { no_setup_logger: true, no_reaper: true, no_sub_reaper: true, ..Default::default() }
+}
+
+#[async_trait]
+impl Shim for HuskShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
+        HuskShim {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            debug: args.debug,
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    /// `start`: one shim per pod, so the grouping key is the pod's id; a container of a running
+    /// pod gets that pod's shim address.
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        let spec =
+            bundle::load_spec(Path::new(".")).map_err(|err| Error::InvalidArgument(err.to_string()))?;
+        let role = PodRole::of(&opts.id, &bundle::annotations(&spec))
+            .map_err(|err| Error::InvalidArgument(err.to_string()))?;
+        let address = spawn(opts, role.pod_id(), Vec::new()).await?;
+        Ok(address)
+    }
+
+    /// `delete`: the shim serving this container died (SIGKILL, OOM); its VM died with it, so
+    /// what is left is its directory and mounts on the host.
+    async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
+        let config = Config::load(None).map_err(|err| Error::InvalidArgument(err.to_string()))?.config;
+        let role = match bundle::load_spec(Path::new(".")) {
+            Ok(spec) => PodRole::of(&self.id, &bundle::annotations(&spec)).ok(),
+            Err(_) => None,
+        };
+        let role = role.unwrap_or_else(|| PodRole::Sandbox { pod_id: self.id.clone() });
+        let dir_name = sandbox_name(&self.namespace, role.pod_id());
+        let leftover = match role {
+            PodRole::Sandbox { .. } => dir_name,
+            PodRole::Member { .. } => format!("{dir_name}/shared/{}", self.id),
+        };
+        SandboxDir::remove_leftover(&config.runtime.sandbox_dir, &leftover)
+            .map_err(|err| Error::Other(format!("cleaning up after the shim of {}: {err}", self.id)))?;
+        Ok(api::DeleteResponse {
+            exit_status: KILLED_STATUS,
+            exited_at: Some(Timestamp::now()).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        init_logging(self.debug);
+        let config = match Config::load(None) {
+            Ok(loaded) => loaded.config,
+            Err(err) => {
+                // Create reports it for each container, naming the file; serve with the defaults.
+                tracing::error!(%err, "reading Husk's configuration; using the defaults");
+                Config::default()
+            }
+        };
+        tracing::info!(namespace = %self.namespace, id = %self.id, "containerd-shim-husk-v2 serving");
+        let events = EventSink::new(publisher, &self.namespace);
+        TaskService::new(Arc::new(Pod::new(&self.namespace, config, events, Arc::clone(&self.exit))))
+    }
+}
+
+/// Logs go to the `log` FIFO containerd reads in the bundle (the shim's working directory), or
+/// to stderr when there is none; `RUST_LOG` overrides the level.
+fn init_logging(debug: bool) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let level = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let fifo = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open("log");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    let installed = match fifo {
+        Ok(fifo) => builder.with_writer(std::sync::Mutex::new(fifo)).try_init(),
+        Err(_) => builder.with_writer(std::io::stderr).try_init(),
+    };
+    if installed.is_err() {
+        eprintln!("containerd-shim-husk-v2: a logger was installed already");
+    }
+}
