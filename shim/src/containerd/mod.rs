@@ -24,6 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use containerd_shim::asynchronous::util::write_str_to_file;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{api, Config as ShimConfig, Error, Flags, StartOpts};
@@ -85,6 +86,8 @@ impl Shim for HuskShim {
         let role = PodRole::of(&opts.id, &bundle::annotations(&spec))
             .map_err(|err| Error::InvalidArgument(err.to_string()))?;
         let address = spawn(opts, role.pod_id(), Vec::new()).await?;
+        // The server removes the socket named here when it exits (and containerd reads it).
+        write_str_to_file("address", &address).await?;
         Ok(address)
     }
 

@@ -1,0 +1,99 @@
+//! containerd 2.x runs containers in Husk microVMs: `ctr` against a private containerd (Debian's
+//! package, `make containerd`) with the offline busybox image and the runtime
+//! `io.containerd.husk.v2`, inside the test host (or directly on working KVM). After each test no
+//! shim, sandbox directory, mount or shim socket is left behind.
+
+// Test code: a failed expectation is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use husk_tests::{combined, describe, run, target_bin, workspace_root, VmHost};
+
+const BUDGET: Duration = Duration::from_secs(900);
+const IMAGE: &str = "docker.io/library/busybox:husk";
+
+/// Runs `steps` (POSIX sh, with `$husk` = `ctr run --runtime io.containerd.husk.v2`) beside a
+/// private containerd that has the busybox image, then waits for the pod shims to go and
+/// reports what is left of them.
+fn with_containerd(name: &str, steps: &str) -> String {
+    let root = workspace_root();
+    let image = root.join(format!("build/test-scratch/busybox-oci-{name}.tar"));
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    let made = run(Command::new(root.join("scripts/busybox-oci-image")).arg(&image));
+    assert!(made.status.success(), "{}", describe(&made));
+    let script = format!(
+        "ctr images import {image} >/dev/null || exit 1
+husk='ctr run --runtime io.containerd.husk.v2'
+{steps}
+i=0; while ps -o comm | grep -q containerd-shim-h && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
+echo \"left: shims=$(ps -o comm | grep -c containerd-shim-h) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) sockets=$(ls /run/containerd/s 2>/dev/null | wc -l)\"",
+        image = image.display()
+    );
+    let env = root.join("tests/containerd-env");
+    let containerd = root.join("build/containerd");
+    let args = [env.to_str().unwrap(), containerd.to_str().unwrap(), "--", "sh", "-c", &script];
+    let output = run(&mut VmHost::detect().command_with(BUDGET, &[Path::new("/usr/sbin/runc")], &args));
+    let _ = std::fs::remove_file(&image);
+    let text = combined(&output);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(text.contains("left: shims=0 sandboxes=0 mounts=0 sockets=0"), "nothing left behind: {text}");
+    text
+}
+
+#[test]
+fn ctr_run_prints_the_output_returns_the_exit_status_and_gives_a_terminal() {
+    let pty_run = target_bin("husk-pty-run");
+    let steps = format!(
+        "$husk --rm {IMAGE} t1 echo hi-from-a-microvm; echo \"echo-status=$?\"
+$husk --rm {IMAGE} t2 sh -c 'echo to-stderr >&2; exit 7'; echo \"exit-status=$?\"
+guest=$($husk --rm {IMAGE} t3 uname -r); echo \"guest-kernel=$guest host-kernel=$(uname -r)\"
+{pty} 101 33 -- $husk --rm -t {IMAGE} t4 sh -c 'tty; stty size'; echo \"tty-status=$?\"
+$husk --rm {IMAGE} t5 /no/such/program; echo \"missing-status=$?\"",
+        pty = pty_run.display()
+    );
+    let text = with_containerd("run", &steps);
+    assert!(text.contains("hi-from-a-microvm\necho-status=0"), "{text}");
+    assert!(text.contains("to-stderr") && text.contains("exit-status=7"), "{text}");
+    // The container ran on the guest's kernel, not on the kernel of the host running containerd.
+    let kernels = text.lines().find_map(|l| l.strip_prefix("guest-kernel=")).unwrap_or_else(|| panic!("{text}"));
+    let (guest, host) = kernels.split_once(" host-kernel=").unwrap();
+    assert!(!guest.is_empty() && guest != host, "guest kernel {guest:?}, host kernel {host:?}");
+    assert!(text.contains("/dev/pts/0") && text.contains("33 101"), "a terminal of ctr's size: {text}");
+    assert!(text.contains("tty-status=0"), "{text}");
+    assert!(!text.contains("missing-status=0"), "a missing program fails the run: {text}");
+}
+
+#[test]
+fn ctr_task_exec_metrics_pause_resume_and_kill_reach_the_guest() {
+    let steps = format!(
+        "$husk -d {IMAGE} long sleep 1000 || exit 1
+ctr task exec --exec-id e1 long sh -c 'echo from-exec; ls /proc | grep -c ^[0-9]; exit 3'; echo \"exec-status=$?\"
+ctr task metrics long
+ctr task ps long | tail -n +2 | wc -l | sed 's/^/ps-lines=/'
+ctr task pause long && ctr task ls | grep '^long ' | sed 's/^/paused: /'
+ctr task resume long && ctr task ls | grep '^long ' | sed 's/^/resumed: /'
+ctr task kill -s SIGKILL long
+i=0; until ctr task ls | grep -q '^long .*STOPPED' || [ $i -ge 100 ]; do sleep 0.2; i=$((i+1)); done
+ctr task ls | grep '^long ' | sed 's/^/killed: /'
+ctr task delete long; ctr container rm long
+$husk --rm {IMAGE} victim sleep 1000 & run_pid=$!
+i=0; until ctr task ls | grep -q '^victim .*RUNNING' || [ $i -ge 300 ]; do sleep 0.2; i=$((i+1)); done
+ctr task kill -s SIGKILL victim; wait $run_pid; echo \"sigkill-status=$?\""
+    );
+    let text = with_containerd("tasks", &steps);
+    assert!(text.contains("from-exec") && text.contains("exec-status=3"), "{text}");
+    let metric = |name: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}: {text}"));
+        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    assert!(metric("pids.current") >= 1, "{text}");
+    assert!(metric("memory.usage") > 0, "{text}");
+    assert!(text.contains("ps-lines=1"), "one process (sleep) in the container: {text}");
+    assert!(text.lines().any(|l| l.starts_with("paused: ") && l.contains("PAUSED")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("resumed: ") && l.contains("RUNNING")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("killed: ") && l.contains("STOPPED")), "{text}");
+    assert!(text.contains("sigkill-status=137"), "SIGKILL ends ctr run with 137: {text}");
+}
