@@ -58,7 +58,8 @@ $husk --rm {IMAGE} t5 /no/such/program; echo \"missing-status=$?\"",
     assert!(text.contains("hi-from-a-microvm\necho-status=0"), "{text}");
     assert!(text.contains("to-stderr") && text.contains("exit-status=7"), "{text}");
     // The container ran on the guest's kernel, not on the kernel of the host running containerd.
-    let kernels = text.lines().find_map(|l| l.strip_prefix("guest-kernel=")).unwrap_or_else(|| panic!("{text}"));
+    let kernels =
+        text.lines().find_map(|l| l.strip_prefix("guest-kernel=")).unwrap_or_else(|| panic!("{text}"));
     let (guest, host) = kernels.split_once(" host-kernel=").unwrap();
     assert!(!guest.is_empty() && guest != host, "guest kernel {guest:?}, host kernel {host:?}");
     assert!(text.contains("/dev/pts/0") && text.contains("33 101"), "a terminal of ctr's size: {text}");

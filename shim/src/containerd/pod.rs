@@ -122,9 +122,11 @@ impl Pod {
             (PodRole::Sandbox { pod_id }, Some(_)) => {
                 return Err(ShimError::AlreadyExists(format!("pod {pod_id}: its sandbox container exists")))
             }
-            (PodRole::Member { pod_id }, _) => return Err(ShimError::FailedPrecondition(format!(
+            (PodRole::Member { pod_id }, _) => {
+                return Err(ShimError::FailedPrecondition(format!(
                 "container {id}: pod {pod_id} does not run in this shim (create its sandbox container first)"
-            ))),
+            )))
+            }
         };
         match self.create_in(&sandbox, id, &bundle_dir, spec, req).await {
             Ok(container) => {

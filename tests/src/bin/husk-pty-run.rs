@@ -29,7 +29,11 @@ fn main() -> Result<ExitCode> {
     let pty = nix::pty::openpty(Some(&window), None).context("openpty")?;
     let terminal = |fd: &OwnedFd| -> Result<Stdio> { Ok(Stdio::from(fd.try_clone()?)) };
     let mut command = Command::new(program);
-    command.args(arguments).stdin(terminal(&pty.slave)?).stdout(terminal(&pty.slave)?).stderr(terminal(&pty.slave)?);
+    command
+        .args(arguments)
+        .stdin(terminal(&pty.slave)?)
+        .stdout(terminal(&pty.slave)?)
+        .stderr(terminal(&pty.slave)?);
     // SAFETY: between fork and exec the closure only makes async-signal-safe calls (setsid and
     // an ioctl on the inherited stdin) and touches no memory of the parent's threads.
     unsafe {
