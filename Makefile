@@ -9,7 +9,7 @@ AGENT_BIN := target/$(GUEST_TARGET)/guest/husk-agent
 AGENT_ENV := RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build agent guest-image testhost containerd lint fuzz test demo bench clean
+.PHONY: all deps build agent guest-image testhost containerd lint fuzz test demo demo-run install bench clean
 
 all: build guest-image
 
@@ -55,27 +55,51 @@ test: lint build guest-image testhost containerd
 
 GUEST := --kernel build/guest/vmlinux --initrd build/guest/initramfs.cpio
 
-## demo: a container in a microVM: `husk run` boots a sandbox VM (the VMM inside husk), shares a
-## busybox rootfs into it over virtio-fs and the agent runs the command there (directly where this
-## machine's KVM can run guests, otherwise inside the nested test host)
-demo: build guest-image testhost
+## demo: a container in a microVM through containerd: a private containerd 2.x (build/containerd)
+## imports the offline busybox image and `ctr run --runtime io.containerd.husk.v2` runs it; the
+## shim boots the pod's VM in its own process. On the VM host: directly where this machine's KVM
+## can run guests, otherwise inside the nested test host.
+demo: build guest-image testhost containerd
+	scripts/busybox-oci-image build/demo-busybox.tar >/dev/null
+	tests/vm-host-run -- tests/containerd-env build/containerd -- scripts/demo-containerd build/demo-busybox.tar
+
+## demo-run: the same without containerd: `husk run` on a busybox root file system
+demo-run: build guest-image testhost
 	scripts/busybox-rootfs build/demo-rootfs
 	tests/vm-host-run target/debug/husk run build/demo-rootfs -- \
 		sh -c 'echo "hello from a container in a Husk microVM: kernel $$(uname -r), pid $$$$, $$(nproc) vCPU"'
 
+## install: release binaries to $(PREFIX)/bin, the guest image to /usr/share/husk/guest, the
+## default configuration to /etc/husk (an existing one is kept) and the containerd/Kubernetes
+## snippets to $(PREFIX)/share/husk (DESTDIR for staging)
+PREFIX ?= /usr/local
+install: guest-image
+	$(CARGO) build --release --locked -p husk-shim
+	install -D -m 0755 target/release/husk $(DESTDIR)$(PREFIX)/bin/husk
+	install -D -m 0755 target/release/containerd-shim-husk-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-husk-v2
+	install -D -m 0644 -t $(DESTDIR)/usr/share/husk/guest build/guest/vmlinux build/guest/initramfs.cpio build/guest/manifest.json
+	[ -e $(DESTDIR)/etc/husk/configuration.toml ] || \
+		install -D -m 0644 configs/configuration.toml $(DESTDIR)/etc/husk/configuration.toml
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/husk configs/containerd-husk.toml configs/runtimeclass.yaml
+
 ## bench: boot benchmark, husk-vmm side by side with QEMU microvm (same kernel, same KVM); vsock
 ## benchmark, husk-vmm's hybrid vsock side by side with a host-local unix socket (same run);
 ## virtio-fs benchmark, file workloads over the share side by side with the host directory;
-## container stdio and exec benchmark, a pod in the VM side by side with a host-mode agent
-bench: build guest-image testhost
-	$(CARGO) build --release --locked -p husk-vmm -p husk-tests --bin husk-vmm --bin husk-bench-boot \
-		--bin husk-bench-vsock --bin husk-bench-fs --bin husk-bench-stdio
+## container stdio and exec benchmark, a pod in the VM side by side with a host-mode agent;
+## containerd benchmark, `ctr run` and an idle pod's memory with Husk side by side with runc
+bench: build guest-image testhost containerd
+	$(CARGO) build --release --locked -p husk-vmm -p husk-shim -p husk-tests --bin husk-vmm --bin husk-bench-boot \
+		--bin husk-bench-vsock --bin husk-bench-fs --bin husk-bench-stdio --bin husk-bench-ctr \
+		--bin containerd-shim-husk-v2
 	$(CARGO) build --release --locked -p husk-agent
 	tests/vm-host-run --timeout 1800 --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu -- \
 		target/release/husk-bench-boot --vmm target/release/husk-vmm $(GUEST)
 	tests/vm-host-run --timeout 1800 -- target/release/husk-bench-vsock --vmm target/release/husk-vmm $(GUEST)
 	tests/vm-host-run --timeout 1800 -- target/release/husk-bench-fs --vmm target/release/husk-vmm $(GUEST)
 	tests/vm-host-run --timeout 1800 -- target/release/husk-bench-stdio --vmm target/release/husk-vmm $(GUEST)
+	scripts/busybox-oci-image build/bench-busybox.tar >/dev/null
+	tests/vm-host-run --timeout 1800 --with /usr/sbin/runc -- tests/containerd-env build/containerd -- \
+		target/release/husk-bench-ctr build/bench-busybox.tar
 
 clean:
 	$(CARGO) clean

@@ -28,12 +28,14 @@ pub enum CheckName {
     Cgroup,
     /// containerd 2.x is installed.
     Containerd,
+    /// containerd can start Husk: `containerd-shim-husk-v2` of this version is on PATH.
+    Shim,
 }
 
 impl CheckName {
     /// Every check, in run order.
-    pub const ALL: [CheckName; 4] =
-        [CheckName::Kvm, CheckName::GuestImage, CheckName::Cgroup, CheckName::Containerd];
+    pub const ALL: [CheckName; 5] =
+        [CheckName::Kvm, CheckName::GuestImage, CheckName::Cgroup, CheckName::Containerd, CheckName::Shim];
 }
 
 /// All checks and the overall verdict.
@@ -64,6 +66,7 @@ impl CheckReport {
                 CheckName::GuestImage => check_guest_image(),
                 CheckName::Cgroup => check_cgroup2(),
                 CheckName::Containerd => check_containerd(),
+                CheckName::Shim => check_shim(),
             })
             .collect();
         CheckReport { ready: checks.iter().all(|c| c.ok), checks }
@@ -186,6 +189,30 @@ fn check_containerd() -> Check {
             "{text}: Husk speaks task API v3 and needs containerd {MIN_CONTAINERD_MAJOR}.x or newer"
         )),
         None => fail(format!("cannot read a version in `containerd --version` output: {text:?}")),
+    }
+}
+
+/// containerd runs `containerd-shim-husk-v2` from its PATH for the runtime io.containerd.husk.v2.
+fn check_shim() -> Check {
+    const SHIM: &str = "containerd-shim-husk-v2";
+    let fail = |summary: String| Check { name: "shim", ok: false, summary, details: Value::Null };
+    let output = match Command::new(SHIM).arg("-v").output() {
+        Ok(output) if output.status.success() => output,
+        Ok(output) => return fail(format!("`{SHIM} -v` failed with {}", output.status)),
+        Err(err) => return fail(format!("{SHIM} not found in PATH ({err}); `make install` puts it there")),
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let ours = env!("CARGO_PKG_VERSION");
+    let version =
+        text.lines().find_map(|l| l.trim().strip_prefix("Version:")).map(str::trim).unwrap_or_default();
+    if version != ours {
+        return fail(format!("{SHIM} on PATH is version {version:?}, this husk is {ours}"));
+    }
+    Check {
+        name: "shim",
+        ok: true,
+        summary: format!("{SHIM} {version}"),
+        details: json!({ "version": version }),
     }
 }
 

@@ -15,6 +15,11 @@ pub const PATH_ENV: &str = "HUSK_CONFIG";
 pub const ANNOTATION_PREFIX: &str = "io.husk.";
 /// Annotations that can be allowed.
 const KNOWN_ANNOTATIONS: &[&str] = &["vcpus", "memory_mib"];
+/// CRI's annotations on a pod's sandbox container: the pod's summed memory limit (bytes) and CPU
+/// quota and period (microseconds), when its containers set limits.
+const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 /// The smallest guest the image boots in.
 const MIN_MEMORY_MIB: u64 = 64;
 
@@ -165,11 +170,68 @@ impl Config {
         Ok(())
     }
 
-    /// The VM size for a pod with `annotations`: the defaults, overridden by allowed `io.husk.*`
-    /// annotations. An annotation that is not allowed, not a number or out of bounds is an error.
+    /// The VM size for a pod with `annotations`: the defaults, plus the pod's limits where CRI
+    /// gives them (its memory limit on top of the default memory, its CPU quota rounded up on top
+    /// of the default vCPUs, so the guest's own kernel and agent keep their share, as Kata does),
+    /// overridden by allowed `io.husk.*` annotations. An annotation that is not allowed, not a
+    /// number or out of bounds is an error naming it.
     pub fn pod_sizing(&self, annotations: &HashMap<String, String>) -> Result<PodSizing, ConfigError> {
         let h = &self.hypervisor;
         let mut sizing = PodSizing { vcpus: h.vcpus, memory_mib: h.memory_mib };
+        self.add_cri_limits(annotations, &mut sizing)?;
+        self.apply_husk_annotations(annotations, &mut sizing)?;
+        Ok(sizing)
+    }
+
+    fn add_cri_limits(
+        &self,
+        annotations: &HashMap<String, String>,
+        sizing: &mut PodSizing,
+    ) -> Result<(), ConfigError> {
+        let h = &self.hypervisor;
+        let number = |key: &str| -> Result<Option<u64>, ConfigError> {
+            let Some(value) = annotations.get(key) else { return Ok(None) };
+            let parsed = value.parse::<i64>().map_err(|_| ConfigError::Annotation {
+                annotation: key.to_owned(),
+                message: format!("{value:?} is not a whole number"),
+            })?;
+            Ok(u64::try_from(parsed).ok().filter(|n| *n > 0))
+        };
+        if let Some(bytes) = number(CRI_SANDBOX_MEMORY)? {
+            sizing.memory_mib += bytes.div_ceil(1 << 20);
+            if sizing.memory_mib > h.max_memory_mib {
+                return Err(ConfigError::Annotation {
+                    annotation: CRI_SANDBOX_MEMORY.into(),
+                    message: format!(
+                        "the pod's memory limit ({bytes} bytes) and the default {} MiB exceed hypervisor.max_memory_mib ({})",
+                        h.memory_mib, h.max_memory_mib
+                    ),
+                });
+            }
+        }
+        if let (Some(quota), Some(period)) = (number(CRI_SANDBOX_CPU_QUOTA)?, number(CRI_SANDBOX_CPU_PERIOD)?)
+        {
+            let cpus = quota.div_ceil(period);
+            let total = u64::from(h.vcpus) + cpus;
+            sizing.vcpus = u8::try_from(total).ok().filter(|n| *n <= h.max_vcpus).ok_or_else(|| {
+                ConfigError::Annotation {
+                    annotation: CRI_SANDBOX_CPU_QUOTA.into(),
+                    message: format!(
+                        "the pod's CPU limit ({cpus} CPUs) and the default {} vCPUs exceed hypervisor.max_vcpus ({})",
+                        h.vcpus, h.max_vcpus
+                    ),
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn apply_husk_annotations(
+        &self,
+        annotations: &HashMap<String, String>,
+        sizing: &mut PodSizing,
+    ) -> Result<(), ConfigError> {
+        let h = &self.hypervisor;
         for (key, value) in annotations {
             let Some(name) = key.strip_prefix(ANNOTATION_PREFIX) else { continue };
             let refuse = |message: String| ConfigError::Annotation { annotation: key.clone(), message };
@@ -200,7 +262,7 @@ impl Config {
                 _ => return Err(refuse("unknown Husk annotation".into())),
             }
         }
-        Ok(sizing)
+        Ok(())
     }
 
     /// The effective configuration as TOML.
@@ -264,5 +326,35 @@ mod tests {
         locked.runtime.enable_annotations.clear();
         let err = locked.pod_sizing(&annotations(&[("io.husk.vcpus", "2")])).unwrap_err().to_string();
         assert!(err.contains("not allowed"), "{err}");
+    }
+
+    #[test]
+    fn a_cri_pods_limits_add_to_the_default_size() {
+        let config = Config::default();
+        let annotations = |pairs: &[(&str, &str)]| {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<HashMap<_, _>>()
+        };
+        // 1.5 CPUs and 128 MiB + 1 byte of limits: 2 more vCPUs, 129 more MiB.
+        let limited = annotations(&[
+            (CRI_SANDBOX_CPU_QUOTA, "150000"),
+            (CRI_SANDBOX_CPU_PERIOD, "100000"),
+            (CRI_SANDBOX_MEMORY, &((128u64 << 20) + 1).to_string()),
+        ]);
+        assert_eq!(config.pod_sizing(&limited).unwrap(), PodSizing { vcpus: 3, memory_mib: 256 + 129 });
+        // No limits (CRI writes 0 or -1): the defaults.
+        let unlimited = annotations(&[
+            (CRI_SANDBOX_CPU_QUOTA, "-1"),
+            (CRI_SANDBOX_CPU_PERIOD, "100000"),
+            (CRI_SANDBOX_MEMORY, "0"),
+        ]);
+        assert_eq!(config.pod_sizing(&unlimited).unwrap(), PodSizing { vcpus: 1, memory_mib: 256 });
+        let huge = annotations(&[(CRI_SANDBOX_CPU_QUOTA, "6400000"), (CRI_SANDBOX_CPU_PERIOD, "100000")]);
+        let err = config.pod_sizing(&huge).unwrap_err().to_string();
+        assert!(err.contains(CRI_SANDBOX_CPU_QUOTA) && err.contains("max_vcpus"), "{err}");
+        let err = config.pod_sizing(&annotations(&[(CRI_SANDBOX_MEMORY, "lots")])).unwrap_err().to_string();
+        assert!(err.contains(CRI_SANDBOX_MEMORY) && err.contains("not a whole number"), "{err}");
+        // An allowed io.husk annotation still has the last word.
+        let both = annotations(&[(CRI_SANDBOX_MEMORY, "1048576"), ("io.husk.memory_mib", "300")]);
+        assert_eq!(config.pod_sizing(&both).unwrap().memory_mib, 300);
     }
 }

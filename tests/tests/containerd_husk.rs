@@ -14,29 +14,43 @@ use husk_tests::{combined, describe, run, target_bin, workspace_root, VmHost};
 
 const BUDGET: Duration = Duration::from_secs(900);
 const IMAGE: &str = "docker.io/library/busybox:husk";
+/// A pause image for CRI's pod sandboxes: busybox sleeping (scripts/busybox-oci-image NAME CMD).
+const PAUSE_IMAGE: [&str; 2] = ["docker.io/library/pause:husk", r#"["sleep","2147483647"]"#];
 
 /// Runs `steps` (POSIX sh, with `$husk` = `ctr run --runtime io.containerd.husk.v2`) beside a
-/// private containerd that has the busybox image, then waits for the pod shims to go and
-/// reports what is left of them.
-fn with_containerd(name: &str, steps: &str) -> String {
+/// private containerd that has the busybox image (with `cri`: its CRI plugin too, and the
+/// busybox and pause images in CRI's namespace), then waits for the pod shims to go and reports
+/// what is left of them.
+fn with_containerd(name: &str, cri: bool, steps: &str) -> String {
     let root = workspace_root();
     let image = root.join(format!("build/test-scratch/busybox-oci-{name}.tar"));
     std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    let pause = root.join(format!("build/test-scratch/pause-oci-{name}.tar"));
     let made = run(Command::new(root.join("scripts/busybox-oci-image")).arg(&image));
     assert!(made.status.success(), "{}", describe(&made));
+    let made = run(Command::new(root.join("scripts/busybox-oci-image")).arg(&pause).args(PAUSE_IMAGE));
+    assert!(made.status.success(), "{}", describe(&made));
+    let namespace = if cri { "-n k8s.io" } else { "" };
     let script = format!(
-        "ctr images import {image} >/dev/null || exit 1
+        "ctr {namespace} images import {image} >/dev/null || exit 1
+[ -z '{namespace}' ] || ctr {namespace} images import {pause} >/dev/null || exit 1
 husk='ctr run --runtime io.containerd.husk.v2'
 {steps}
 i=0; while ps -o comm | grep -q containerd-shim-h && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 echo \"left: shims=$(ps -o comm | grep -c containerd-shim-h) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) sockets=$(ls /run/containerd/s 2>/dev/null | wc -l)\"",
-        image = image.display()
+        image = image.display(),
+        pause = pause.display()
     );
     let env = root.join("tests/containerd-env");
     let containerd = root.join("build/containerd");
-    let args = [env.to_str().unwrap(), containerd.to_str().unwrap(), "--", "sh", "-c", &script];
+    let mut args = vec![env.to_str().unwrap()];
+    if cri {
+        args.push("--cri");
+    }
+    args.extend([containerd.to_str().unwrap(), "--", "sh", "-c", &script]);
     let output = run(&mut VmHost::detect().command_with(BUDGET, &[Path::new("/usr/sbin/runc")], &args));
     let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&pause);
     let text = combined(&output);
     assert!(output.status.success(), "{}", describe(&output));
     assert!(text.contains("left: shims=0 sandboxes=0 mounts=0 sockets=0"), "nothing left behind: {text}");
@@ -54,7 +68,7 @@ guest=$($husk --rm {IMAGE} t3 uname -r); echo \"guest-kernel=$guest host-kernel=
 $husk --rm {IMAGE} t5 /no/such/program; echo \"missing-status=$?\"",
         pty = pty_run.display()
     );
-    let text = with_containerd("run", &steps);
+    let text = with_containerd("run", false, &steps);
     assert!(text.contains("hi-from-a-microvm\necho-status=0"), "{text}");
     assert!(text.contains("to-stderr") && text.contains("exit-status=7"), "{text}");
     // The container ran on the guest's kernel, not on the kernel of the host running containerd.
@@ -82,9 +96,14 @@ ctr task ls | grep '^long ' | sed 's/^/killed: /'
 ctr task delete long; ctr container rm long
 $husk --rm {IMAGE} victim sleep 1000 & run_pid=$!
 i=0; until ctr task ls | grep -q '^victim .*RUNNING' || [ $i -ge 300 ]; do sleep 0.2; i=$((i+1)); done
-ctr task kill -s SIGKILL victim; wait $run_pid; echo \"sigkill-status=$?\""
+ctr task kill -s SIGKILL victim; wait $run_pid; echo \"sigkill-status=$?\"
+$husk -d {IMAGE} orphan sleep 1000 || exit 1
+kill -9 $(ps -o pid,args | grep '[c]ontainerd-shim-husk-v2' | awk '{{print $1}}')
+i=0; until ctr task ls | grep -q '^orphan .*STOPPED' || [ $i -ge 100 ]; do sleep 0.2; i=$((i+1)); done
+ctr task ls | grep '^orphan ' | sed 's/^/shim-killed: /'
+ctr task delete orphan >/dev/null 2>&1; ctr container rm orphan"
     );
-    let text = with_containerd("tasks", &steps);
+    let text = with_containerd("tasks", false, &steps);
     assert!(text.contains("from-exec") && text.contains("exec-status=3"), "{text}");
     let metric = |name: &str| -> u64 {
         let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}: {text}"));
@@ -97,4 +116,34 @@ ctr task kill -s SIGKILL victim; wait $run_pid; echo \"sigkill-status=$?\""
     assert!(text.lines().any(|l| l.starts_with("resumed: ") && l.contains("RUNNING")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("killed: ") && l.contains("STOPPED")), "{text}");
     assert!(text.contains("sigkill-status=137"), "SIGKILL ends ctr run with 137: {text}");
+    // A shim killed with its pod: containerd's `shim delete` cleans up (checked by with_containerd).
+    assert!(text.lines().any(|l| l.starts_with("shim-killed: ") && l.contains("STOPPED")), "{text}");
+}
+
+#[test]
+fn a_cri_pod_runs_its_containers_in_one_vm_sharing_a_volume() {
+    let steps = format!(
+        "vol=$(mktemp -d); logs=$(mktemp -d)
+{probe} \"$CONTAINERD_ADDRESS\" $vol $logs; echo \"cri-status=$?\"
+sed 's/^/writer-log: /' $logs/writer.log; rm -rf $vol $logs
+echo \"host-boot-id=$(cat /proc/sys/kernel/random/boot_id)\"",
+        probe = target_bin("husk-cri-pod").display()
+    );
+    let text = with_containerd("cri", true, &steps);
+    assert!(text.contains("cri-status=0") && text.contains("pod-removed"), "{text}");
+    assert!(text.contains("host-sees=from-the-writer"), "the writer's file reached the host volume: {text}");
+    assert!(text.contains("reader-sees=from-the-writer"), "the reader sees the writer's file: {text}");
+    let boot_id = |name: &str| {
+        let key = format!("{name}-boot-id=");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{text}"))
+    };
+    assert_eq!(boot_id("writer"), boot_id("reader"), "both containers run on one guest kernel: {text}");
+    assert_ne!(boot_id("writer"), boot_id("host"), "and not on the host's: {text}");
+    assert!(
+        text.contains("writer-log: ") && text.contains("stdout F writer-started"),
+        "CRI's container log: {text}"
+    );
 }

@@ -50,7 +50,7 @@ fn text_output_names_each_failed_check_and_exits_non_zero() {
 }
 
 #[test]
-fn on_the_vm_host_kvm_the_guest_image_and_cgroup2_are_ready() {
+fn on_the_vm_host_kvm_the_guest_image_cgroup2_and_the_shim_are_ready() {
     let husk = target_bin("husk");
     let args = [
         husk.to_str().unwrap(),
@@ -62,6 +62,8 @@ fn on_the_vm_host_kvm_the_guest_image_and_cgroup2_are_ready() {
         "guest-image",
         "--only",
         "cgroup",
+        "--only",
+        "shim",
     ];
     let output = run(&mut VmHost::detect().command(Duration::from_secs(300), &args));
     let report = check_json(&output);

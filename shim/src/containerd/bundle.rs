@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Mount, MountBuilder, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, MountBuilder, Spec};
 
 /// CRI's annotation naming the kind of container ("sandbox" for the pod's pause container).
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
@@ -107,7 +107,8 @@ pub fn rootfs_name(id: &str) -> String {
 
 /// Rewrites `spec` for container `id` in the guest: `root.path` names the shared rootfs, bind
 /// mounts of host paths name their shares, the pod's `/dev/shm` becomes a tmpfs of the guest,
-/// and namespaces given by host path are made fresh (the network namespace is the VM's own).
+/// and namespaces given by host path are made fresh (the network namespace is the VM's own; a
+/// hostname gets a UTS namespace to be set in).
 pub fn guest_spec(id: &str, mut spec: Spec) -> GuestSpec {
     if let Some(root) = spec.root_mut() {
         root.set_path(PathBuf::from(rootfs_name(id)));
@@ -116,18 +117,27 @@ pub fn guest_spec(id: &str, mut spec: Spec) -> GuestSpec {
     let mounts = spec.mounts().clone().unwrap_or_default();
     let mounts = mounts.into_iter().map(|mount| guest_mount(id, mount, &mut shares)).collect();
     spec.set_mounts(Some(mounts));
+    let has_hostname = spec.hostname().as_ref().is_some_and(|name| !name.is_empty());
     if let Some(linux) = spec.linux_mut() {
-        if let Some(namespaces) = linux.namespaces().clone() {
-            let namespaces = namespaces
-                .into_iter()
-                .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
-                .map(|mut ns| {
-                    ns.set_path(None);
-                    ns
-                })
-                .collect();
-            linux.set_namespaces(Some(namespaces));
+        let mut namespaces: Vec<LinuxNamespace> = linux
+            .namespaces()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
+            .map(|mut ns| {
+                ns.set_path(None);
+                ns
+            })
+            .collect();
+        // A host-network pod shares the node's UTS namespace and still names its hostname; in the
+        // guest the "node" is the pod's VM, so the container gets a UTS namespace of its own.
+        if has_hostname && !namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Uts) {
+            let mut uts = LinuxNamespace::default();
+            uts.set_typ(LinuxNamespaceType::Uts);
+            namespaces.push(uts);
         }
+        linux.set_namespaces(Some(namespaces));
     }
     GuestSpec { spec, shares }
 }
@@ -215,5 +225,12 @@ mod tests {
         let namespaces = guest.spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         let kinds: Vec<_> = namespaces.iter().map(|ns| (ns.typ(), ns.path().clone())).collect();
         assert_eq!(kinds, vec![(LinuxNamespaceType::Pid, None), (LinuxNamespaceType::Ipc, None)]);
+
+        let named: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2", "hostname": "pod-a", "linux": {"namespaces": [{"type": "mount"}]}
+        }))
+        .unwrap();
+        let namespaces = guest_spec("c2", named).spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        assert!(namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Uts), "{namespaces:?}");
     }
 }

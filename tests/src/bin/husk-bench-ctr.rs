@@ -1,0 +1,171 @@
+//! `husk-bench-ctr [--runs N] IMAGE_TAR`: containerd with Husk beside containerd with runc, in the
+//! same run, on the same containerd (run it inside `tests/containerd-env`, on the VM host).
+//!
+//! - `ctr_run_ms`: from invoking `ctr run --rm IMAGE id true` to its exit (shim start, VM boot,
+//!   container create/start/exit, delete, shim exit); the image is imported and unpacked by a
+//!   warm-up run first. Median of N.
+//! - `shim_rss_mib`: resident memory of the pod's shim with one idle container (`sleep`) running;
+//!   Husk's shim holds the VMM and the guest's touched memory, runc's shim only itself (its
+//!   container's process is counted in the overhead below).
+//! - `pod_overhead_mib`: resident memory of every host process the idle pod added: the shim and
+//!   its descendants (runc: the container's own processes; Husk: none, they live in the guest).
+//! - `mem_available_drop_mib` (shown, not compared): how much the host's `MemAvailable` fell when
+//!   the pod started (kernel memory and page cache included; noisy).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use husk_tests::bench::{spread, vm_host_description};
+
+const IMAGE: &str = "docker.io/library/busybox:husk";
+const HUSK: &str = "io.containerd.husk.v2";
+const RUNC: &str = "io.containerd.runc.v2";
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Timed runs per runtime.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// The offline busybox image (scripts/busybox-oci-image).
+    image_tar: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    ctr(&["images", "import", &args.image_tar]).context("importing the image")?;
+    println!("husk-bench-ctr: {}", vm_host_description());
+    println!("start: `ctr run --rm` invoked; end: it exited (image unpacked by a warm-up run)");
+    let husk_runs = time_runs(HUSK, args.runs)?;
+    let runc_runs = time_runs(RUNC, args.runs)?;
+    report("ctr_run_ms", &husk_runs, "runc_ctr_run_ms", &runc_runs);
+    let husk = idle_pod(HUSK, "containerd-shim-husk-v2")?;
+    let runc = idle_pod(RUNC, "containerd-shim-runc-v2")?;
+    report("shim_rss_mib", &[husk.shim_rss], "runc_shim_rss_mib", &[runc.shim_rss]);
+    report("pod_overhead_mib", &[husk.tree_rss], "runc_pod_overhead_mib", &[runc.tree_rss]);
+    println!(
+        "mem_available_drop_mib={:.1} runc_mem_available_drop_mib={:.1}",
+        husk.available_drop, runc.available_drop
+    );
+    Ok(())
+}
+
+/// Wall-clock milliseconds of `runs` timed `ctr run --rm ... true`, after one warm-up run.
+fn time_runs(runtime: &str, runs: usize) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(runs);
+    for run in 0..=runs {
+        let id = format!("bench-{}-{run}", runtime.rsplit('.').nth(1).unwrap_or("rt"));
+        let started = Instant::now();
+        ctr(&["run", "--rm", "--runtime", runtime, IMAGE, &id, "true"])?;
+        if run > 0 {
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(times)
+}
+
+/// Memory of one idle pod, MiB.
+struct IdlePod {
+    shim_rss: f64,
+    tree_rss: f64,
+    available_drop: f64,
+}
+
+fn idle_pod(runtime: &str, shim: &str) -> Result<IdlePod> {
+    let id = format!("idle-{}", runtime.rsplit('.').nth(1).unwrap_or("rt"));
+    settle();
+    let before = mem_available_kib()?;
+    ctr(&["run", "-d", "--runtime", runtime, IMAGE, &id, "sleep", "1000"])?;
+    settle();
+    let after = mem_available_kib()?;
+    let processes = processes()?;
+    let shim_pid = processes.iter().find(|p| p.comm == shim[..shim.len().min(15)]).map(|p| p.pid);
+    let shim_pid = shim_pid.with_context(|| format!("no {shim} process"))?;
+    let shim_rss = processes.iter().find(|p| p.pid == shim_pid).map_or(0, |p| p.rss_kib);
+    let tree_rss: u64 =
+        processes.iter().filter(|p| descends_from(&processes, p.pid, shim_pid)).map(|p| p.rss_kib).sum();
+    ctr(&["task", "kill", "-s", "SIGKILL", &id])?;
+    for _ in 0..100 {
+        if ctr(&["task", "delete", &id]).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ctr(&["container", "rm", &id])?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    Ok(IdlePod {
+        shim_rss: mib(shim_rss),
+        tree_rss: mib(tree_rss),
+        available_drop: mib(before.saturating_sub(after)),
+    })
+}
+
+fn settle() {
+    std::thread::sleep(Duration::from_secs(3));
+}
+
+fn report(figure: &str, values: &[f64], baseline: &str, baseline_values: &[f64]) {
+    let (value, min, max) = spread(values);
+    let (base, base_min, base_max) = spread(baseline_values);
+    println!(
+        "{figure}={value:.1} (min {min:.1} max {max:.1}) {baseline}={base:.1} (min {base_min:.1} max {base_max:.1}) ratio={:.2}",
+        value / base
+    );
+}
+
+fn ctr(args: &[&str]) -> Result<()> {
+    let output = Command::new("ctr").args(args).output().context("running ctr")?;
+    if !output.status.success() {
+        bail!("ctr {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
+fn mem_available_kib() -> Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("MemAvailable in /proc/meminfo")
+}
+
+struct ProcessInfo {
+    pid: u32,
+    ppid: u32,
+    comm: String,
+    rss_kib: u64,
+}
+
+/// Every process's pid, parent, name (cut to 15 characters by the kernel) and VmRSS.
+fn processes() -> Result<Vec<ProcessInfo>> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else { continue };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let field =
+            |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default();
+        all.push(ProcessInfo {
+            pid,
+            ppid: field("PPid:").parse().unwrap_or(0),
+            comm: field("Name:").to_owned(),
+            rss_kib: field("VmRSS:").split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0),
+        });
+    }
+    Ok(all)
+}
+
+/// Whether `pid` is `ancestor` or one of its descendants.
+fn descends_from(all: &[ProcessInfo], mut pid: u32, ancestor: u32) -> bool {
+    for _ in 0..64 {
+        if pid == ancestor {
+            return true;
+        }
+        match all.iter().find(|p| p.pid == pid) {
+            Some(process) if process.ppid != 0 => pid = process.ppid,
+            _ => return false,
+        }
+    }
+    false
+}
