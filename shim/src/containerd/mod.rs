@@ -107,6 +107,7 @@ impl Shim for HuskShim {
         };
         SandboxDir::remove_leftover(&config.runtime.sandbox_dir, &leftover)
             .map_err(|err| Error::Other(format!("cleaning up after the shim of {}: {err}", self.id)))?;
+        remove_stale_socket().await;
         Ok(api::DeleteResponse {
             exit_status: KILLED_STATUS,
             exited_at: Some(Timestamp::now()).into(),
@@ -131,6 +132,18 @@ impl Shim for HuskShim {
         tracing::info!(namespace = %self.namespace, id = %self.id, "containerd-shim-husk-v2 serving");
         let events = EventSink::new(publisher, &self.namespace);
         TaskService::new(Arc::new(Pod::new(&self.namespace, config, events, Arc::clone(&self.exit))))
+    }
+}
+
+/// Removes the shim socket named in the bundle's `address` file when no shim serves it any more
+/// (a killed shim could not; a live one, still serving other containers of the pod, keeps it).
+async fn remove_stale_socket() {
+    let Ok(address) = tokio::fs::read_to_string("address").await else { return };
+    let path = address.trim().trim_start_matches("unix://");
+    if tokio::net::UnixStream::connect(path).await.is_err() {
+        if let Err(err) = tokio::fs::remove_file(path).await {
+            tracing::debug!(path, %err, "removing a dead shim's socket");
+        }
     }
 }
 
