@@ -86,11 +86,12 @@ install: guest-image
 ## benchmark, husk-vmm's hybrid vsock side by side with a host-local unix socket (same run);
 ## virtio-fs benchmark, file workloads over the share side by side with the host directory;
 ## container stdio and exec benchmark, a pod in the VM side by side with a host-mode agent;
-## containerd benchmark, `ctr run` and an idle pod's memory with Husk side by side with runc
+## containerd benchmark, `ctr run` and an idle pod's memory with Husk side by side with runc;
+## CRI benchmark, pod_start_ms (RunPodSandbox to a started container) with Husk beside runc
 bench: build guest-image testhost containerd
 	$(CARGO) build --release --locked -p husk-vmm -p husk-shim -p husk-tests --bin husk-vmm --bin husk-bench-boot \
 		--bin husk-bench-vsock --bin husk-bench-fs --bin husk-bench-stdio --bin husk-bench-ctr \
-		--bin containerd-shim-husk-v2
+		--bin husk-cri-pod --bin containerd-shim-husk-v2
 	$(CARGO) build --release --locked -p husk-agent
 	tests/vm-host-run --timeout 1800 --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu -- \
 		target/release/husk-bench-boot --vmm target/release/husk-vmm $(GUEST)
@@ -100,6 +101,10 @@ bench: build guest-image testhost containerd
 	scripts/busybox-oci-image build/bench-busybox.tar >/dev/null
 	tests/vm-host-run --timeout 1800 --with /usr/sbin/runc -- tests/containerd-env build/containerd -- \
 		target/release/husk-bench-ctr build/bench-busybox.tar
+	scripts/busybox-oci-image build/bench-pause.tar docker.io/library/pause:husk '["sleep","2147483647"]' >/dev/null
+	tests/vm-host-run --timeout 1800 --with /usr/sbin/runc -- tests/containerd-env --cri build/containerd -- sh -c \
+		'ctr -n k8s.io images import build/bench-busybox.tar && ctr -n k8s.io images import build/bench-pause.tar && \
+		 logs=$$(mktemp -d) && target/release/husk-cri-pod --bench 5 "$$CONTAINERD_ADDRESS" $$logs'
 
 clean:
 	$(CARGO) clean

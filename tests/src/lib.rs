@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod console_scenario;
+pub mod containerd;
 pub mod cpio;
 pub mod debug_console_vm;
 pub mod elf;

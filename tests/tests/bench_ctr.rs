@@ -1,40 +1,23 @@
-//! The containerd benchmark runs `ctr run` with Husk and with runc on one private containerd and
-//! prints each named figure beside its runc baseline (two runs, debug binaries: this checks the
-//! benchmark works, not the numbers; `make bench` measures).
+//! The containerd benchmarks run `ctr run` (and CRI pods) with Husk and with runc on one private
+//! containerd and print each named figure beside its runc baseline (one or two runs, debug
+//! binaries: this checks the benchmarks work, not the numbers; `make bench` measures).
 
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use husk_tests::{assert_figure_beside_baseline, describe, run, target_bin, workspace_root, VmHost};
+use husk_tests::containerd::{import_command, run_beside_containerd, ImageTar};
+use husk_tests::{assert_figure_beside_baseline, describe, target_bin};
+
+const BUDGET: Duration = Duration::from_secs(900);
 
 #[test]
 fn the_containerd_benchmark_prints_each_figure_beside_runc() {
-    let root = workspace_root();
-    let image = root.join("build/test-scratch/busybox-oci-bench.tar");
-    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
-    let made = run(Command::new(root.join("scripts/busybox-oci-image")).arg(&image));
-    assert!(made.status.success(), "{}", describe(&made));
-    let (env, containerd, bench) =
-        (root.join("tests/containerd-env"), root.join("build/containerd"), target_bin("husk-bench-ctr"));
-    let args = [
-        env.to_str().unwrap(),
-        containerd.to_str().unwrap(),
-        "--",
-        bench.to_str().unwrap(),
-        "--runs",
-        "2",
-        image.to_str().unwrap(),
-    ];
-    let output = run(&mut VmHost::detect().command_with(
-        Duration::from_secs(900),
-        &[Path::new("/usr/sbin/runc")],
-        &args,
-    ));
-    let _ = std::fs::remove_file(&image);
+    let image = ImageTar::busybox("bench");
+    let bench = target_bin("husk-bench-ctr");
+    let args = [bench.to_str().unwrap(), "--runs", "2", image.path().to_str().unwrap()];
+    let output = run_beside_containerd(false, BUDGET, &args);
     assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     for (figure, baseline) in [
@@ -44,4 +27,22 @@ fn the_containerd_benchmark_prints_each_figure_beside_runc() {
     ] {
         assert_figure_beside_baseline(&text, figure, baseline);
     }
+}
+
+#[test]
+fn the_cri_pod_benchmark_prints_pod_start_beside_runc() {
+    let (busybox, pause) = (ImageTar::busybox("podbench"), ImageTar::pause("podbench"));
+    let script = format!(
+        "{imports} || exit 1
+logs=$(mktemp -d); {probe} --bench 1 \"$CONTAINERD_ADDRESS\" $logs; status=$?; rm -rf $logs; exit $status",
+        imports = import_command(&[&busybox, &pause], true),
+        probe = target_bin("husk-cri-pod").display()
+    );
+    let output = run_beside_containerd(true, BUDGET, &["sh", "-c", &script]);
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    assert_figure_beside_baseline(
+        &String::from_utf8_lossy(&output.stdout),
+        "pod_start_ms",
+        "runc_pod_start_ms",
+    );
 }

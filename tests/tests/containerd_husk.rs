@@ -6,51 +6,30 @@
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use husk_tests::{combined, describe, run, target_bin, workspace_root, VmHost};
+use husk_tests::containerd::{import_command, run_beside_containerd, ImageTar, BUSYBOX as IMAGE};
+use husk_tests::{combined, describe, target_bin};
 
 const BUDGET: Duration = Duration::from_secs(900);
-const IMAGE: &str = "docker.io/library/busybox:husk";
-/// A pause image for CRI's pod sandboxes: busybox sleeping (scripts/busybox-oci-image NAME CMD).
-const PAUSE_IMAGE: [&str; 2] = ["docker.io/library/pause:husk", r#"["sleep","2147483647"]"#];
 
 /// Runs `steps` (POSIX sh, with `$husk` = `ctr run --runtime io.containerd.husk.v2`) beside a
 /// private containerd that has the busybox image (with `cri`: its CRI plugin too, and the
 /// busybox and pause images in CRI's namespace), then waits for the pod shims to go and reports
 /// what is left of them.
 fn with_containerd(name: &str, cri: bool, steps: &str) -> String {
-    let root = workspace_root();
-    let image = root.join(format!("build/test-scratch/busybox-oci-{name}.tar"));
-    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
-    let pause = root.join(format!("build/test-scratch/pause-oci-{name}.tar"));
-    let made = run(Command::new(root.join("scripts/busybox-oci-image")).arg(&image));
-    assert!(made.status.success(), "{}", describe(&made));
-    let made = run(Command::new(root.join("scripts/busybox-oci-image")).arg(&pause).args(PAUSE_IMAGE));
-    assert!(made.status.success(), "{}", describe(&made));
-    let namespace = if cri { "-n k8s.io" } else { "" };
+    let (image, pause) = (ImageTar::busybox(name), cri.then(|| ImageTar::pause(name)));
+    let mut images = vec![&image];
+    images.extend(pause.as_ref());
+    let imports = import_command(&images, cri);
     let script = format!(
-        "ctr {namespace} images import {image} >/dev/null || exit 1
-[ -z '{namespace}' ] || ctr {namespace} images import {pause} >/dev/null || exit 1
+        "{imports} || exit 1
 husk='ctr run --runtime io.containerd.husk.v2'
 {steps}
 i=0; while ps -o comm | grep -q containerd-shim-h && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 echo \"left: shims=$(ps -o comm | grep -c containerd-shim-h) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) sockets=$(ls /run/containerd/s 2>/dev/null | wc -l)\"",
-        image = image.display(),
-        pause = pause.display()
     );
-    let env = root.join("tests/containerd-env");
-    let containerd = root.join("build/containerd");
-    let mut args = vec![env.to_str().unwrap()];
-    if cri {
-        args.push("--cri");
-    }
-    args.extend([containerd.to_str().unwrap(), "--", "sh", "-c", &script]);
-    let output = run(&mut VmHost::detect().command_with(BUDGET, &[Path::new("/usr/sbin/runc")], &args));
-    let _ = std::fs::remove_file(&image);
-    let _ = std::fs::remove_file(&pause);
+    let output = run_beside_containerd(cri, BUDGET, &["sh", "-c", &script]);
     let text = combined(&output);
     assert!(output.status.success(), "{}", describe(&output));
     assert!(text.contains("left: shims=0 sandboxes=0 mounts=0 sockets=0"), "nothing left behind: {text}");

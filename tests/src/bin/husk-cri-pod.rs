@@ -4,9 +4,13 @@
 //! file there, the reader reads it back through ExecSync, and both report their kernel's boot id
 //! (one VM per pod: equal). Then the pod is stopped and removed. Prints `key=value` lines for
 //! the test to check; exits non-zero when a CRI call fails.
+//!
+//! `husk-cri-pod --bench RUNS CONTAINERD_SOCKET LOG_DIR`: `pod_start_ms`, from RunPodSandbox to the
+//! return of StartContainer of the pod's one container (what a kubelet waits for before a pod
+//! runs), with the handler `husk` beside `runc` in the same run; median of RUNS after a warm-up.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hyper_util::rt::TokioIo;
@@ -25,11 +29,16 @@ const HANDLER: &str = "husk";
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, runs, socket, logs] = args.as_slice() {
+        if flag == "--bench" {
+            return bench(runs.parse().context("RUNS")?, socket, logs).await;
+        }
+    }
     let [socket, volume, logs] = args.as_slice() else {
-        bail!("usage: husk-cri-pod CONTAINERD_SOCKET VOLUME_DIR LOG_DIR");
+        bail!("usage: husk-cri-pod CONTAINERD_SOCKET VOLUME_DIR LOG_DIR | --bench RUNS CONTAINERD_SOCKET LOG_DIR");
     };
     let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
-    let sandbox_config = pod_config(logs);
+    let sandbox_config = pod_config("husk-pod", logs);
     let pod = cri
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(sandbox_config.clone()),
@@ -62,12 +71,13 @@ async fn exercise(
         pod,
         sandbox_config,
         "writer",
-        volume,
+        Some(volume),
         "echo writer-started; echo from-the-writer > /data/shared; exec sleep 1000",
     )
     .await?;
     let reader =
-        start(cri, pod, sandbox_config, "reader", volume, "echo reader-started; exec sleep 1000").await?;
+        start(cri, pod, sandbox_config, "reader", Some(volume), "echo reader-started; exec sleep 1000")
+            .await?;
     let host_file = PathBuf::from(volume).join("shared");
     for _ in 0..300 {
         if host_file.exists() {
@@ -86,16 +96,53 @@ async fn exercise(
     Ok(())
 }
 
-fn pod_config(logs: &str) -> PodSandboxConfig {
+/// `pod_start_ms` with each handler; see the module documentation.
+async fn bench(runs: usize, socket: &str, logs: &str) -> Result<()> {
+    let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
+    println!("husk-cri-pod: {}", husk_tests::bench::vm_host_description());
+    println!("start: RunPodSandbox sent; end: StartContainer of the pod's container returned");
+    let mut medians = Vec::new();
+    for handler in [HANDLER, "runc"] {
+        let mut times = Vec::new();
+        for run in 0..=runs {
+            let config = pod_config(&format!("bench-{handler}-{run}"), logs);
+            let started = Instant::now();
+            let request =
+                RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() };
+            let pod =
+                cri.run_pod_sandbox(request).await.context("RunPodSandbox")?.into_inner().pod_sandbox_id;
+            start(&mut cri, &pod, &config, "main", None, "exec sleep 1000").await?;
+            if run > 0 {
+                times.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
+                .await
+                .context("StopPodSandbox")?;
+            cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
+                .await
+                .context("RemovePodSandbox")?;
+        }
+        medians.push(husk_tests::bench::spread(&times));
+    }
+    let ((husk, husk_min, husk_max), (runc, runc_min, runc_max)) = (medians[0], medians[1]);
+    println!(
+        "pod_start_ms={husk:.1} (min {husk_min:.1} max {husk_max:.1}) runc_pod_start_ms={runc:.1} (min {runc_min:.1} max {runc_max:.1}) ratio={:.2}",
+        husk / runc
+    );
+    Ok(())
+}
+
+fn pod_config(name: &str, logs: &str) -> PodSandboxConfig {
     let host_network = NamespaceOption { network: NamespaceMode::Node.into(), ..Default::default() };
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
-            name: "husk-pod".into(),
-            uid: "husk-pod-uid".into(),
+            name: name.into(),
+            uid: format!("{name}-uid"),
             namespace: "default".into(),
             attempt: 0,
         }),
-        hostname: "husk-pod".into(),
+        // A host-network pod has the node's hostname (runc refuses to set one without a UTS namespace).
+        hostname: String::new(),
         log_directory: logs.into(),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
@@ -108,25 +155,31 @@ fn pod_config(logs: &str) -> PodSandboxConfig {
     }
 }
 
-/// Creates and starts a container running `script` with the volume at /data.
+/// Creates and starts a container running `script` (with `volume` at /data).
 async fn start(
     cri: &mut RuntimeServiceClient<Channel>,
     pod: &str,
     sandbox_config: &PodSandboxConfig,
     name: &str,
-    volume: &str,
+    volume: Option<&str>,
     script: &str,
 ) -> Result<String> {
+    let mounts = volume.map(|host| Mount {
+        container_path: "/data".into(),
+        host_path: host.into(),
+        ..Default::default()
+    });
     let config = ContainerConfig {
         metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
         image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
         command: vec!["sh".into(), "-c".into(), script.into()],
-        mounts: vec![Mount {
-            container_path: "/data".into(),
-            host_path: volume.into(),
-            ..Default::default()
-        }],
-        log_path: format!("{name}.log"),
+        mounts: mounts.into_iter().collect(),
+        // Unique in the log directory the benchmark's pods share.
+        log_path: if volume.is_some() {
+            format!("{name}.log")
+        } else {
+            format!("{}-{name}.log", &pod[..pod.len().min(12)])
+        },
         ..Default::default()
     };
     let request = CreateContainerRequest {
