@@ -44,7 +44,12 @@ fn ctr_run_prints_the_output_returns_the_exit_status_and_gives_a_terminal() {
 $husk --rm {IMAGE} t2 sh -c 'echo to-stderr >&2; exit 7'; echo \"exit-status=$?\"
 guest=$($husk --rm {IMAGE} t3 uname -r); echo \"guest-kernel=$guest host-kernel=$(uname -r)\"
 {pty} 101 33 -- $husk --rm -t {IMAGE} t4 sh -c 'tty; stty size'; echo \"tty-status=$?\"
-$husk --rm {IMAGE} t5 /no/such/program; echo \"missing-status=$?\"",
+$husk --rm {IMAGE} t5 /no/such/program; echo \"missing-status=$?\"
+printf '#!/bin/sh\\nexec 5>&-\\ncat <&3 > /tmp/logger.out & cat <&4 > /tmp/logger.err; wait\\n' > /tmp/logger; chmod +x /tmp/logger
+$husk --rm --log-uri file:///tmp/file.log {IMAGE} t6 sh -c 'echo to-the-file; echo err-to-the-file >&2'
+echo \"file-log: $(sort /tmp/file.log | tr '\\n' ' ')\"
+$husk --rm --log-uri binary:///tmp/logger {IMAGE} t7 sh -c 'echo to-the-logger; echo err-to-the-logger >&2'
+echo \"binary-log: $(cat /tmp/logger.out) / $(cat /tmp/logger.err)\"",
         pty = pty_run.display()
     );
     let text = with_containerd("run", false, &steps);
@@ -58,12 +63,16 @@ $husk --rm {IMAGE} t5 /no/such/program; echo \"missing-status=$?\"",
     assert!(text.contains("/dev/pts/0") && text.contains("33 101"), "a terminal of ctr's size: {text}");
     assert!(text.contains("tty-status=0"), "{text}");
     assert!(!text.contains("missing-status=0"), "a missing program fails the run: {text}");
+    // Log URIs in place of FIFOs: a file (both streams), a logging program (fds 3 and 4).
+    assert!(text.contains("file-log: err-to-the-file to-the-file "), "{text}");
+    assert!(text.contains("binary-log: to-the-logger / err-to-the-logger"), "{text}");
 }
 
 #[test]
 fn ctr_task_exec_metrics_pause_resume_and_kill_reach_the_guest() {
     let steps = format!(
-        "$husk -d {IMAGE} long sleep 1000 || exit 1
+        "ctr events > /tmp/husk-events 2>&1 & events_pid=$!
+$husk -d {IMAGE} long sleep 1000 || exit 1
 ctr task exec --exec-id e1 long sh -c 'echo from-exec; ls /proc | grep -c ^[0-9]; exit 3'; echo \"exec-status=$?\"
 ctr task metrics long
 ctr task ps long | tail -n +2 | wc -l | sed 's/^/ps-lines=/'
@@ -80,7 +89,9 @@ $husk -d {IMAGE} orphan sleep 1000 || exit 1
 kill -9 $(ps -o pid,args | grep '[c]ontainerd-shim-husk-v2' | awk '{{print $1}}')
 i=0; while ctr task ls | grep -q '^orphan .*RUNNING' && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
 ctr task ls | grep -q '^orphan .*RUNNING' || echo 'shim-killed: the task is no longer running'
-ctr task delete orphan >/dev/null 2>&1; ctr container rm orphan"
+ctr task delete orphan >/dev/null 2>&1; ctr container rm orphan
+$husk --rm --memory-limit 33554432 {IMAGE} hog sh -c 'x=a; while :; do x=$x$x; done'; echo \"oom-status=$?\"
+sleep 1; kill $events_pid; echo \"topics: $(grep -o '/tasks/[a-z-]*' /tmp/husk-events | sort -u | tr '\\n' ' ')\""
     );
     let text = with_containerd("tasks", false, &steps);
     assert!(text.contains("from-exec") && text.contains("exec-status=3"), "{text}");
@@ -97,6 +108,14 @@ ctr task delete orphan >/dev/null 2>&1; ctr container rm orphan"
     assert!(text.contains("sigkill-status=137"), "SIGKILL ends ctr run with 137: {text}");
     // A shim killed with its pod: containerd's `shim delete` cleans up (checked by with_containerd).
     assert!(text.contains("shim-killed: the task is no longer running"), "{text}");
+    // A container over its memory limit is OOM-killed in the guest and containerd hears of it.
+    assert!(text.contains("oom-status=137"), "{text}");
+    let topics = text.lines().find_map(|l| l.strip_prefix("topics: ")).unwrap_or_else(|| panic!("{text}"));
+    for topic in
+        ["create", "start", "exec-added", "exec-started", "paused", "resumed", "oom", "exit", "delete"]
+    {
+        assert!(topics.split(' ').any(|t| t == format!("/tasks/{topic}")), "event /tasks/{topic}: {topics}");
+    }
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! - [`bundle`]: pod grouping from the CRI annotations, and the guest's view of a bundle.
 //! - [`pod`]: the pod's VM, containers and processes; every task call's behaviour.
 //! - [`process`]: one process: stdio joined to containerd's FIFOs, status, exit.
+//! - [`log_uri`]: `file://` and `binary://` log URIs in place of FIFOs.
 //! - [`task`]: the ttrpc task service over the pod.
 //! - [`events`], [`metrics`], [`error`]: what containerd gets back.
 //!
@@ -15,6 +16,7 @@
 pub mod bundle;
 pub mod error;
 pub mod events;
+pub mod log_uri;
 pub mod metrics;
 pub mod pod;
 pub mod process;

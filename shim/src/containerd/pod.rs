@@ -34,6 +34,8 @@ use crate::config::Config;
 use crate::guest_image::{Check, GuestImage};
 use crate::sandbox::{Sandbox, SandboxConfig};
 
+/// How long output may still flow into a log file or logging program after the exit.
+const LOG_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// Exit status of a process whose VM or agent went away.
 const LOST_STATUS: u32 = 255;
 
@@ -221,13 +223,13 @@ impl Pod {
             Process::new("", Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal), Vec::new());
         let client = sandbox.client();
         let created = async {
-            let stdio = init.attach_stdio(client, &self.token()).await?;
+            let stdio = init.attach_stdio(client, &self.token(), id, &self.namespace).await?;
             let spec_json = serde_json::to_vec(&guest.spec)
                 .map_err(|err| ShimError::InvalidArgument(format!("config.json: {err}")))?;
             client.create_container(id, spec_json, stdio).await.map_err(|err| agent_error(sandbox, err))
         };
         if let Err(err) = created.await {
-            init.io.abort().await;
+            init.abort_io().await;
             return Err(err);
         }
         Ok(Container { bundle: req.bundle.clone(), init, execs: HashMap::new(), paused: false })
@@ -251,14 +253,14 @@ impl Pod {
         let process = container.execs.get_mut(exec_id).ok_or_else(|| no_exec(id, exec_id))?;
         expect_created(process, id, exec_id)?;
         let started = async {
-            let stdio = process.attach_stdio(client, &self.token()).await?;
+            let stdio = process.attach_stdio(client, &self.token(), id, &self.namespace).await?;
             client
                 .exec_process(id, exec_id, process.spec.clone(), stdio)
                 .await
                 .map_err(|err| agent_error(&sandbox, err))
         };
         if let Err(err) = started.await {
-            process.io.abort().await;
+            process.abort_io().await;
             process.set_exit(Exit::at_unix_ns(LOST_STATUS, 0));
             return Err(err);
         }
@@ -342,7 +344,7 @@ impl Pod {
                 return Err(ShimError::FailedPrecondition(format!("exec {id}/{exec_id}: still running")));
             }
             let process = container.execs.remove(exec_id).ok_or_else(|| no_exec(id, exec_id))?;
-            process.io.abort().await;
+            process.abort_io().await;
             return Ok(self.delete_response(process.exit()));
         }
         if container.init.status() == Status::Running {
@@ -383,7 +385,7 @@ impl Pod {
             }
         }
         for process in std::iter::once(&container.init).chain(container.execs.values()) {
-            process.io.abort().await;
+            process.abort_io().await;
         }
         if let Err(err) = sandbox.dir().release(id) {
             tracing::warn!(container = id, %err, "removing the container's shares");
@@ -524,7 +526,7 @@ impl Pod {
         let client = sandbox.client().clone();
         let sandbox = Arc::downgrade(sandbox);
         let (id, exec_id) = (id.to_owned(), process.exec_id.clone());
-        let io = process.io.clone();
+        let (io, logs) = (process.io.clone(), process.logs.clone());
         let recorder = process.exit_recorder();
         let events = Arc::clone(&self.events);
         let pid = self.pid();
@@ -538,6 +540,7 @@ impl Pod {
                 }
             };
             io.shutdown().await;
+            logs.drain(LOG_DRAIN_LIMIT).await;
             recorder(exit.clone());
             let event = TaskExit {
                 container_id: id.clone(),

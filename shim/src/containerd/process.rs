@@ -2,7 +2,8 @@
 //! (containerd's FIFOs joined to the agent's vsock streams), its status and its exit, which Wait,
 //! State and Delete read.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use containerd_shim::asynchronous::io::{IoTasks, Stdio};
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -11,6 +12,7 @@ use husk_protocols::StdioStream;
 use tokio::sync::watch;
 
 use super::error::ShimError;
+use super::log_uri::{start_logger, Logger, OutputTarget};
 use crate::agent_client::AgentClient;
 
 /// How a process ended.
@@ -51,6 +53,7 @@ pub struct Process {
     pub exec_id: String,
     pub stdio: Stdio,
     pub io: IoTasks,
+    pub logs: LogCopies,
     /// An exec's OCI `process` (JSON), run when it is started.
     pub spec: Vec<u8>,
     started: bool,
@@ -73,6 +76,7 @@ impl Process {
             exec_id: exec_id.to_owned(),
             stdio,
             io: IoTasks::default(),
+            logs: LogCopies::default(),
             spec,
             started: false,
             exit: Arc::new(watch::Sender::new(None)),
@@ -118,12 +122,32 @@ impl Process {
         }
     }
 
+    /// Stops every stdio copy at once (a failed start, a deleted process).
+    pub async fn abort_io(&self) {
+        self.io.abort().await;
+        self.logs.drain(Duration::ZERO).await;
+    }
+
     /// Opens the agent streams this process's stdio asks for, joins them to containerd's FIFOs
-    /// and returns what to tell the agent. `token` names the streams (unique in the pod).
-    pub async fn attach_stdio(&self, client: &AgentClient, token: &str) -> Result<agent::Stdio, ShimError> {
+    /// (or the log URI's file or logging program) and returns what to tell the agent. `token`
+    /// names the streams (unique in the pod); `id` and `namespace` go to a logging program.
+    pub async fn attach_stdio(
+        &self,
+        client: &AgentClient,
+        token: &str,
+        id: &str,
+        namespace: &str,
+    ) -> Result<agent::Stdio, ShimError> {
         let stdio = &self.stdio;
-        for (name, uri) in [("stdin", &stdio.stdin), ("stdout", &stdio.stdout), ("stderr", &stdio.stderr)] {
-            check_fifo_uri(name, uri)?;
+        if stdio.stdin.contains("://") {
+            return Err(ShimError::InvalidArgument(format!("stdin: {:?}: must be a FIFO path", stdio.stdin)));
+        }
+        let target = OutputTarget::parse("stdout", &stdio.stdout)?;
+        if target != OutputTarget::Fifo && !stdio.stderr.is_empty() && stdio.stderr != stdio.stdout {
+            return Err(ShimError::InvalidArgument(format!(
+                "stderr: {:?}: a log URI on stdout takes stderr too (give the same URI or none)",
+                stdio.stderr
+            )));
         }
         let want_stderr = !stdio.stderr.is_empty() && !stdio.terminal;
         if !stdio.stdin.is_empty() {
@@ -132,17 +156,42 @@ impl Process {
                 .copy_from_fifo(&stdio.stdin, stream)
                 .map_err(|e| ShimError::io("stdin", &stdio.stdin, e))?;
         }
-        if !stdio.stdout.is_empty() {
-            let stream = client.open_stdio(token, StdioStream::Stdout).await?;
-            self.io
-                .copy_to_fifo(stream, &stdio.stdout)
-                .map_err(|e| ShimError::io("stdout", &stdio.stdout, e))?;
-        }
-        if want_stderr {
-            let stream = client.open_stdio(token, StdioStream::Stderr).await?;
-            self.io
-                .copy_to_fifo(stream, &stdio.stderr)
-                .map_err(|e| ShimError::io("stderr", &stdio.stderr, e))?;
+        let stdout = match stdio.stdout.is_empty() {
+            true => None,
+            false => Some(client.open_stdio(token, StdioStream::Stdout).await?),
+        };
+        let stderr = match want_stderr {
+            true => Some(client.open_stdio(token, StdioStream::Stderr).await?),
+            false => None,
+        };
+        match target {
+            OutputTarget::Fifo => {
+                if let Some(stream) = stdout {
+                    self.io
+                        .copy_to_fifo(stream, &stdio.stdout)
+                        .map_err(|e| ShimError::io("stdout", &stdio.stdout, e))?;
+                }
+                if let Some(stream) = stderr {
+                    self.io
+                        .copy_to_fifo(stream, &stdio.stderr)
+                        .map_err(|e| ShimError::io("stderr", &stdio.stderr, e))?;
+                }
+            }
+            OutputTarget::File(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| ShimError::io("stdout", &stdio.stdout, e))?;
+                let second = file.try_clone().map_err(|e| ShimError::io("stdout", &stdio.stdout, e))?;
+                self.logs.copy(stdout, file, None);
+                self.logs.copy(stderr, second, None);
+            }
+            OutputTarget::Binary { path, args } => {
+                let (out, err, logger) = start_logger(&path, &args, id, namespace).await?;
+                self.logs.copy(stdout, out, None);
+                self.logs.copy(stderr, err, Some(logger));
+            }
         }
         Ok(agent::Stdio {
             token: token.to_owned(),
@@ -155,19 +204,40 @@ impl Process {
     }
 }
 
-fn record_exit(slot: &watch::Sender<Option<Exit>>, exit: Exit) {
-    slot.send_if_modified(|current| current.is_none() && current.replace(exit).is_none());
+/// Output copies to a log URI's file or logging program (the shim crate's tasks take FIFOs).
+#[derive(Debug, Clone, Default)]
+pub struct LogCopies(Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>);
+
+impl LogCopies {
+    /// Copies `from` (if any) into `to` until EOF; `logger` lives as long as the copy.
+    fn copy(&self, from: Option<tokio::net::UnixStream>, to: std::fs::File, logger: Option<Logger>) {
+        let copy = tokio::spawn(async move {
+            if let Some(mut from) = from {
+                let mut to = tokio::fs::File::from_std(to);
+                let _ = tokio::io::copy(&mut from, &mut to).await;
+                let _ = tokio::io::AsyncWriteExt::flush(&mut to).await;
+            }
+            if let Some(logger) = logger {
+                // Its EOF is the end of both pipes; reaping may wait a moment, off the runtime.
+                let _ = tokio::task::spawn_blocking(move || drop(logger)).await;
+            }
+        });
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).push(copy);
+    }
+
+    /// Waits up to `limit` for the copies to finish, then stops what still runs.
+    pub async fn drain(&self, limit: Duration) {
+        let copies: Vec<_> = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        for mut copy in copies {
+            if tokio::time::timeout(limit, &mut copy).await.is_err() {
+                copy.abort();
+            }
+        }
+    }
 }
 
-/// containerd hands FIFO paths, or log URIs (`binary://`, `file://`) when a client asked for
-/// them; Husk joins FIFOs (CRI and `ctr` use them).
-fn check_fifo_uri(stream: &'static str, uri: &str) -> Result<(), ShimError> {
-    match uri.split_once("://") {
-        Some((scheme, _)) => Err(ShimError::InvalidArgument(format!(
-            "{stream}: {uri:?}: {scheme}:// log URIs are not supported by Husk; give a FIFO path"
-        ))),
-        None => Ok(()),
-    }
+fn record_exit(slot: &watch::Sender<Option<Exit>>, exit: Exit) {
+    slot.send_if_modified(|current| current.is_none() && current.replace(exit).is_none());
 }
 
 #[cfg(test)]
@@ -188,12 +258,5 @@ mod tests {
         assert_eq!((exit.status, exit.at.seconds, exit.at.nanos), (3, 1, 500_000_000));
         assert_eq!(process.status(), Status::Stopped);
         assert_eq!(process.exited().await.status, 3);
-    }
-
-    #[test]
-    fn log_uris_are_refused_by_stream_name() {
-        let err = check_fifo_uri("stdout", "binary:///usr/bin/logger?x=1").unwrap_err().to_string();
-        assert!(err.contains("stdout") && err.contains("binary://"), "{err}");
-        check_fifo_uri("stdin", "/run/containerd/fifo/1/c-stdin").unwrap();
     }
 }
