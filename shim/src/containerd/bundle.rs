@@ -105,11 +105,19 @@ pub fn rootfs_name(id: &str) -> String {
     format!("{id}/rootfs")
 }
 
+/// The namespace kinds a spec asks for (a pod's sandbox container's tell what its members join).
+pub fn namespace_kinds(spec: &Spec) -> Vec<LinuxNamespaceType> {
+    let namespaces = spec.linux().as_ref().and_then(|linux| linux.namespaces().clone()).unwrap_or_default();
+    namespaces.iter().map(|ns| ns.typ()).collect()
+}
+
 /// Rewrites `spec` for container `id` in the guest: `root.path` names the shared rootfs, bind
-/// mounts of host paths name their shares, the pod's `/dev/shm` becomes a tmpfs of the guest,
-/// and namespaces given by host path are made fresh (the network namespace is the VM's own; a
-/// hostname gets a UTS namespace to be set in).
-pub fn guest_spec(id: &str, mut spec: Spec) -> GuestSpec {
+/// mounts of host paths name their shares, the pod's `/dev/shm` becomes a tmpfs of the guest.
+/// Namespaces: the network namespace is the VM's own; one given by host path (CRI's way to join
+/// the pod sandbox's) is left out when the sandbox container (whose kinds are `sandbox_kinds`)
+/// has none of that kind, so a hostPID/hostIPC pod shares the VM's, and is made fresh otherwise;
+/// a hostname gets a UTS namespace to be set in.
+pub fn guest_spec(id: &str, mut spec: Spec, sandbox_kinds: &[LinuxNamespaceType]) -> GuestSpec {
     if let Some(root) = spec.root_mut() {
         root.set_path(PathBuf::from(rootfs_name(id)));
     }
@@ -125,6 +133,7 @@ pub fn guest_spec(id: &str, mut spec: Spec) -> GuestSpec {
             .unwrap_or_default()
             .into_iter()
             .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
+            .filter(|ns| ns.path().is_none() || sandbox_kinds.contains(&ns.typ()))
             .map(|mut ns| {
                 ns.set_path(None);
                 ns
@@ -204,11 +213,12 @@ mod tests {
             "linux": {"namespaces": [
                 {"type": "pid"},
                 {"type": "network", "path": "/var/run/netns/cni-1"},
-                {"type": "ipc", "path": "/proc/42/ns/ipc"}
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "uts", "path": "/proc/42/ns/uts"}
             ]}
         }))
         .unwrap();
-        let guest = guest_spec("c1", spec);
+        let guest = guest_spec("c1", spec, &[LinuxNamespaceType::Ipc]);
         assert_eq!(guest.spec.root().as_ref().unwrap().path(), Path::new("c1/rootfs"));
         assert_eq!(
             guest.shares,
@@ -230,7 +240,8 @@ mod tests {
             "ociVersion": "1.0.2", "hostname": "pod-a", "linux": {"namespaces": [{"type": "mount"}]}
         }))
         .unwrap();
-        let namespaces = guest_spec("c2", named).spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let namespaces =
+            guest_spec("c2", named, &[]).spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         assert!(namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Uts), "{namespaces:?}");
     }
 }

@@ -49,6 +49,8 @@ pub struct HuskShim {
     namespace: String,
     id: String,
     debug: bool,
+    /// The server's socket (`unix://...`; empty for `start` and `delete`).
+    socket: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -76,6 +78,7 @@ impl Shim for HuskShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             debug: args.debug,
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -119,6 +122,15 @@ impl Shim for HuskShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // The shim crate removes the socket named in the bundle's address file, but containerd may
+        // have removed the bundle by now (a pod's first container is often deleted before the
+        // shim exits): remove it by the name the server was given.
+        let path = self.socket.trim_start_matches("unix://");
+        if !path.is_empty() {
+            if let Err(err) = tokio::fs::remove_file(path).await {
+                tracing::debug!(path, %err, "removing the shim's socket");
+            }
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {

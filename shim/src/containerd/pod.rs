@@ -22,6 +22,7 @@ use containerd_shim_protos::events::task::{
     TaskResumed, TaskStart,
 };
 use containerd_shim_protos::topics;
+use oci_spec::runtime::LinuxNamespaceType;
 use tokio::sync::Mutex;
 
 use super::bundle::{self, PodRole};
@@ -36,6 +37,8 @@ use crate::sandbox::{Sandbox, SandboxConfig};
 
 /// How long output may still flow into a log file or logging program after the exit.
 const LOG_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// How long a lost process's watcher waits for the VM's end to be recorded, for the report.
+const VM_END_GRACE: Duration = Duration::from_secs(2);
 /// Exit status of a process whose VM or agent went away.
 const LOST_STATUS: u32 = 255;
 
@@ -55,6 +58,8 @@ struct State {
     sandbox: Option<Arc<Sandbox>>,
     /// The pod's id, set by its sandbox container.
     pod_id: Option<String>,
+    /// The namespace kinds of the pod's sandbox container (its members join those).
+    sandbox_kinds: Vec<LinuxNamespaceType>,
     containers: HashMap<String, Container>,
 }
 
@@ -115,6 +120,7 @@ impl Pod {
             (PodRole::Sandbox { pod_id }, None) => {
                 let sandbox = self.boot(pod_id, &bundle::annotations(&spec)).await?;
                 state.pod_id = Some(pod_id.clone());
+                state.sandbox_kinds = bundle::namespace_kinds(&spec);
                 state.sandbox = Some(Arc::clone(&sandbox));
                 sandbox
             }
@@ -130,7 +136,8 @@ impl Pod {
             )))
             }
         };
-        match self.create_in(&sandbox, id, &bundle_dir, spec, req).await {
+        let kinds = state.sandbox_kinds.clone();
+        match self.create_in(&sandbox, id, &bundle_dir, spec, &kinds, req).await {
             Ok(container) => {
                 self.watch_exit(&sandbox, id, &container.init);
                 state.containers.insert(id.to_owned(), container);
@@ -205,6 +212,7 @@ impl Pod {
         id: &str,
         bundle_dir: &Path,
         spec: oci_spec::runtime::Spec,
+        sandbox_kinds: &[LinuxNamespaceType],
         req: &api::CreateTaskRequest,
     ) -> Result<Container, ShimError> {
         let dir = sandbox.dir();
@@ -215,7 +223,8 @@ impl Pod {
         for mount in &req.rootfs {
             dir.mount(&rootfs, &mount.type_, &mount.source, &mount.options)?;
         }
-        let guest = bundle::guest_spec(id, spec);
+        let guest = bundle::guest_spec(id, spec, sandbox_kinds);
+        tracing::debug!(container = id, namespaces = ?bundle::namespace_kinds(&guest.spec), "the guest's spec");
         for share in &guest.shares {
             dir.share(&share.host, &share.name, share.read_only)?;
         }
@@ -310,6 +319,9 @@ impl Pod {
         let state = self.state.lock().await;
         let (sandbox, container) = state.get(id)?;
         let process = container.process(id, exec_id)?;
+        if sandbox.has_ended() {
+            return Err(ShimError::NotFound(format!("process {id}/{exec_id:?}: the pod's VM has ended")));
+        }
         if process.status() == Status::Stopped && !req.all {
             return Err(ShimError::NotFound(format!("process {id}/{exec_id:?}: already finished")));
         }
@@ -534,6 +546,9 @@ impl Pod {
             let exit = match client.wait_process(&id, &exec_id).await {
                 Ok(ended) => Exit::at_unix_ns(ended.status as u32, ended.exited_at_unix_ns),
                 Err(err) => {
+                    if let Some(sandbox) = sandbox.upgrade() {
+                        sandbox.ended_within(VM_END_GRACE).await;
+                    }
                     let report = vm_report(&sandbox);
                     tracing::error!(container = %id, exec = %exec_id, %err, %report, "lost the process: the pod's VM or agent is gone");
                     Exit::at_unix_ns(LOST_STATUS, 0)

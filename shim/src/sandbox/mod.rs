@@ -180,6 +180,16 @@ impl Sandbox {
         self.exit.lock().unwrap_or_else(PoisonError::into_inner).is_some()
     }
 
+    /// Waits up to `limit` for the VM to end (a dropped agent connection comes a moment before
+    /// the VM's end is recorded); returns whether it has.
+    pub async fn ended_within(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.has_ended() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.has_ended()
+    }
+
     /// Removes the pod's containers in the guest and stops the VM (also done, without the
     /// guest's part, by drop).
     pub async fn shutdown(&self) {

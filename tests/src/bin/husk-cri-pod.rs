@@ -8,6 +8,10 @@
 //! `husk-cri-pod --bench RUNS CONTAINERD_SOCKET LOG_DIR`: `pod_start_ms`, from RunPodSandbox to the
 //! return of StartContainer of the pod's one container (what a kubelet waits for before a pod
 //! runs), with the handler `husk` beside `runc` in the same run; median of RUNS after a warm-up.
+//!
+//! `husk-cri-pod --vm-dies CONTAINERD_SOCKET LOG_DIR`: a privileged pod in the guest's own PID
+//! namespace (`hostPID`) whose first container reboots the VM (`reboot -f`); prints the exit
+//! codes both containers then report (`victim-exit=`, `bystander-exit=`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,10 +20,10 @@ use anyhow::{bail, Context, Result};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest,
+    ExecSyncRequest, ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -32,6 +36,11 @@ async fn main() -> Result<()> {
     if let [flag, runs, socket, logs] = args.as_slice() {
         if flag == "--bench" {
             return bench(runs.parse().context("RUNS")?, socket, logs).await;
+        }
+    }
+    if let [flag, socket, logs] = args.as_slice() {
+        if flag == "--vm-dies" {
+            return vm_dies(socket, logs).await;
         }
     }
     let [socket, volume, logs] = args.as_slice() else {
@@ -94,6 +103,82 @@ async fn exercise(
         );
     }
     Ok(())
+}
+
+/// A container reboots its pod's VM; see the module documentation.
+async fn vm_dies(socket: &str, logs: &str) -> Result<()> {
+    let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
+    let mut config = pod_config("doomed-pod", logs);
+    let node_pid = NamespaceOption {
+        network: NamespaceMode::Node.into(),
+        pid: NamespaceMode::Node.into(),
+        ..Default::default()
+    };
+    if let Some(context) = config.linux.as_mut().and_then(|linux| linux.security_context.as_mut()) {
+        context.namespace_options = Some(node_pid.clone());
+        context.privileged = true;
+    }
+    let request = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: HANDLER.into() };
+    let pod = cri.run_pod_sandbox(request).await.context("RunPodSandbox")?.into_inner().pod_sandbox_id;
+    let result = async {
+        let victim = start_privileged(&mut cri, &pod, &config, "victim", node_pid.clone()).await?;
+        let bystander = start_privileged(&mut cri, &pod, &config, "bystander", node_pid).await?;
+        // hostPID: the guest's PID 1 (the agent, /init) is in sight, as the node's is under runc.
+        println!("victim-pid1={}", exec(&mut cri, &victim, &["cat", "/proc/1/comm"]).await?.trim());
+        // The exec dies with the VM: its own result does not matter.
+        let _ = exec(&mut cri, &victim, &["reboot", "-f"]).await;
+        for (name, id) in [("victim", &victim), ("bystander", &bystander)] {
+            println!("{name}-exit={}", exit_code_when_exited(&mut cri, id).await?);
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
+        .await
+        .context("StopPodSandbox")?;
+    cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
+        .await
+        .context("RemovePodSandbox")?;
+    println!("pod-removed");
+    result
+}
+
+async fn start_privileged(
+    cri: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    sandbox_config: &PodSandboxConfig,
+    name: &str,
+    namespaces: NamespaceOption,
+) -> Result<String> {
+    let config = ContainerConfig {
+        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
+        command: vec!["sleep".into(), "1000".into()],
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                privileged: true,
+                namespace_options: Some(namespaces),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    };
+    create_and_start(cri, pod, sandbox_config, name, config).await
+}
+
+/// The container's exit code once CRI reports it exited (within a minute).
+async fn exit_code_when_exited(cri: &mut RuntimeServiceClient<Channel>, id: &str) -> Result<i32> {
+    for _ in 0..300 {
+        let request = ContainerStatusRequest { container_id: id.into(), verbose: false };
+        let status = cri.container_status(request).await.context("ContainerStatus")?.into_inner().status;
+        if let Some(status) = status.filter(|s| s.state == ContainerState::ContainerExited as i32) {
+            return Ok(status.exit_code);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("container {id} did not exit")
 }
 
 /// `pod_start_ms` with each handler; see the module documentation.
@@ -182,6 +267,16 @@ async fn start(
         },
         ..Default::default()
     };
+    create_and_start(cri, pod, sandbox_config, name, config).await
+}
+
+async fn create_and_start(
+    cri: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    sandbox_config: &PodSandboxConfig,
+    name: &str,
+    config: ContainerConfig,
+) -> Result<String> {
     let request = CreateContainerRequest {
         pod_sandbox_id: pod.into(),
         config: Some(config),
