@@ -111,14 +111,15 @@ impl Pod {
         }
         let bundle_dir = PathBuf::from(&req.bundle);
         let spec = bundle::load_spec(&bundle_dir)?;
-        let role = PodRole::of(id, &bundle::annotations(&spec))?;
+        let annotations = bundle::annotations(&spec);
+        let role = PodRole::of(id, &annotations)?;
         let mut state = self.state.lock().await;
         if state.containers.contains_key(id) {
             return Err(ShimError::AlreadyExists(format!("container {id}: exists in this pod")));
         }
         let sandbox = match (&role, &state.sandbox) {
             (PodRole::Sandbox { pod_id }, None) => {
-                let sandbox = self.boot(pod_id, &bundle::annotations(&spec)).await?;
+                let sandbox = self.boot(pod_id, &annotations).await?;
                 state.pod_id = Some(pod_id.clone());
                 state.sandbox_kinds = bundle::namespace_kinds(&spec);
                 state.sandbox = Some(Arc::clone(&sandbox));
@@ -247,8 +248,7 @@ impl Pod {
     /// Start: the container's init process, or an exec added before.
     pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32, ShimError> {
         let mut state = self.state.lock().await;
-        let sandbox = state.sandbox.clone().ok_or_else(|| no_container(id))?;
-        let container = state.containers.get_mut(id).ok_or_else(|| no_container(id))?;
+        let (sandbox, container) = state.get_mut(id)?;
         let client = sandbox.client();
         if exec_id.is_empty() {
             expect_created(&container.init, id, exec_id)?;
@@ -491,8 +491,7 @@ impl Pod {
 
     pub async fn pause(&self, id: &str, pause: bool) -> Result<(), ShimError> {
         let mut state = self.state.lock().await;
-        let sandbox = state.sandbox.clone().ok_or_else(|| no_container(id))?;
-        let container = state.containers.get_mut(id).ok_or_else(|| no_container(id))?;
+        let (sandbox, container) = state.get_mut(id)?;
         let client = sandbox.client();
         let done = match pause {
             true => client.pause_container(id).await,
@@ -587,6 +586,13 @@ impl State {
     fn get(&self, id: &str) -> Result<(&Arc<Sandbox>, &Container), ShimError> {
         let container = self.containers.get(id).ok_or_else(|| no_container(id))?;
         let sandbox = self.sandbox.as_ref().ok_or_else(|| no_container(id))?;
+        Ok((sandbox, container))
+    }
+
+    /// [`State::get`] with the container to change (and the VM handle, cloned, to call on).
+    fn get_mut(&mut self, id: &str) -> Result<(Arc<Sandbox>, &mut Container), ShimError> {
+        let sandbox = self.sandbox.clone().ok_or_else(|| no_container(id))?;
+        let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
         Ok((sandbox, container))
     }
 }

@@ -48,23 +48,10 @@ async fn main() -> Result<()> {
     };
     let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
     let sandbox_config = pod_config("husk-pod", logs);
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(sandbox_config.clone()),
-            runtime_handler: HANDLER.into(),
-        })
-        .await
-        .context("RunPodSandbox")?
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod(&mut cri, &sandbox_config, HANDLER).await?;
     println!("pod={pod}");
     let result = exercise(&mut cri, &pod, &sandbox_config, volume).await;
-    cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
-        .await
-        .context("StopPodSandbox")?;
-    cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
-        .await
-        .context("RemovePodSandbox")?;
+    remove_pod(&mut cri, pod).await?;
     println!("pod-removed");
     result
 }
@@ -118,8 +105,7 @@ async fn vm_dies(socket: &str, logs: &str) -> Result<()> {
         context.namespace_options = Some(node_pid.clone());
         context.privileged = true;
     }
-    let request = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: HANDLER.into() };
-    let pod = cri.run_pod_sandbox(request).await.context("RunPodSandbox")?.into_inner().pod_sandbox_id;
+    let pod = run_pod(&mut cri, &config, HANDLER).await?;
     let result = async {
         let victim = start_privileged(&mut cri, &pod, &config, "victim", node_pid.clone()).await?;
         let bystander = start_privileged(&mut cri, &pod, &config, "bystander", node_pid).await?;
@@ -133,12 +119,7 @@ async fn vm_dies(socket: &str, logs: &str) -> Result<()> {
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
-        .await
-        .context("StopPodSandbox")?;
-    cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
-        .await
-        .context("RemovePodSandbox")?;
+    remove_pod(&mut cri, pod).await?;
     println!("pod-removed");
     result
 }
@@ -181,6 +162,27 @@ async fn exit_code_when_exited(cri: &mut RuntimeServiceClient<Channel>, id: &str
     bail!("container {id} did not exit")
 }
 
+/// RunPodSandbox with `handler`; returns the pod's id.
+async fn run_pod(
+    cri: &mut RuntimeServiceClient<Channel>,
+    config: &PodSandboxConfig,
+    handler: &str,
+) -> Result<String> {
+    let request = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() };
+    Ok(cri.run_pod_sandbox(request).await.context("RunPodSandbox")?.into_inner().pod_sandbox_id)
+}
+
+/// StopPodSandbox then RemovePodSandbox, as the kubelet ends a pod.
+async fn remove_pod(cri: &mut RuntimeServiceClient<Channel>, pod: String) -> Result<()> {
+    cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
+        .await
+        .context("StopPodSandbox")?;
+    cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
+        .await
+        .context("RemovePodSandbox")?;
+    Ok(())
+}
+
 /// `pod_start_ms` with each handler; see the module documentation.
 async fn bench(runs: usize, socket: &str, logs: &str) -> Result<()> {
     let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
@@ -192,20 +194,12 @@ async fn bench(runs: usize, socket: &str, logs: &str) -> Result<()> {
         for run in 0..=runs {
             let config = pod_config(&format!("bench-{handler}-{run}"), logs);
             let started = Instant::now();
-            let request =
-                RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() };
-            let pod =
-                cri.run_pod_sandbox(request).await.context("RunPodSandbox")?.into_inner().pod_sandbox_id;
+            let pod = run_pod(&mut cri, &config, handler).await?;
             start(&mut cri, &pod, &config, "main", None, "exec sleep 1000").await?;
             if run > 0 {
                 times.push(started.elapsed().as_secs_f64() * 1000.0);
             }
-            cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
-                .await
-                .context("StopPodSandbox")?;
-            cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
-                .await
-                .context("RemovePodSandbox")?;
+            remove_pod(&mut cri, pod).await?;
         }
         medians.push(husk_tests::bench::spread(&times));
     }
