@@ -3,6 +3,10 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
 CARGO ?= cargo
+# A CI run builds once from a clean checkout: incremental caches would only take disk.
+ifdef CI
+export CARGO_INCREMENTAL := 0
+endif
 GUEST_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(GUEST_TARGET)/guest/husk-agent
 # The agent is /init of the guest: static, with libseccomp linked in (not the shared library).
