@@ -282,4 +282,30 @@ mod tests {
             guest_spec("c2", named, &[]).spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         assert!(namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Uts), "{namespaces:?}");
     }
+
+    #[test]
+    fn the_pod_network_comes_from_the_sandbox_spec_and_its_net_sysctls_go_vm_wide() {
+        let spec = |linux: serde_json::Value| -> Spec {
+            serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "linux": linux})).unwrap()
+        };
+        let cni = spec(serde_json::json!({
+            "namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "ipc"}],
+            "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shm_rmid_forced": "1"}
+        }));
+        assert_eq!(pod_netns(&cni), PodNetns::Path(PathBuf::from("/var/run/netns/cni-1")));
+        assert_eq!(
+            pod_netns(&spec(serde_json::json!({"namespaces": [{"type": "network"}]}))),
+            PodNetns::Empty
+        );
+        assert_eq!(pod_netns(&spec(serde_json::json!({"namespaces": [{"type": "pid"}]}))), PodNetns::Host);
+        let net = pod_net_sysctls(&cni);
+        assert_eq!(net.keys().collect::<Vec<_>>(), ["net.ipv4.ip_unprivileged_port_start"]);
+        let guest = guest_spec("c1", cni, &[LinuxNamespaceType::Network, LinuxNamespaceType::Ipc]);
+        let left = guest.spec.linux().as_ref().unwrap().sysctl().clone().unwrap();
+        assert_eq!(
+            left.keys().collect::<Vec<_>>(),
+            ["kernel.shm_rmid_forced"],
+            "net.* are the VM's, not the container's"
+        );
+    }
 }
