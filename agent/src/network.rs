@@ -16,7 +16,7 @@ use husk_protocols::agent::{
     Interface, IpAddress, Route, Routes, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
 use rtnetlink::packet_route::route::{RouteMessage, RouteScope};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
@@ -53,6 +53,8 @@ pub struct WantedRoute {
     pub device: Option<String>,
     pub source: Option<IpAddr>,
     pub scope: u8,
+    /// Its priority (RTA_PRIORITY); 0: the kernel's default (0 for IPv4, 1024 for IPv6).
+    pub metric: u32,
     /// The route as the request had it: the answer repeats it.
     pub request: Route,
 }
@@ -132,6 +134,7 @@ pub fn check_interface(request: &UpdateInterfaceRequest) -> Result<WantedInterfa
             interface.hw_addr
         ))
     })?;
+    check_nic_mac(&interface.hw_addr, mac)?;
     check_link_name("interface.name", &interface.name)?;
     let mtu = interface.mtu;
     if mtu != 0 && !MTU_RANGE.contains(&mtu) {
@@ -151,8 +154,23 @@ pub fn check_interface(request: &UpdateInterfaceRequest) -> Result<WantedInterfa
     Ok(WantedInterface { name: interface.name.clone(), mac, mtu, addresses })
 }
 
+/// A MAC a NIC of the guest can have: not all zero (the guest's `lo` has that one, and the NIC is
+/// found by its MAC) and not multicast (the first octet's low bit), broadcast included.
+fn check_nic_mac(text: &str, mac: [u8; 6]) -> Result<(), CallError> {
+    let what = match mac {
+        [0, 0, 0, 0, 0, 0] => "all zero, no NIC's MAC (the guest's lo has it)",
+        [first, ..] if first & 1 == 1 => "a multicast MAC (the first octet's low bit is set), no NIC's",
+        _ => return Ok(()),
+    };
+    Err(invalid(format!("interface.hw_addr {text:?}: {what}")))
+}
+
 fn check_address(field: &str, address: &IpAddress) -> Result<(IpAddr, u8), CallError> {
     let ip = unicast(&format!("{field}.address"), &address.address)?;
+    // The guest's lo has the loopback networks; a NIC with one of them would steal it.
+    if ip.to_canonical().is_loopback() {
+        return Err(invalid(format!("{field}.address {:?}: a loopback address", address.address)));
+    }
     let max = max_prefix(ip);
     match u8::try_from(address.prefix_length) {
         Ok(length) if length <= max => Ok((ip, length)),
@@ -223,6 +241,7 @@ fn check_route(position: usize, route: &Route) -> Result<WantedRoute, CallError>
         device,
         source,
         scope,
+        metric: route.metric,
         request: route.clone(),
     })
 }
@@ -241,10 +260,14 @@ fn check_link_name(field: &str, name: &str) -> Result<(), CallError> {
     }
 }
 
-/// An address an interface, gateway or source can have: neither unspecified nor multicast.
+/// An address an interface, gateway or source can have: not unspecified, multicast or IPv4's
+/// limited broadcast (255.255.255.255).
 fn unicast(field: &str, text: &str) -> Result<IpAddr, CallError> {
     let ip: IpAddr = text.parse().map_err(|_| invalid(format!("{field} {text:?}: not an IP address")))?;
-    match ip.is_unspecified() || ip.is_multicast() {
+    // An IPv4-mapped IPv6 address is judged as the IPv4 one it maps.
+    let canonical = ip.to_canonical();
+    let broadcast = canonical == IpAddr::V4(Ipv4Addr::BROADCAST);
+    match canonical.is_unspecified() || canonical.is_multicast() || broadcast {
         true => Err(invalid(format!("{field} {text:?}: not a unicast address"))),
         false => Ok(ip),
     }
@@ -338,11 +361,16 @@ struct Link {
     name: String,
     mac: Vec<u8>,
     mtu: u32,
+    /// IFF_LOOPBACK, or a loopback link layer: never the NIC a request means, whatever its MAC.
+    loopback: bool,
 }
 
 impl Link {
     fn of(message: &LinkMessage) -> Link {
-        let mut link = Link { index: message.header.index, name: String::new(), mac: Vec::new(), mtu: 0 };
+        let loopback = message.header.flags.contains(LinkFlags::Loopback)
+            || message.header.link_layer_type == LinkLayerType::Loopback;
+        let mut link =
+            Link { index: message.header.index, name: String::new(), mac: Vec::new(), mtu: 0, loopback };
         for attribute in &message.attributes {
             match attribute {
                 LinkAttribute::IfName(name) => link.name.clone_from(name),
@@ -362,10 +390,16 @@ async fn list_links(handle: &Handle) -> Result<Vec<Link>, CallError> {
 }
 
 /// `lo 00:00:00:00:00:00, eth0 52:54:00:12:34:56`: what an error shows of the guest's links.
-fn seen(links: &[Link]) -> String {
-    let shown: Vec<String> =
-        links.iter().map(|link| format!("{} {}", link.name, format_mac(&link.mac))).collect();
+fn seen<'a>(links: impl IntoIterator<Item = &'a Link>) -> String {
+    let shown: Vec<String> = links.into_iter().map(Link::shown).collect();
     shown.join(", ")
+}
+
+impl Link {
+    /// `eth0 52:54:00:12:34:56`, as [`seen`] shows it.
+    fn shown(&self) -> String {
+        format!("{} {}", self.name, format_mac(&self.mac))
+    }
 }
 
 async fn set_link(handle: &Handle, message: LinkMessage, what: &str) -> Result<(), CallError> {
@@ -375,20 +409,17 @@ async fn set_link(handle: &Handle, message: LinkMessage, what: &str) -> Result<(
 /// Makes the NIC with `wanted.mac` what `wanted` says; answers it as the kernel then reports it.
 pub async fn apply_interface(handle: &Handle, wanted: &WantedInterface) -> Result<Interface, CallError> {
     let links = list_links(handle).await?;
-    let Some(nic) = links.iter().find(|link| link.mac == wanted.mac) else {
-        return Err(CallError::NotFound(format!(
-            "interface.hw_addr {}: no guest NIC has it (seen: {})",
-            format_mac(&wanted.mac),
-            seen(&links)
-        )));
-    };
+    let nic = find_nic(&links, wanted.mac)?;
     let index = nic.index;
     if nic.name != wanted.name {
+        // Two NICs swapping names land here too: the request cannot say which to rename first.
         if let Some(other) = links.iter().find(|link| link.name == wanted.name) {
             return Err(CallError::AlreadyExists(format!(
-                "interface.name {:?}: the guest's link with MAC {} has that name",
+                "interface.name {:?}: link {} ({}) holds that name, so the NIC {} cannot take it",
                 wanted.name,
-                format_mac(&other.mac)
+                other.index,
+                other.shown(),
+                nic.shown()
             )));
         }
         // The kernel renames only links that are down.
@@ -407,6 +438,25 @@ pub async fn apply_interface(handle: &Handle, wanted: &WantedInterface) -> Resul
         add_address(handle, index, ip, length).await?;
     }
     read_interface(handle, index).await
+}
+
+/// The one link, loopback aside, with `mac`.
+fn find_nic(links: &[Link], mac: [u8; 6]) -> Result<&Link, CallError> {
+    let matching: Vec<&Link> = links.iter().filter(|link| !link.loopback && link.mac == mac).collect();
+    match matching[..] {
+        [nic] => Ok(nic),
+        [] => Err(CallError::NotFound(format!(
+            "interface.hw_addr {}: no guest NIC has it (seen: {})",
+            format_mac(&mac),
+            seen(links)
+        ))),
+        _ => Err(CallError::FailedPrecondition(format!(
+            "interface.hw_addr {}: {} guest links have it, which one is meant is not known: {}",
+            format_mac(&mac),
+            matching.len(),
+            seen(matching.iter().copied())
+        ))),
+    }
 }
 
 async fn add_address(handle: &Handle, index: u32, ip: IpAddr, length: u8) -> Result<(), CallError> {
@@ -518,6 +568,11 @@ fn route_message(route: &WantedRoute, device: Option<u32>) -> Result<RouteMessag
     if let Some(index) = device {
         builder = builder.output_interface(index);
     }
+    // With NLM_F_REPLACE the kernel replaces the route with the same destination, table, TOS and
+    // priority: a distinct metric keeps a second default route beside the first.
+    if route.metric != 0 {
+        builder = builder.priority(route.metric);
+    }
     Ok(builder.build())
 }
 
@@ -533,9 +588,14 @@ fn describe(route: &WantedRoute) -> String {
     if let Some(source) = route.source {
         text += &format!(" src {source}");
     }
-    text + &format!(" scope {}", route.scope)
+    text += &format!(" scope {}", route.scope);
+    if route.metric != 0 {
+        text += &format!(" metric {}", route.metric);
+    }
+    text
 }
 
+/// The routes as the request had them, metric and all.
 fn answer(routes: &[WantedRoute]) -> Routes {
     Routes { routes: routes.iter().map(|route| route.request.clone()).collect(), ..Default::default() }
 }
@@ -544,7 +604,6 @@ fn answer(routes: &[WantedRoute]) -> Routes {
 mod tests {
     use nix::errno::Errno;
     use nix::sched::CloneFlags;
-    use rtnetlink::packet_route::link::LinkFlags;
     use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
     use rtnetlink::LinkVeth;
 
@@ -597,6 +656,22 @@ mod tests {
             (interface("eth0", "zz", 0, &[]), "interface.hw_addr \"zz\": "),
             (interface("eth0", "52:54:00:12:34", 0, &[]), "interface.hw_addr \"52:54:00:12:34\": "),
             (interface("eth0", "52:54:00:12:34:5g", 0, &[]), "interface.hw_addr "),
+            (
+                interface("eth0", "00:00:00:00:00:00", 0, &[]),
+                "interface.hw_addr \"00:00:00:00:00:00\": all zero",
+            ),
+            (
+                interface("eth0", "01:00:5e:00:00:01", 0, &[]),
+                "interface.hw_addr \"01:00:5e:00:00:01\": a multicast MAC",
+            ),
+            (
+                interface("eth0", "33:33:00:00:00:01", 0, &[]),
+                "interface.hw_addr \"33:33:00:00:00:01\": a multicast MAC",
+            ),
+            (
+                interface("eth0", "FF:FF:FF:FF:FF:FF", 0, &[]),
+                "interface.hw_addr \"FF:FF:FF:FF:FF:FF\": a multicast MAC",
+            ),
             (interface("", GOOD_MAC, 0, &[]), "interface.name \"\": "),
             (interface("sixteen-bytes-xx", GOOD_MAC, 0, &[]), "interface.name \"sixteen-bytes-xx\": "),
             (interface("eth/0", GOOD_MAC, 0, &[]), "interface.name \"eth/0\": "),
@@ -620,6 +695,30 @@ mod tests {
                 "interface.addresses[0].address \"224.0.0.1\": not a unicast",
             ),
             (interface("eth0", GOOD_MAC, 1000, &[("fd00::5", 64)]), "interface.mtu 1000: below 1280"),
+            (
+                interface("eth0", GOOD_MAC, 0, &[("10.88.0.5", 16), ("127.0.0.1", 8)]),
+                "interface.addresses[1].address \"127.0.0.1\": a loopback address",
+            ),
+            (
+                interface("eth0", GOOD_MAC, 0, &[("127.1.2.3", 16)]),
+                "interface.addresses[0].address \"127.1.2.3\": a loopback address",
+            ),
+            (
+                interface("eth0", GOOD_MAC, 0, &[("::1", 128)]),
+                "interface.addresses[0].address \"::1\": a loopback address",
+            ),
+            (
+                interface("eth0", GOOD_MAC, 0, &[("::ffff:127.0.0.1", 104)]),
+                "interface.addresses[0].address \"::ffff:127.0.0.1\": a loopback address",
+            ),
+            (
+                interface("eth0", GOOD_MAC, 0, &[("255.255.255.255", 32)]),
+                "interface.addresses[0].address \"255.255.255.255\": not a unicast",
+            ),
+            (
+                interface("eth0", GOOD_MAC, 0, &[("::ffff:255.255.255.255", 128)]),
+                "interface.addresses[0].address \"::ffff:255.255.255.255\": not a unicast",
+            ),
         ];
         for (request, expected) in cases {
             let message = invalid_argument(check_interface(request));
@@ -632,6 +731,9 @@ mod tests {
         let request = interface("eth0", "52:54:00:AB:cd:EF", 1400, &[("10.88.0.5", 16), ("fd00::5", 64)]);
         let wanted = check_interface(&request).unwrap();
         assert_eq!(wanted.mac, [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef]);
+        // Locally administered unicast MACs (the second-lowest bit of the first octet) are fine.
+        check_interface(&interface("eth0", "02:00:00:00:00:01", 0, &[])).unwrap();
+        check_interface(&interface("eth0", "fe:ff:ff:ff:ff:ff", 0, &[])).unwrap();
         assert_eq!(wanted.addresses, [("10.88.0.5".parse().unwrap(), 16), ("fd00::5".parse().unwrap(), 64)]);
         assert_eq!(format_mac(&wanted.mac), "52:54:00:ab:cd:ef");
     }
@@ -650,6 +752,10 @@ mod tests {
                 "routes[0].destination \"10.99.0.1/24\": host bits set (the network is 10.99.0.0/24)",
             ),
             (route("default", "10.88.0.x", "eth0", 0), "routes[0].gateway \"10.88.0.x\": not an IP"),
+            (
+                route("default", "255.255.255.255", "eth0", 0),
+                "routes[0].gateway \"255.255.255.255\": not a unicast",
+            ),
             (
                 route("10.99.0.0/24", "fd00::1", "eth0", 0),
                 "routes[0].gateway fd00::1: IPv6, but destination \"10.99.0.0/24\" is IPv4",
@@ -697,6 +803,32 @@ mod tests {
             ]
         );
         assert!(check_routes(&UpdateRoutesRequest::default()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_routes_metric_is_kept_and_answered() {
+        let request = routes(vec![
+            Route { metric: 200, ..route("default", "10.88.0.3", "eth0", 0) },
+            Route { metric: 100, ..route("default", "10.88.0.2", "eth0", 0) },
+            route("10.99.0.0/24", "", "eth0", 253),
+        ]);
+        let wanted = check_routes(&request).unwrap();
+        let metrics: Vec<(usize, u32)> = wanted.iter().map(|r| (r.position, r.metric)).collect();
+        assert_eq!(metrics, [(2, 0), (0, 200), (1, 100)]);
+        assert_eq!(describe(&wanted[1]), "0.0.0.0/0 via 10.88.0.3 dev eth0 scope 0 metric 200");
+        assert_eq!(describe(&wanted[0]), "10.99.0.0/24 dev eth0 scope 253");
+
+        let message = route_message(&wanted[1], Some(2)).unwrap();
+        assert!(message.attributes.contains(&RouteAttribute::Priority(200)), "{message:?}");
+        let message = route_message(&wanted[0], Some(2)).unwrap();
+        let priority = message.attributes.iter().any(|a| matches!(a, RouteAttribute::Priority(_)));
+        assert!(!priority, "metric 0 leaves the priority to the kernel: {message:?}");
+
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let answered = runtime.block_on(update_routes(&request, Place::Host)).unwrap();
+        let answered: Vec<(&str, u32)> =
+            answered.routes.iter().map(|r| (r.gateway.as_str(), r.metric)).collect();
+        assert_eq!(answered, [("", 0), ("10.88.0.3", 200), ("10.88.0.2", 100)]);
     }
 
     #[test]
@@ -751,7 +883,7 @@ mod tests {
         let peer_up = LinkUnspec::new_with_name("nic0-peer").up().build();
         handle.link().set(peer_up).execute().await.unwrap();
 
-        let request = interface("eth0", GOOD_MAC, 1400, &[("10.88.0.5", 16), ("fd00::5", 64)]);
+        let request = request_eth0();
         let answered = apply_interface(handle, &check_interface(&request).unwrap()).await.unwrap();
         assert_eq!(
             (answered.name.as_str(), answered.hw_addr.as_str(), answered.mtu),
@@ -779,6 +911,20 @@ mod tests {
             other => panic!("expected NotFound, got {other:?}"),
         }
 
+        // lo has the all-zero MAC; even past check_interface (which refuses it) it is never the NIC.
+        let zero = WantedInterface { name: "eth9".into(), mac: [0; 6], mtu: 0, addresses: Vec::new() };
+        match apply_interface(handle, &zero).await {
+            Err(CallError::NotFound(message)) => {
+                assert!(message.starts_with("interface.hw_addr 00:00:00:00:00:00: "), "{message}")
+            }
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        let names: Vec<String> = list_links(handle).await.unwrap().into_iter().map(|l| l.name).collect();
+        assert!(
+            names.iter().any(|name| name == "lo") && !names.iter().any(|name| name == "eth9"),
+            "{names:?}"
+        );
+
         let request = routes(vec![
             // Its gateway is reachable only through the third route: applied after it.
             route("10.100.0.0/16", "10.99.0.1", "eth0", 0),
@@ -786,32 +932,63 @@ mod tests {
             route("10.99.0.0/24", "", "eth0", 253),
             route("fe80::/64", "", "eth0", 0),
             route("default", "fd00::1", "eth0", 0),
+            // Two more defaults, kept apart from the first and from each other by their metrics.
+            Route { metric: 100, ..route("default", "10.88.0.2", "eth0", 0) },
+            Route { metric: 200, ..route("default", "10.88.0.3", "eth0", 0) },
+            Route { metric: 100, ..route("default", "fd00::2", "eth0", 0) },
         ]);
         let applied = apply_routes(handle, &check_routes(&request).unwrap()).await.unwrap();
-        let applied: Vec<(&str, &str)> =
-            applied.routes.iter().map(|r| (r.destination.as_str(), r.gateway.as_str())).collect();
+        let applied: Vec<(&str, &str, u32)> =
+            applied.routes.iter().map(|r| (r.destination.as_str(), r.gateway.as_str(), r.metric)).collect();
         assert_eq!(
             applied,
             [
-                ("10.99.0.0/24", ""),
-                ("10.100.0.0/16", "10.99.0.1"),
-                ("default", "10.88.0.1"),
-                ("default", "fd00::1")
+                ("10.99.0.0/24", "", 0),
+                ("10.100.0.0/16", "10.99.0.1", 0),
+                ("default", "10.88.0.1", 0),
+                ("default", "fd00::1", 0),
+                ("default", "10.88.0.2", 100),
+                ("default", "10.88.0.3", 200),
+                ("default", "fd00::2", 100),
             ]
         );
 
         let eth0 = links.iter().find(|l| l.name == "eth0").map(|l| l.index).unwrap();
+        let v4_defaults = [
+            ("default".to_owned(), "10.88.0.1".to_owned(), eth0, 0, 0),
+            ("default".to_owned(), "10.88.0.2".to_owned(), eth0, 0, 100),
+            ("default".to_owned(), "10.88.0.3".to_owned(), eth0, 0, 200),
+        ];
         let v4 = main_routes(handle, RouteMessageBuilder::<Ipv4Addr>::new().build()).await;
-        for expected in [
-            ("default".to_owned(), "10.88.0.1".to_owned(), eth0, 0),
-            ("10.99.0.0/24".to_owned(), String::new(), eth0, SCOPE_LINK),
-            ("10.100.0.0/16".to_owned(), "10.99.0.1".to_owned(), eth0, 0),
-        ] {
+        for expected in v4_defaults.iter().cloned().chain([
+            ("10.99.0.0/24".to_owned(), String::new(), eth0, SCOPE_LINK, 0),
+            ("10.100.0.0/16".to_owned(), "10.99.0.1".to_owned(), eth0, 0, 0),
+        ]) {
             assert!(v4.contains(&expected), "{expected:?} not in {v4:?}");
         }
+        // The kernel gives an IPv6 route without a metric 1024 (IP6_RT_PRIO_USER).
+        let v6_defaults = [
+            ("default".to_owned(), "fd00::1".to_owned(), eth0, 0, 1024),
+            ("default".to_owned(), "fd00::2".to_owned(), eth0, 0, 100),
+        ];
         let v6 = main_routes(handle, RouteMessageBuilder::<Ipv6Addr>::new().build()).await;
-        let default_v6 = ("default".to_owned(), "fd00::1".to_owned(), eth0, 0);
-        assert!(v6.contains(&default_v6), "{default_v6:?} not in {v6:?}");
+        for expected in &v6_defaults {
+            assert!(v6.contains(expected), "{expected:?} not in {v6:?}");
+        }
+
+        // Again: each route replaces itself, none another, none is doubled.
+        apply_routes(handle, &check_routes(&request).unwrap()).await.unwrap();
+        let defaults = |routes: Vec<(String, String, u32, u8, u32)>| {
+            let mut defaults: Vec<_> = routes.into_iter().filter(|r| r.0 == "default").collect();
+            defaults.sort_by_key(|r| r.4);
+            defaults
+        };
+        let v4 = main_routes(handle, RouteMessageBuilder::<Ipv4Addr>::new().build()).await;
+        assert_eq!(defaults(v4), v4_defaults);
+        let v6 = main_routes(handle, RouteMessageBuilder::<Ipv6Addr>::new().build()).await;
+        let mut v6_sorted = v6_defaults.to_vec();
+        v6_sorted.sort_by_key(|r| r.4);
+        assert_eq!(defaults(v6), v6_sorted);
 
         let missing = check_routes(&routes(vec![route("10.99.0.0/24", "", "eth9", 253)])).unwrap();
         match apply_routes(handle, &missing).await {
@@ -820,6 +997,46 @@ mod tests {
             }
             other => panic!("expected NotFound, got {other:?}"),
         }
+
+        // A second NIC asking for eth0's name: the error says which link holds it.
+        let second = LinkVeth::new("nic1", "nic1-peer").address(SECOND_MAC.to_vec()).build();
+        handle.link().add(second).execute().await.unwrap();
+        let taken = check_interface(&interface("eth0", "52:54:00:12:34:57", 0, &[])).unwrap();
+        match apply_interface(handle, &taken).await {
+            Err(CallError::AlreadyExists(message)) => assert_eq!(
+                message,
+                format!(
+                    "interface.name \"eth0\": link {eth0} (eth0 52:54:00:12:34:56) holds that name, \
+                     so the NIC nic1 52:54:00:12:34:57 cannot take it"
+                )
+            ),
+            other => panic!("expected AlreadyExists, got {other:?}"),
+        }
+
+        // Two links with the NIC's MAC: which one is meant is not guessed.
+        let twin = LinkVeth::new("twin0", "twin0-peer").address(NIC_MAC.to_vec()).build();
+        handle.link().add(twin).execute().await.unwrap();
+        match apply_interface(handle, &check_interface(&request_eth0()).unwrap()).await {
+            Err(CallError::FailedPrecondition(message)) => {
+                assert!(
+                    message.starts_with("interface.hw_addr 52:54:00:12:34:56: 2 guest links have it"),
+                    "{message}"
+                );
+                assert!(message.ends_with(": eth0 52:54:00:12:34:56, twin0 52:54:00:12:34:56"), "{message}");
+            }
+            other => panic!("expected FailedPrecondition, got {other:?}"),
+        }
+        let names: Vec<String> = list_links(handle).await.unwrap().into_iter().map(|l| l.name).collect();
+        assert!(
+            names.iter().any(|name| name == "eth0") && names.iter().any(|name| name == "twin0"),
+            "{names:?}"
+        );
+    }
+
+    const SECOND_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x57];
+
+    fn request_eth0() -> UpdateInterfaceRequest {
+        interface("eth0", GOOD_MAC, 1400, &[("10.88.0.5", 16), ("fd00::5", 64)])
     }
 
     async fn link_flags(handle: &Handle, name: &str) -> LinkFlags {
@@ -828,20 +1045,21 @@ mod tests {
         links[0].header.flags
     }
 
-    /// The main table's routes of one family as (destination, gateway, oif, scope).
-    async fn main_routes(handle: &Handle, family: RouteMessage) -> Vec<(String, String, u32, u8)> {
+    /// The main table's routes of one family as (destination, gateway, oif, scope, priority).
+    async fn main_routes(handle: &Handle, family: RouteMessage) -> Vec<(String, String, u32, u8, u32)> {
         let messages: Vec<RouteMessage> = handle.route().get(family).execute().try_collect().await.unwrap();
         messages.iter().filter(|m| m.header.table == RouteHeader::RT_TABLE_MAIN).map(summary).collect()
     }
 
-    fn summary(message: &RouteMessage) -> (String, String, u32, u8) {
+    fn summary(message: &RouteMessage) -> (String, String, u32, u8, u32) {
         let show = |address: &RouteAddress| match address {
             RouteAddress::Inet(v4) => v4.to_string(),
             RouteAddress::Inet6(v6) => v6.to_string(),
             other => format!("{other:?}"),
         };
         let length = message.header.destination_prefix_length;
-        let (mut destination, mut gateway, mut oif) = ("default".to_owned(), String::new(), 0);
+        let (mut destination, mut gateway, mut oif, mut priority) =
+            ("default".to_owned(), String::new(), 0, 0);
         for attribute in &message.attributes {
             match attribute {
                 RouteAttribute::Destination(address) if length > 0 => {
@@ -849,9 +1067,10 @@ mod tests {
                 }
                 RouteAttribute::Gateway(address) => gateway = show(address),
                 RouteAttribute::Oif(index) => oif = *index,
+                RouteAttribute::Priority(value) => priority = *value,
                 _ => {}
             }
         }
-        (destination, gateway, oif, u8::from(message.header.scope))
+        (destination, gateway, oif, u8::from(message.header.scope), priority)
     }
 }

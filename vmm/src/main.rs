@@ -60,8 +60,8 @@ struct Cli {
     /// The guest NIC's MAC address.
     #[arg(long, default_value = "02:68:75:73:6b:01", value_name = "MAC")]
     net_mac: MacAddr,
-    /// The guest NIC's MTU.
-    #[arg(long, default_value_t = 1500)]
+    /// The guest NIC's MTU (68 to 65535).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(68..))]
     net_mtu: u16,
     /// Do not give the guest a virtio-rng device.
     #[arg(long)]

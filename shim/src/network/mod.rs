@@ -75,7 +75,9 @@ impl PodNetwork {
                 Ok(routes) => Ok((endpoints, routes)),
                 Err(err) => {
                     for endpoint in &endpoints {
-                        let _ = netlink::remove_ingress(&handle, endpoint.veth_index).await;
+                        if let Err(cleanup) = netlink::remove_ingress(&handle, endpoint.veth_index).await {
+                            tracing::warn!(interface = %endpoint.name, %cleanup, "undoing a failed attach");
+                        }
                     }
                     Err(err)
                 }
@@ -130,6 +132,21 @@ impl PodNetwork {
     }
 }
 
+/// Removes what a killed shim left in the pod's namespace at `netns`: the ingress qdiscs of the
+/// pod interfaces (their taps died with the shim's VM). A namespace already gone has none.
+pub async fn remove_leftovers(netns: &Path) -> Result<(), NetworkError> {
+    if !netns.exists() {
+        return Ok(());
+    }
+    netns::run_in(netns, |handle| async move {
+        for link in netlink::links(&handle).await?.iter().filter(|link| link.is_pod_interface()) {
+            netlink::remove_ingress(&handle, link.index).await?;
+        }
+        Ok(())
+    })
+    .await
+}
+
 /// Attaches every interface of the namespace (pushing each to `endpoints` as soon as it has a
 /// redirection, so a failure can undo it); returns the routes that go through them.
 async fn attach_all(
@@ -137,7 +154,11 @@ async fn attach_all(
     endpoints: &mut Vec<Endpoint>,
 ) -> Result<Vec<Route>, NetworkError> {
     let links = netlink::links(handle).await?;
-    let pod_links: Vec<&Link> = links.iter().filter(|link| !link.is_loopback && !link.is_tun).collect();
+    let (pod_links, skipped): (Vec<&Link>, Vec<&Link>) =
+        links.iter().partition(|link| link.is_pod_interface());
+    for link in skipped.iter().filter(|link| !link.is_loopback) {
+        tracing::debug!(interface = %link.name, up = link.is_up, "not a pod interface (down, tap or no unicast MAC)");
+    }
     for (number, link) in pod_links.into_iter().enumerate() {
         let Some(mac) = link.mac else { continue };
         let mtu = u16::try_from(link.mtu)
@@ -194,6 +215,10 @@ fn guest_route(route: &RouteEntry, endpoints: &[Endpoint]) -> Option<Route> {
     if route.from_kernel {
         return None;
     }
+    if route.multipath {
+        tracing::warn!(?route.destination, "multipath (ECMP) routes are not carried into the guest");
+        return None;
+    }
     let device = endpoints.iter().find(|endpoint| Some(endpoint.veth_index) == route.oif)?;
     let destination = match route.destination {
         // "default" is IPv4 to the agent unless a gateway says otherwise: name IPv6's outright.
@@ -208,6 +233,7 @@ fn guest_route(route: &RouteEntry, endpoints: &[Endpoint]) -> Option<Route> {
         device: device.name.clone(),
         source: route.source.map(|source| source.to_string()).unwrap_or_default(),
         scope: u32::from(route.scope),
+        metric: route.priority,
         ..Default::default()
     })
 }

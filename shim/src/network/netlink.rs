@@ -7,7 +7,9 @@ use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage};
+use rtnetlink::packet_route::link::{
+    InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
+};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType};
 use rtnetlink::packet_route::tc::TcHandle;
 use rtnetlink::packet_route::AddressFamily;
@@ -30,8 +32,19 @@ pub struct Link {
     pub name: String,
     pub mac: Option<[u8; 6]>,
     pub mtu: u32,
+    pub is_up: bool,
     pub is_loopback: bool,
     pub is_tun: bool,
+}
+
+impl Link {
+    /// Whether this is a pod interface to carry into the guest: up, with a unicast MAC, and not a
+    /// loopback or a tap (the kernel's fallback tunnels, `gretap0` and the like, are down and
+    /// have a zero MAC).
+    pub fn is_pod_interface(&self) -> bool {
+        let unicast = self.mac.is_some_and(|mac| mac != [0; 6] && mac[0] & 1 == 0);
+        self.is_up && unicast && !self.is_loopback && !self.is_tun
+    }
 }
 
 /// A route of the main table.
@@ -43,6 +56,10 @@ pub struct RouteEntry {
     pub source: Option<IpAddr>,
     pub oif: Option<u32>,
     pub scope: u8,
+    /// `metric`: two default routes differ by it.
+    pub priority: u32,
+    /// An ECMP route (next hops in RTA_MULTIPATH, no single device).
+    pub multipath: bool,
     /// Made by the kernel for an address (the guest's kernel makes its own).
     pub from_kernel: bool,
 }
@@ -65,6 +82,7 @@ fn link_of(message: &LinkMessage) -> Link {
         name: String::new(),
         mac: None,
         mtu: 0,
+        is_up: message.header.flags.contains(LinkFlags::Up),
         is_loopback: message.header.link_layer_type == LinkLayerType::Loopback,
         is_tun: false,
     };
@@ -94,12 +112,20 @@ pub async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>,
         .map_err(failed(format!("listing the addresses of link {index}")))?;
     let mut found = Vec::new();
     for message in messages {
-        for attribute in &message.attributes {
-            if let AddressAttribute::Address(address) = attribute {
-                if !is_link_local(address) {
-                    found.push((*address, message.header.prefix_len));
-                }
-            }
+        // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on point-to-point
+        // links and the same as IFA_LOCAL elsewhere.
+        let local = message.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(address) => Some(*address),
+            _ => None,
+        });
+        let address = local.or_else(|| {
+            message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(address) => Some(*address),
+                _ => None,
+            })
+        });
+        if let Some(address) = address.filter(|address| !is_link_local(address)) {
+            found.push((address, message.header.prefix_len));
         }
     }
     Ok(found)
@@ -136,6 +162,8 @@ fn route_of(message: &RouteMessage) -> Option<RouteEntry> {
         source: None,
         oif: None,
         scope: u8::from(message.header.scope),
+        priority: 0,
+        multipath: false,
         from_kernel: message.header.protocol == RouteProtocol::Kernel,
     };
     for attribute in &message.attributes {
@@ -147,6 +175,8 @@ fn route_of(message: &RouteMessage) -> Option<RouteEntry> {
             RouteAttribute::Gateway(address) => entry.gateway = ip_of(address),
             RouteAttribute::PrefSource(address) => entry.source = ip_of(address),
             RouteAttribute::Oif(index) => entry.oif = Some(*index),
+            RouteAttribute::Priority(priority) => entry.priority = *priority,
+            RouteAttribute::MultiPath(_) => entry.multipath = true,
             _ => {}
         }
     }
@@ -167,28 +197,40 @@ pub async fn set_up(handle: &Handle, index: u32, mtu: u32) -> Result<(), Network
     handle.link().set(message).execute().await.map_err(failed(format!("setting link {index} up")))
 }
 
-/// Redirects everything arriving on `from` to leave through `to`, and back.
+/// Redirects everything arriving on `from` to leave through `to`, and back. On error neither link
+/// keeps an ingress qdisc of ours.
 pub async fn redirect_both_ways(handle: &Handle, from: u32, to: u32) -> Result<(), NetworkError> {
     for (source, target) in [(from, to), (to, from)] {
-        handle
-            .qdisc()
-            .add(source as i32)
-            .ingress()
-            .execute()
-            .await
-            .map_err(failed(format!("adding an ingress qdisc to link {source}")))?;
-        handle
-            .traffic_filter(source as i32)
-            .add()
-            .parent(INGRESS_PARENT)
-            .protocol(ETH_P_ALL)
-            .redirect(target)
-            .map_err(failed("building the redirect filter"))?
-            .execute()
-            .await
-            .map_err(failed(format!("redirecting link {source} to link {target}")))?;
+        if let Err(err) = redirect(handle, source, target).await {
+            for index in [from, to] {
+                if let Err(cleanup) = remove_ingress(handle, index).await {
+                    tracing::warn!(link = index, %cleanup, "undoing a half-made tc redirection");
+                }
+            }
+            return Err(err);
+        }
     }
     Ok(())
+}
+
+async fn redirect(handle: &Handle, source: u32, target: u32) -> Result<(), NetworkError> {
+    handle
+        .qdisc()
+        .add(source as i32)
+        .ingress()
+        .execute()
+        .await
+        .map_err(failed(format!("adding an ingress qdisc to link {source}")))?;
+    handle
+        .traffic_filter(source as i32)
+        .add()
+        .parent(INGRESS_PARENT)
+        .protocol(ETH_P_ALL)
+        .redirect(target)
+        .map_err(failed("building the redirect filter"))?
+        .execute()
+        .await
+        .map_err(failed(format!("redirecting link {source} to link {target}")))
 }
 
 /// Removes the ingress qdisc of link `index` (and with it the redirect filter); a link or qdisc

@@ -111,7 +111,8 @@ impl VirtioDevice for NetDevice {
             tso6: acked(vn::VIRTIO_NET_F_HOST_TSO6),
             ecn: acked(vn::VIRTIO_NET_F_HOST_ECN),
         };
-        let queues = NetQueues::new(mem, rx, tx, interrupt, Arc::clone(&self.config.backend), from_guest)
+        let backend = Arc::clone(&self.config.backend);
+        let queues = NetQueues::new(mem, rx, tx, interrupt, backend, from_guest, to_guest.csum)
             .map_err(ActivateError::Worker)?;
         let sources = vec![
             (self.config.backend.as_raw_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
@@ -146,6 +147,8 @@ pub struct NetQueues {
     interrupt: Arc<Interrupt>,
     backend: Arc<dyn FrameBackend>,
     offloads: TxOffloads,
+    /// The driver takes checksum flags on received packets (`VIRTIO_NET_F_GUEST_CSUM`).
+    guest_csum: bool,
     /// Written when a direction ran out of budget, so the worker comes back to it.
     kick: EventFd,
     rx_packet: Vec<u8>,
@@ -156,7 +159,8 @@ pub struct NetQueues {
 }
 
 impl NetQueues {
-    /// Serves `rx` and `tx` against `backend`, accepting from the guest what `offloads` allows.
+    /// Serves `rx` and `tx` against `backend`, accepting from the guest what `offloads` allows and
+    /// giving it checksum flags only with `guest_csum`.
     pub fn new(
         mem: GuestMemoryMmap,
         rx: Queue,
@@ -164,6 +168,7 @@ impl NetQueues {
         interrupt: Arc<Interrupt>,
         backend: Arc<dyn FrameBackend>,
         offloads: TxOffloads,
+        guest_csum: bool,
     ) -> std::io::Result<NetQueues> {
         Ok(NetQueues {
             mem,
@@ -172,6 +177,7 @@ impl NetQueues {
             interrupt,
             backend,
             offloads,
+            guest_csum,
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
             rx_packet: vec![0u8; MAX_PACKET_LEN],
             rx_pending: None,
@@ -188,15 +194,20 @@ impl NetQueues {
     /// Moves packets from the backend into the guest's RX buffers until the backend is empty,
     /// the guest has no buffer (the packet waits), or the budget is spent.
     pub fn process_rx(&mut self) {
-        let NetQueues { mem, rx, backend, rx_packet, rx_pending, counters, .. } = self;
+        let NetQueues { mem, rx, backend, rx_packet, rx_pending, counters, guest_csum, .. } = self;
         let mut moved = 0;
         rx.begin_pass(mem);
         while moved < BUDGET {
             let len = match rx_pending.take() {
                 Some(len) => len,
                 None => match backend.recv(rx_packet) {
-                    Ok(len) if len >= HEADER_LEN => len,
-                    Ok(_) => continue, // no header: nothing a guest could use
+                    // A read that fills the buffer may have been cut short: never half a packet.
+                    Ok(len) if (HEADER_LEN..rx_packet.len()).contains(&len) => len,
+                    Ok(_) => {
+                        counters.rx_dropped += 1;
+                        moved += 1;
+                        continue;
+                    }
                     Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(err) => {
                         if err.kind() != std::io::ErrorKind::WouldBlock {
@@ -206,7 +217,7 @@ impl NetQueues {
                     }
                 },
             };
-            header::set_single_buffer(&mut rx_packet[..len]);
+            header::prepare_rx(&mut rx_packet[..len], *guest_csum);
             let Some(chain) = rx.next_chain(mem) else {
                 *rx_pending = Some(len); // delivered when the driver adds buffers
                 break;
@@ -334,6 +345,7 @@ mod tests {
     use crate::devices::virtio::net::test_utils::{NetHarness, BUFFERS_START};
     use crate::devices::virtio::net::MacAddr;
     use crate::devices::virtio::test_utils::Buffer;
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     const ALL: TxOffloads = TxOffloads { csum: true, tso4: true, tso6: true, ecn: true };
@@ -426,6 +438,8 @@ mod tests {
         h.peer.send(&second).unwrap();
         h.device.process_rx(); // no buffers yet
         assert_eq!(h.rx.take_used(&h.mem), None);
+        let used_flags: u16 = h.mem.read_obj(GuestAddress(h.device.rx.queue().used_ring())).unwrap();
+        assert_eq!(used_flags & 1, 0, "VRING_USED_F_NO_NOTIFY is off: the driver's next buffer notifies");
         post_rx(&mut h, BUFFERS_START, 4096);
         post_rx(&mut h, BUFFERS_START + 0x1000, 4096);
         h.device.process_rx(); // what the driver's notification leads to

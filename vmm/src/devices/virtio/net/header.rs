@@ -34,6 +34,8 @@ pub enum TxError {
     GsoType(u8),
     #[error("checksum start {start} + offset {offset} is outside the {frame_len}-byte frame")]
     Checksum { start: u16, offset: u16, frame_len: usize },
+    #[error("a partial checksum, but checksum offload (VIRTIO_NET_F_CSUM) was not negotiated")]
+    ChecksumNotNegotiated,
 }
 
 /// Offloads the driver accepted, which bound what its headers may ask for.
@@ -80,19 +82,28 @@ pub fn check_tx(packet: &[u8], offloads: TxOffloads) -> Result<(), TxError> {
         let start = u16::from_le_bytes([packet[6], packet[7]]);
         let offset = u16::from_le_bytes([packet[8], packet[9]]);
         let frame_len = len - HEADER_LEN;
+        if !offloads.csum {
+            return Err(TxError::ChecksumNotNegotiated);
+        }
         // The checksum field (2 bytes) must lie inside the frame.
-        if !offloads.csum || usize::from(start) + usize::from(offset) + 2 > frame_len {
+        if usize::from(start) + usize::from(offset) + 2 > frame_len {
             return Err(TxError::Checksum { start, offset, frame_len });
         }
     }
     Ok(())
 }
 
-/// Sets `num_buffers` of a header going to the guest: 1, as the spec asks when mergeable RX
-/// buffers are not negotiated (the tap leaves those bytes untouched).
-pub fn set_single_buffer(packet: &mut [u8]) {
+/// Readies the header of a packet going to the guest: `num_buffers` is 1, as the spec asks when
+/// mergeable RX buffers are not negotiated (the tap leaves those bytes untouched), and `flags` are
+/// cleared unless the driver accepted checksum offload (the tap may still mark a checksum valid).
+pub fn prepare_rx(packet: &mut [u8], guest_csum: bool) {
     if let Some(field) = packet.get_mut(NUM_BUFFERS_OFFSET..HEADER_LEN) {
         field.copy_from_slice(&1u16.to_le_bytes());
+    }
+    if !guest_csum {
+        if let Some(flags) = packet.first_mut() {
+            *flags = 0;
+        }
     }
 }
 
@@ -138,14 +149,16 @@ mod tests {
         assert!(matches!(check_tx(&bad, ALL), Err(TxError::Checksum { .. })));
         let edge = packet(1, 0, (90, 8), 100);
         assert_eq!(check_tx(&edge, ALL), Ok(()), "the field's last byte is the frame's last byte");
-        assert!(matches!(check_tx(&edge, TxOffloads::default()), Err(TxError::Checksum { .. })));
+        assert_eq!(check_tx(&edge, TxOffloads::default()), Err(TxError::ChecksumNotNegotiated));
     }
 
     #[test]
-    fn num_buffers_is_set_to_one() {
+    fn received_headers_carry_one_buffer_and_no_flags_the_driver_did_not_accept() {
         let mut bytes = [0xffu8; HEADER_LEN];
-        set_single_buffer(&mut bytes);
-        assert_eq!(&bytes[10..12], &[1, 0]);
-        set_single_buffer(&mut [0u8; 4]); // too short: left alone, no panic
+        prepare_rx(&mut bytes, true);
+        assert_eq!((bytes[0], &bytes[10..12]), (0xff, &[1u8, 0][..]));
+        prepare_rx(&mut bytes, false);
+        assert_eq!(bytes[0], 0, "no checksum flags without VIRTIO_NET_F_GUEST_CSUM");
+        prepare_rx(&mut [0u8; 4], true); // too short: no panic
     }
 }

@@ -85,7 +85,7 @@ impl NetHarness {
         let irq = EventFd::new(libc::EFD_NONBLOCK)?;
         let interrupt = Arc::new(Interrupt::new(irq.try_clone()?));
         let (backend, peer) = SocketBackend::pair()?;
-        let device = NetQueues::new(mem.clone(), rx_queue, tx_queue, interrupt, backend, offloads)?;
+        let device = NetQueues::new(mem.clone(), rx_queue, tx_queue, interrupt, backend, offloads, true)?;
         Ok(NetHarness { mem, rx, tx, device, peer, irq })
     }
 }
