@@ -15,7 +15,7 @@ use crate::container::ContainerPaths;
 use crate::reaper::Reaper;
 use crate::sandbox::Place;
 use crate::stdio::StdioBroker;
-use crate::{guest_events, guest_info, signals};
+use crate::{guest_events, guest_info, network, signals};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
@@ -63,6 +63,11 @@ pub fn run() -> Result<Infallible> {
     signals::block()?;
 
     mount_kernel_filesystems()?;
+    // The kernel leaves lo down and the containers share the guest's network stack. Without lo
+    // only 127.0.0.1 is lost, not the pod: say so and boot on.
+    if let Err(err) = network::loopback_up() {
+        println!("husk-agent: warning: cannot bring the loopback interface up: {err}");
+    }
     // Ready means the API answers: bind before announcing.
     let endpoint = Endpoint::guest();
     let stdio = endpoint.stdio();

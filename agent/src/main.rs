@@ -11,6 +11,7 @@ mod container;
 mod guest_events;
 mod guest_info;
 mod init;
+mod network;
 mod reaper;
 mod sandbox;
 mod signals;

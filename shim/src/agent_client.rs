@@ -10,8 +10,9 @@ use std::time::Duration;
 use husk_protocols::agent::{
     CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, ContainerStats, CreateContainerRequest,
     CreateSandboxRequest, ExecProcessRequest, GetOOMEventRequest, GuestDetails, GuestDetailsRequest,
-    RemoveContainerRequest, ResizePtyRequest, SignalProcessRequest, Stdio, UpdateContainerRequest,
-    WaitProcessRequest, WaitProcessResponse,
+    Interface, RemoveContainerRequest, ResizePtyRequest, Route, Routes, SignalProcessRequest, Stdio,
+    UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use husk_protocols::{
     agent_ttrpc, StdioHello, StdioStream, AGENT_API_VERSION, AGENT_VSOCK_PORT, STDIO_VSOCK_PORT,
@@ -160,6 +161,22 @@ impl AgentClient {
     }
 
     /// Kills the pod's containers and unmounts the share in the guest (the VM is stopped next).
+    /// Configures the guest NIC with `interface.hw_addr`; returns it as the guest now has it.
+    pub async fn update_interface(&self, interface: &Interface) -> Result<Interface, AgentError> {
+        let request =
+            UpdateInterfaceRequest { interface: Some(interface.clone()).into(), ..Default::default() };
+        self.call("UpdateInterface", self.rpc.update_interface(self.context(), &request)).await
+    }
+
+    /// Adds `routes` in the guest; returns the routes applied.
+    pub async fn update_routes(&self, routes: Vec<Route>) -> Result<Vec<Route>, AgentError> {
+        let request = UpdateRoutesRequest {
+            routes: Some(Routes { routes, ..Default::default() }).into(),
+            ..Default::default()
+        };
+        Ok(self.call("UpdateRoutes", self.rpc.update_routes(self.context(), &request)).await?.routes)
+    }
+
     pub async fn destroy_sandbox(
         &self,
         request: &husk_protocols::agent::DestroySandboxRequest,

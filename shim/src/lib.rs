@@ -4,6 +4,7 @@
 //! - [`check`]: `husk check`, whether this host can run Husk and why not.
 //! - [`config`]: `/etc/husk/configuration.toml` and the `io.husk.*` pod annotations it allows.
 //! - [`agent_client`]: the agent API client (hybrid vsock or unix socket).
+//! - [`network`]: the pod's network namespace carried into the guest (taps, tc, what the agent sets).
 //! - [`sandbox`]: a pod's microVM: its host directory, the VM in this process, its agent.
 //! - [`run`]: `husk run`, one container in a microVM without containerd.
 //! - [`containerd`]: `containerd-shim-husk-v2`, pods in microVMs through containerd 2.x.
@@ -13,5 +14,6 @@ pub mod check;
 pub mod config;
 pub mod containerd;
 pub mod guest_image;
+pub mod network;
 pub mod run;
 pub mod sandbox;

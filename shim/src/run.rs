@@ -87,6 +87,8 @@ pub async fn run(options: &RunOptions) -> Result<i32, RunError> {
         extra_cmdline: options.kernel_params.clone(),
         agent_timeout: options.agent_timeout,
         console_to_stdout: false,
+        sysctls: Default::default(),
+        network: None,
     };
     let read_only = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
     let sandbox = Sandbox::boot(&config, |dir| dir.share(&rootfs, ROOTFS_NAME, true).map(drop)).await?;

@@ -59,6 +59,17 @@ pub fn import_command(images: &[&ImageTar], cri: bool) -> String {
     imports.join(" && ")
 }
 
+/// What the CRI pods' network needs on the VM host: the CNI plugins of `tests/containerd-env`'s
+/// network (Debian's containernetworking-plugins) and iproute2 for the leftover checks (called by
+/// absolute path: busybox sh prefers its own `ip` and `tc` applets).
+pub const CNI_FILES: &[&str] = &[
+    "/usr/lib/cni/bridge",
+    "/usr/lib/cni/host-local",
+    "/usr/lib/cni/loopback",
+    "/usr/sbin/ip",
+    "/usr/sbin/tc",
+];
+
 /// Runs `args` beside a private containerd (with its CRI plugin and the `husk` handler when
 /// `cri`) on the VM host, with runc available for baselines; returns the output.
 pub fn run_beside_containerd(cri: bool, timeout: Duration, args: &[&str]) -> Output {
@@ -70,5 +81,9 @@ pub fn run_beside_containerd(cri: bool, timeout: Duration, args: &[&str]) -> Out
     }
     all.extend([containerd.to_str().unwrap_or_default(), "--"]);
     all.extend(args);
-    run(&mut VmHost::detect().command_with(timeout, &[Path::new("/usr/sbin/runc")], &all))
+    let mut files = vec![Path::new("/usr/sbin/runc")];
+    if cri {
+        files.extend(CNI_FILES.iter().map(Path::new));
+    }
+    run(&mut VmHost::detect().command_with(timeout, &files, &all))
 }

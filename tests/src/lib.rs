@@ -8,6 +8,7 @@ pub mod bench;
 pub mod console_scenario;
 pub mod containerd;
 pub mod cpio;
+pub mod cri;
 pub mod debug_console_vm;
 pub mod elf;
 pub mod host_agent;

@@ -46,3 +46,19 @@ logs=$(mktemp -d); {probe} --bench 1 \"$CONTAINERD_ADDRESS\" $logs; status=$?; r
         "runc_pod_start_ms",
     );
 }
+
+#[test]
+fn the_pod_network_benchmark_prints_throughput_and_round_trip_beside_runc() {
+    let (busybox, pause) = (ImageTar::busybox("netbench"), ImageTar::pause("netbench"));
+    let script = format!(
+        "{imports} || exit 1
+logs=$(mktemp -d); {probe} --bench \"$CONTAINERD_ADDRESS\" $logs; status=$?; rm -rf $logs; exit $status",
+        imports = import_command(&[&busybox, &pause], true),
+        probe = target_bin("husk-cri-net").display()
+    );
+    let output = run_beside_containerd(true, BUDGET, &["sh", "-c", &script]);
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_figure_beside_baseline(&text, "net_mb_per_s", "runc_net_mb_per_s");
+    assert_figure_beside_baseline(&text, "net_rtt_us", "runc_net_rtt_us");
+}

@@ -175,3 +175,42 @@ grep -o 'the VM ended: [a-z ]*' $CONTAINERD_LOG | head -1",
     );
     assert!(text.contains("the VM ended: guest requested a reboot"), "{text}");
 }
+
+#[test]
+fn cri_pods_get_their_cni_address_in_the_guest_and_reach_husk_and_runc_pods() {
+    let steps = format!(
+        "logs=$(mktemp -d); {probe} \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
+echo \"taps-left=$(/usr/bin/ip -o link | grep -c _husk)\"; echo \"ingress-left=$(/usr/sbin/tc qdisc show | grep -c ingress)\"",
+        probe = target_bin("husk-cri-net").display()
+    );
+    let text = with_containerd("cri-net", true, &steps);
+    assert!(text.contains("cri-status=0") && text.contains("pods-removed"), "{text}");
+    let value = |key: &str| {
+        let key = format!("{key}=");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .unwrap_or_else(|| panic!("{key}: {text}"))
+            .to_owned()
+    };
+    let pod_ip = value("web-husk-ip");
+    assert!(pod_ip.starts_with("10.88."), "CNI's host-local range: {text}");
+    assert_eq!(
+        value("web-husk-guest-eth0"),
+        format!("{pod_ip}/16"),
+        "the guest NIC has the CNI address: {text}"
+    );
+    for transfer in ["husk-to-husk", "husk-to-runc", "runc-to-husk"] {
+        assert_eq!(value(transfer), "intact", "{transfer}: {text}");
+    }
+    for leftover in ["netns-left", "veths-left", "taps-left", "ingress-left"] {
+        assert_eq!(value(leftover), "0", "{leftover}: {text}");
+    }
+}
+
+#[test]
+fn a_host_network_container_is_refused_with_a_message_naming_why_and_leaves_nothing() {
+    let steps = format!("$husk --rm --net-host {IMAGE} hostnet true; echo \"status=$?\"");
+    let text = with_containerd("net-host", false, &steps);
+    assert!(!text.contains("status=0"), "{text}");
+    assert!(text.contains("host networking is not supported"), "{text}");
+}

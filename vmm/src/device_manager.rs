@@ -11,6 +11,7 @@ use crate::devices::legacy::{
     SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use crate::devices::virtio::fs::FsDevice;
+use crate::devices::virtio::net::{NetConfig, NetDevice};
 use crate::devices::virtio::vsock::VsockDevice;
 use crate::devices::virtio::{
     mmio::QUEUE_NOTIFY_OFFSET, rng::Rng, Interrupt, MmioTransport, VirtioDevice, MMIO_WINDOW,
@@ -22,7 +23,7 @@ use crate::vm::Vm;
 use crate::VmError;
 
 /// A virtio device to give the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum DeviceConfig {
     /// virtio-rng, fed from the host's `/dev/urandom`.
     Rng,
@@ -32,6 +33,8 @@ pub enum DeviceConfig {
     /// virtio-fs: the host directory `shared_dir`, mounted in the guest with
     /// `mount -t virtiofs <tag> <dir>`.
     Fs { tag: String, shared_dir: std::path::PathBuf },
+    /// virtio-net on an open tap (or another frame backend), with the guest NIC's MAC and MTU.
+    Net(NetConfig),
 }
 
 /// First GSI for virtio devices (legacy ISA lines 0-4 are taken or reserved).
@@ -76,6 +79,7 @@ pub fn virtio_devices(vm: &Vm, configs: &[DeviceConfig]) -> Result<Bus, VmError>
                 Box::new(VsockDevice::new(*guest_cid, socket.clone()))
             }
             DeviceConfig::Fs { tag, shared_dir } => Box::new(FsDevice::new(tag, shared_dir)?),
+            DeviceConfig::Net(net) => Box::new(NetDevice::new(net.clone())),
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio irq eventfd"))?;
         vm.fd()

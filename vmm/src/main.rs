@@ -7,11 +7,13 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use husk_vmm::devices::legacy::Console;
+use husk_vmm::devices::virtio::net::{MacAddr, NetConfig, Tap};
 use husk_vmm::{DeviceConfig, ExitReason, VmConfig, VmHandle, DEFAULT_CMDLINE};
 
 const EXIT_REBOOT: u8 = 3;
@@ -51,6 +53,16 @@ struct Cli {
     /// mounts it with `mount -t virtiofs TAG <dir>`.
     #[arg(long, value_name = "TAG=DIR", value_parser = parse_share)]
     fs: Vec<(String, PathBuf)>,
+    /// Give the guest a virtio-net NIC on this tap (opened, or created, in the VMM's network
+    /// namespace; a created tap disappears with the VMM).
+    #[arg(long, value_name = "NAME")]
+    net_tap: Option<String>,
+    /// The guest NIC's MAC address.
+    #[arg(long, default_value = "02:68:75:73:6b:01", value_name = "MAC")]
+    net_mac: MacAddr,
+    /// The guest NIC's MTU (68 to 65535).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(68..))]
+    net_mtu: u16,
     /// Do not give the guest a virtio-rng device.
     #[arg(long)]
     no_rng: bool,
@@ -150,6 +162,14 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
             }
             for (tag, shared_dir) in cli.fs {
                 devices.push(DeviceConfig::Fs { tag, shared_dir });
+            }
+            if let Some(name) = &cli.net_tap {
+                let tap = Tap::open(name).with_context(|| format!("--net-tap {name}"))?;
+                devices.push(DeviceConfig::Net(NetConfig {
+                    backend: Arc::new(tap),
+                    mac: cli.net_mac,
+                    mtu: cli.net_mtu,
+                }));
             }
             devices
         },

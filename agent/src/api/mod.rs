@@ -10,16 +10,17 @@ use async_trait::async_trait;
 use husk_protocols::agent::{
     CheckRequest, CheckResponse, CloseStdinRequest, ContainerRequest, ContainerStats, CreateContainerRequest,
     CreateSandboxRequest, DestroySandboxRequest, Empty, ExecProcessRequest, GetOOMEventRequest, GuestDetails,
-    GuestDetailsRequest, ListProcessesResponse, OOMEvent, RemoveContainerRequest, ResizePtyRequest,
-    SignalProcessRequest, UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+    GuestDetailsRequest, Interface, ListProcessesResponse, OOMEvent, RemoveContainerRequest,
+    ResizePtyRequest, Routes, SignalProcessRequest, UpdateContainerRequest, UpdateInterfaceRequest,
+    UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use husk_protocols::agent_ttrpc::Agent;
 use husk_protocols::AGENT_API_VERSION;
 use ttrpc::r#async::TtrpcContext;
 
 use crate::container::{CallError, ContainerPaths, Containers};
-use crate::guest_info;
 use crate::sandbox::{self, Place};
+use crate::{guest_info, network};
 
 /// The agent's API handlers.
 #[derive(Debug)]
@@ -242,5 +243,17 @@ impl Agent for AgentService {
     async fn close_stdin(&self, _ctx: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<Empty> {
         self.containers.close_stdin(&req.container_id, &req.exec_id)?;
         Ok(Empty::new())
+    }
+
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<Interface> {
+        Ok(network::update_interface(&req, self.place).await?)
+    }
+
+    async fn update_routes(&self, _ctx: &TtrpcContext, req: UpdateRoutesRequest) -> ttrpc::Result<Routes> {
+        Ok(network::update_routes(&req, self.place).await?)
     }
 }

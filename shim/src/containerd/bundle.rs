@@ -105,6 +105,29 @@ pub fn rootfs_name(id: &str) -> String {
     format!("{id}/rootfs")
 }
 
+/// Where a pod's network comes from: the network namespace of its sandbox container's spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodNetns {
+    /// No network namespace: the host's network (`hostNetwork`, `ctr run --net-host`).
+    Host,
+    /// A namespace of its own with nothing in it (`ctr run`): the VM gets no NIC.
+    Empty,
+    /// The namespace CNI set up, by path.
+    Path(PathBuf),
+}
+
+/// The pod's network namespace as `spec` names it.
+pub fn pod_netns(spec: &Spec) -> PodNetns {
+    let namespaces = spec.linux().as_ref().and_then(|linux| linux.namespaces().clone()).unwrap_or_default();
+    match namespaces.iter().find(|ns| ns.typ() == LinuxNamespaceType::Network) {
+        None => PodNetns::Host,
+        Some(ns) => match ns.path() {
+            Some(path) if !path.as_os_str().is_empty() => PodNetns::Path(path.clone()),
+            _ => PodNetns::Empty,
+        },
+    }
+}
+
 /// The namespace kinds a spec asks for (a pod's sandbox container's tell what its members join).
 pub fn namespace_kinds(spec: &Spec) -> Vec<LinuxNamespaceType> {
     let namespaces = spec.linux().as_ref().and_then(|linux| linux.namespaces().clone()).unwrap_or_default();
@@ -147,8 +170,23 @@ pub fn guest_spec(id: &str, mut spec: Spec, sandbox_kinds: &[LinuxNamespaceType]
             namespaces.push(uts);
         }
         linux.set_namespaces(Some(namespaces));
+        // The container shares the VM's network namespace, where the pod's net.* sysctls are set
+        // once for the whole pod (`pod_net_sysctls`); runtimes refuse them outside a namespace of
+        // the container's own.
+        if let Some(sysctls) = linux.sysctl().clone() {
+            let kept: HashMap<String, String> =
+                sysctls.into_iter().filter(|(key, _)| !key.starts_with("net.")).collect();
+            linux.set_sysctl(Some(kept));
+        }
     }
     GuestSpec { spec, shares }
+}
+
+/// The pod-wide `net.*` sysctls of the sandbox container's spec (CRI puts the pod's there, e.g.
+/// `net.ipv4.ip_unprivileged_port_start`): set in the VM's network namespace at boot.
+pub fn pod_net_sysctls(spec: &Spec) -> HashMap<String, String> {
+    let sysctls = spec.linux().as_ref().and_then(|linux| linux.sysctl().clone()).unwrap_or_default();
+    sysctls.into_iter().filter(|(key, _)| key.starts_with("net.")).collect()
 }
 
 fn guest_mount(id: &str, mount: Mount, shares: &mut Vec<HostShare>) -> Mount {
@@ -243,5 +281,31 @@ mod tests {
         let namespaces =
             guest_spec("c2", named, &[]).spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         assert!(namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Uts), "{namespaces:?}");
+    }
+
+    #[test]
+    fn the_pod_network_comes_from_the_sandbox_spec_and_its_net_sysctls_go_vm_wide() {
+        let spec = |linux: serde_json::Value| -> Spec {
+            serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "linux": linux})).unwrap()
+        };
+        let cni = spec(serde_json::json!({
+            "namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "ipc"}],
+            "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shm_rmid_forced": "1"}
+        }));
+        assert_eq!(pod_netns(&cni), PodNetns::Path(PathBuf::from("/var/run/netns/cni-1")));
+        assert_eq!(
+            pod_netns(&spec(serde_json::json!({"namespaces": [{"type": "network"}]}))),
+            PodNetns::Empty
+        );
+        assert_eq!(pod_netns(&spec(serde_json::json!({"namespaces": [{"type": "pid"}]}))), PodNetns::Host);
+        let net = pod_net_sysctls(&cni);
+        assert_eq!(net.keys().collect::<Vec<_>>(), ["net.ipv4.ip_unprivileged_port_start"]);
+        let guest = guest_spec("c1", cni, &[LinuxNamespaceType::Network, LinuxNamespaceType::Ipc]);
+        let left = guest.spec.linux().as_ref().unwrap().sysctl().clone().unwrap();
+        assert_eq!(
+            left.keys().collect::<Vec<_>>(),
+            ["kernel.shm_rmid_forced"],
+            "net.* are the VM's, not the container's"
+        );
     }
 }

@@ -31,6 +31,8 @@ pub enum ShimError {
     Sandbox(Box<SandboxError>),
     #[error(transparent)]
     Share(#[from] SandboxDirError),
+    #[error("pod network: {0}")]
+    Network(#[from] crate::network::NetworkError),
     /// The agent refused or failed a call; `report` says how the VM is doing.
     #[error("{source}{report}")]
     Agent { source: Box<AgentError>, report: String },
@@ -55,7 +57,9 @@ impl ShimError {
                 AgentError::Refused { code, .. } => code,
                 _ => Code::UNAVAILABLE,
             },
-            ShimError::Io { .. } | ShimError::Sandbox(_) | ShimError::Share(_) => Code::INTERNAL,
+            ShimError::Io { .. } | ShimError::Sandbox(_) | ShimError::Share(_) | ShimError::Network(_) => {
+                Code::INTERNAL
+            }
         }
     }
 }

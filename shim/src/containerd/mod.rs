@@ -32,7 +32,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{api, Config as ShimConfig, Error, Flags, StartOpts};
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 
-use self::bundle::PodRole;
+use self::bundle::{PodNetns, PodRole};
 use self::events::EventSink;
 use self::pod::{sandbox_name, Pod};
 use self::task::TaskService;
@@ -100,10 +100,8 @@ impl Shim for HuskShim {
     /// what is left is its directory and mounts on the host.
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
         let config = Config::load(None).map_err(|err| Error::InvalidArgument(err.to_string()))?.config;
-        let role = match bundle::load_spec(Path::new(".")) {
-            Ok(spec) => PodRole::of(&self.id, &bundle::annotations(&spec)).ok(),
-            Err(_) => None,
-        };
+        let spec = bundle::load_spec(Path::new(".")).ok();
+        let role = spec.as_ref().and_then(|spec| PodRole::of(&self.id, &bundle::annotations(spec)).ok());
         let role = role.unwrap_or_else(|| PodRole::Sandbox { pod_id: self.id.clone() });
         let dir_name = sandbox_name(&self.namespace, role.pod_id());
         let leftover = match role {
@@ -112,6 +110,13 @@ impl Shim for HuskShim {
         };
         SandboxDir::remove_leftover(&config.runtime.sandbox_dir, &leftover)
             .map_err(|err| Error::Other(format!("cleaning up after the shim of {}: {err}", self.id)))?;
+        if let (Some(spec), PodRole::Sandbox { .. }) = (&spec, &role) {
+            if let PodNetns::Path(netns) = bundle::pod_netns(spec) {
+                if let Err(err) = crate::network::remove_leftovers(&netns).await {
+                    tracing::warn!(container = %self.id, netns = %netns.display(), %err, "removing the pod's tc redirection");
+                }
+            }
+        }
         remove_stale_socket().await;
         Ok(api::DeleteResponse {
             exit_status: KILLED_STATUS,

@@ -25,7 +25,7 @@ use containerd_shim_protos::topics;
 use oci_spec::runtime::LinuxNamespaceType;
 use tokio::sync::Mutex;
 
-use super::bundle::{self, PodRole};
+use super::bundle::{self, PodNetns, PodRole};
 use super::error::ShimError;
 use super::events::EventSink;
 use super::metrics;
@@ -33,6 +33,7 @@ use super::process::{Exit, Process, Status};
 use crate::agent_client::AgentError;
 use crate::config::Config;
 use crate::guest_image::{Check, GuestImage};
+use crate::network::PodNetwork;
 use crate::sandbox::{Sandbox, SandboxConfig};
 
 /// How long output may still flow into a log file or logging program after the exit.
@@ -119,7 +120,8 @@ impl Pod {
         }
         let sandbox = match (&role, &state.sandbox) {
             (PodRole::Sandbox { pod_id }, None) => {
-                let sandbox = self.boot(pod_id, &annotations).await?;
+                let network = (bundle::pod_netns(&spec), bundle::pod_net_sysctls(&spec));
+                let sandbox = self.boot(pod_id, &annotations, network).await?;
                 state.pod_id = Some(pod_id.clone());
                 state.sandbox_kinds = bundle::namespace_kinds(&spec);
                 state.sandbox = Some(Arc::clone(&sandbox));
@@ -179,6 +181,7 @@ impl Pod {
         &self,
         pod_id: &str,
         annotations: &HashMap<String, String>,
+        (netns, sysctls): (PodNetns, HashMap<String, String>),
     ) -> Result<Arc<Sandbox>, ShimError> {
         let sizing = self.config.pod_sizing(annotations)?;
         let h = &self.config.hypervisor;
@@ -195,6 +198,8 @@ impl Pod {
             extra_cmdline: h.kernel_params.clone(),
             agent_timeout: Duration::from_secs(self.config.agent.boot_timeout_s),
             console_to_stdout: false,
+            sysctls,
+            network: attach_network(pod_id, netns).await?,
         };
         tracing::info!(
             sandbox = pod_id,
@@ -202,7 +207,17 @@ impl Pod {
             memory_mib = sizing.memory_mib,
             "booting the pod's VM"
         );
-        let sandbox = Arc::new(Sandbox::boot(&config, |_| Ok(())).await?);
+        let sandbox = match Sandbox::boot(&config, |_| Ok(())).await {
+            Ok(sandbox) => Arc::new(sandbox),
+            Err(err) => {
+                if let Some(network) = &config.network {
+                    if let Err(detach) = network.detach().await {
+                        tracing::warn!(sandbox = pod_id, %detach, "removing the tc redirection of a failed boot");
+                    }
+                }
+                return Err(err.into());
+            }
+        };
         self.watch_oom(&sandbox);
         Ok(sandbox)
     }
@@ -594,6 +609,28 @@ impl State {
         let sandbox = self.sandbox.clone().ok_or_else(|| no_container(id))?;
         let container = self.containers.get_mut(id).ok_or_else(|| no_container(id))?;
         Ok((sandbox, container))
+    }
+}
+
+/// The pod's network for its VM: CNI's namespace attached, none for an empty namespace; host
+/// networking is refused (a VM cannot share the node's network stack).
+async fn attach_network(pod_id: &str, netns: PodNetns) -> Result<Option<Arc<PodNetwork>>, ShimError> {
+    match netns {
+        PodNetns::Host => Err(ShimError::InvalidArgument(format!(
+            "pod {pod_id}: host networking is not supported: the sandbox's OCI spec has no network namespace \
+             (hostNetwork: true, or ctr run --net-host); a Husk pod's network is its VM's own"
+        ))),
+        PodNetns::Empty => Ok(None),
+        PodNetns::Path(path) => {
+            let network = PodNetwork::attach(&path).await?;
+            tracing::info!(
+                sandbox = pod_id,
+                netns = %path.display(),
+                interfaces = ?network.endpoints().iter().map(|e| (&e.name, e.tap.name())).collect::<Vec<_>>(),
+                "pod network attached"
+            );
+            Ok(Some(Arc::new(network)))
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use husk_vmm::{DeviceConfig, VmConfig, VmExit, VmHandle, VmStopper, DEFAULT_CMDL
 pub use self::dir::{SandboxDir, SandboxDirError};
 use crate::agent_client::{AgentAddress, AgentClient, AgentError};
 use crate::guest_image::GuestImage;
+use crate::network::PodNetwork;
 
 /// The virtio-fs tag of the pod's shared directory.
 pub const SHARED_FS_TAG: &str = "husk-shared";
@@ -39,6 +40,10 @@ pub struct SandboxConfig {
     pub agent_timeout: Duration,
     /// Also copy the guest console to this process's stdout.
     pub console_to_stdout: bool,
+    /// Pod-wide sysctls (the pod's `net.*`), set in the guest before any container.
+    pub sysctls: std::collections::HashMap<String, String>,
+    /// The pod's network namespace, attached: one guest NIC per interface.
+    pub network: Option<Arc<PodNetwork>>,
 }
 
 /// Why a sandbox could not be brought up or used.
@@ -52,6 +57,8 @@ pub enum SandboxError {
     Agent { id: String, source: AgentError, vm: String, console: String },
     #[error("sandbox {id}: setting up the pod in the guest: {source}")]
     Setup { id: String, source: AgentError },
+    #[error("sandbox {id}: configuring the guest's network ({what}): {source}")]
+    GuestNetwork { id: String, what: String, source: AgentError },
     #[error("sandbox {id}: opening the console log: {source}")]
     Console { id: String, source: std::io::Error },
 }
@@ -64,6 +71,7 @@ pub struct Sandbox {
     /// Filled by the thread that waits for the VM when it ends.
     exit: Arc<Mutex<Option<VmExit>>>,
     waiter: Mutex<Option<std::thread::JoinHandle<()>>>,
+    network: Option<Arc<PodNetwork>>,
     // Dropped last: the VM must be gone before its directory.
     dir: SandboxDir,
 }
@@ -98,11 +106,14 @@ impl Sandbox {
             console: Console::new(Some(log), config.console_to_stdout),
             setup_started: None,
             console_input: None,
-            devices: vec![
+            devices: [
                 DeviceConfig::Rng,
                 DeviceConfig::Vsock { guest_cid: GUEST_CID, socket: dir.vsock_socket() },
                 DeviceConfig::Fs { tag: SHARED_FS_TAG.to_owned(), shared_dir: dir.shared() },
-            ],
+            ]
+            .into_iter()
+            .chain(config.network.iter().flat_map(|network| network.nics()).map(DeviceConfig::Net))
+            .collect(),
         };
         let handle =
             VmHandle::start(vm_config).map_err(|source| SandboxError::Vm { id: id.clone(), source })?;
@@ -123,9 +134,15 @@ impl Sandbox {
         let connected =
             AgentClient::connect_when_ready(address, config.agent_timeout, config.agent_timeout).await;
         let sandbox = match connected {
-            Ok((client, _)) => {
-                Sandbox { id: id.clone(), client, stopper, exit, waiter: Mutex::new(Some(waiter)), dir }
-            }
+            Ok((client, _)) => Sandbox {
+                id: id.clone(),
+                client,
+                stopper,
+                exit,
+                waiter: Mutex::new(Some(waiter)),
+                network: config.network.clone(),
+                dir,
+            },
             Err(source) => {
                 stopper.stop();
                 let _ = waiter.join();
@@ -134,11 +151,37 @@ impl Sandbox {
                 return Err(SandboxError::Agent { id, source, vm, console });
             }
         };
-        sandbox.set_up().await?;
+        sandbox.set_up(&config.sysctls).await?;
+        sandbox.set_up_network().await?;
         Ok(sandbox)
     }
 
-    async fn set_up(&self) -> Result<(), SandboxError> {
+    /// Gives the guest NICs the pod interfaces' addresses, then the routes through them, before
+    /// any container starts.
+    async fn set_up_network(&self) -> Result<(), SandboxError> {
+        let Some(network) = &self.network else { return Ok(()) };
+        let failed = |what: String| {
+            let id = self.id.clone();
+            move |source| SandboxError::GuestNetwork { id, what, source }
+        };
+        for interface in network.interfaces() {
+            let what = format!("interface {} ({})", interface.name, interface.hw_addr);
+            let configured = self.client.update_interface(&interface).await.map_err(failed(what))?;
+            tracing::info!(
+                sandbox = %self.id,
+                interface = %configured.name,
+                addresses = ?configured.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_length)).collect::<Vec<_>>(),
+                "guest NIC configured"
+            );
+        }
+        let routes = network.routes();
+        if !routes.is_empty() {
+            self.client.update_routes(routes).await.map_err(failed("routes".into()))?;
+        }
+        Ok(())
+    }
+
+    async fn set_up(&self, sysctls: &std::collections::HashMap<String, String>) -> Result<(), SandboxError> {
         let host_time_unix_ns =
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
         let request = CreateSandboxRequest {
@@ -146,6 +189,7 @@ impl Sandbox {
             hostname: "husk".into(),
             shared_fs_tag: SHARED_FS_TAG.into(),
             host_time_unix_ns,
+            sysctls: sysctls.clone(),
             ..Default::default()
         };
         self.client
@@ -201,6 +245,11 @@ impl Sandbox {
             tracing::warn!(sandbox = %self.id, %err, "DestroySandbox failed; stopping the VM anyway");
         }
         self.stop();
+        if let Some(network) = &self.network {
+            if let Err(err) = network.detach().await {
+                tracing::warn!(sandbox = %self.id, %err, "removing the pod's tc redirection");
+            }
+        }
     }
 
     fn stop(&self) {

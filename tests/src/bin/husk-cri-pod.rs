@@ -17,18 +17,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use hyper_util::rt::TokioIo;
+use husk_tests::cri::{
+    connect, create_and_start, exec, exit_code_when_exited, pod_config, remove_pod, run_pod, start, Cri,
+    HANDLER, IMAGE,
+};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest,
-    ExecSyncRequest, ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext,
+    NamespaceMode, NamespaceOption, PodSandboxConfig,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
-
-const IMAGE: &str = "docker.io/library/busybox:husk";
-const HANDLER: &str = "husk";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
@@ -56,12 +53,7 @@ async fn main() -> Result<()> {
     result
 }
 
-async fn exercise(
-    cri: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-    sandbox_config: &PodSandboxConfig,
-    volume: &str,
-) -> Result<()> {
+async fn exercise(cri: &mut Cri, pod: &str, sandbox_config: &PodSandboxConfig, volume: &str) -> Result<()> {
     let writer = start(
         cri,
         pod,
@@ -96,11 +88,7 @@ async fn exercise(
 async fn vm_dies(socket: &str, logs: &str) -> Result<()> {
     let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
     let mut config = pod_config("doomed-pod", logs);
-    let node_pid = NamespaceOption {
-        network: NamespaceMode::Node.into(),
-        pid: NamespaceMode::Node.into(),
-        ..Default::default()
-    };
+    let node_pid = NamespaceOption { pid: NamespaceMode::Node.into(), ..Default::default() };
     if let Some(context) = config.linux.as_mut().and_then(|linux| linux.security_context.as_mut()) {
         context.namespace_options = Some(node_pid.clone());
         context.privileged = true;
@@ -125,7 +113,7 @@ async fn vm_dies(socket: &str, logs: &str) -> Result<()> {
 }
 
 async fn start_privileged(
-    cri: &mut RuntimeServiceClient<Channel>,
+    cri: &mut Cri,
     pod: &str,
     sandbox_config: &PodSandboxConfig,
     name: &str,
@@ -147,40 +135,6 @@ async fn start_privileged(
         ..Default::default()
     };
     create_and_start(cri, pod, sandbox_config, name, config).await
-}
-
-/// The container's exit code once CRI reports it exited (within a minute).
-async fn exit_code_when_exited(cri: &mut RuntimeServiceClient<Channel>, id: &str) -> Result<i32> {
-    for _ in 0..300 {
-        let request = ContainerStatusRequest { container_id: id.into(), verbose: false };
-        let status = cri.container_status(request).await.context("ContainerStatus")?.into_inner().status;
-        if let Some(status) = status.filter(|s| s.state == ContainerState::ContainerExited as i32) {
-            return Ok(status.exit_code);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bail!("container {id} did not exit")
-}
-
-/// RunPodSandbox with `handler`; returns the pod's id.
-async fn run_pod(
-    cri: &mut RuntimeServiceClient<Channel>,
-    config: &PodSandboxConfig,
-    handler: &str,
-) -> Result<String> {
-    let request = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() };
-    Ok(cri.run_pod_sandbox(request).await.context("RunPodSandbox")?.into_inner().pod_sandbox_id)
-}
-
-/// StopPodSandbox then RemovePodSandbox, as the kubelet ends a pod.
-async fn remove_pod(cri: &mut RuntimeServiceClient<Channel>, pod: String) -> Result<()> {
-    cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
-        .await
-        .context("StopPodSandbox")?;
-    cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
-        .await
-        .context("RemovePodSandbox")?;
-    Ok(())
 }
 
 /// `pod_start_ms` with each handler; see the module documentation.
@@ -209,111 +163,4 @@ async fn bench(runs: usize, socket: &str, logs: &str) -> Result<()> {
         husk / runc
     );
     Ok(())
-}
-
-fn pod_config(name: &str, logs: &str) -> PodSandboxConfig {
-    let host_network = NamespaceOption { network: NamespaceMode::Node.into(), ..Default::default() };
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("{name}-uid"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        // A host-network pod has the node's hostname (runc refuses to set one without a UTS namespace).
-        hostname: String::new(),
-        log_directory: logs.into(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(host_network),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// Creates and starts a container running `script` (with `volume` at /data).
-async fn start(
-    cri: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-    sandbox_config: &PodSandboxConfig,
-    name: &str,
-    volume: Option<&str>,
-    script: &str,
-) -> Result<String> {
-    let mounts = volume.map(|host| Mount {
-        container_path: "/data".into(),
-        host_path: host.into(),
-        ..Default::default()
-    });
-    let config = ContainerConfig {
-        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
-        image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        mounts: mounts.into_iter().collect(),
-        // Unique in the log directory the benchmark's pods share.
-        log_path: if volume.is_some() {
-            format!("{name}.log")
-        } else {
-            format!("{}-{name}.log", &pod[..pod.len().min(12)])
-        },
-        ..Default::default()
-    };
-    create_and_start(cri, pod, sandbox_config, name, config).await
-}
-
-async fn create_and_start(
-    cri: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-    sandbox_config: &PodSandboxConfig,
-    name: &str,
-    config: ContainerConfig,
-) -> Result<String> {
-    let request = CreateContainerRequest {
-        pod_sandbox_id: pod.into(),
-        config: Some(config),
-        sandbox_config: Some(sandbox_config.clone()),
-    };
-    let id = cri
-        .create_container(request)
-        .await
-        .with_context(|| format!("CreateContainer {name}"))?
-        .into_inner()
-        .container_id;
-    cri.start_container(StartContainerRequest { container_id: id.clone() })
-        .await
-        .with_context(|| format!("StartContainer {name}"))?;
-    println!("{name}={id}");
-    Ok(id)
-}
-
-/// ExecSync: the command's stdout (a non-zero exit is an error).
-async fn exec(cri: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]) -> Result<String> {
-    let request = ExecSyncRequest {
-        container_id: id.into(),
-        cmd: cmd.iter().map(|s| s.to_string()).collect(),
-        timeout: 60,
-    };
-    let reply = cri.exec_sync(request).await.with_context(|| format!("ExecSync {cmd:?}"))?.into_inner();
-    if reply.exit_code != 0 {
-        bail!("{cmd:?} exited {}: {}", reply.exit_code, String::from_utf8_lossy(&reply.stderr));
-    }
-    Ok(String::from_utf8_lossy(&reply.stdout).into_owned())
-}
-
-async fn connect(socket: PathBuf) -> Result<Channel> {
-    let endpoint = Endpoint::try_from("http://[::]:50051")?;
-    let channel =
-        endpoint
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
-                }
-            }))
-            .await
-            .context("connecting to containerd's CRI socket")?;
-    Ok(channel)
 }

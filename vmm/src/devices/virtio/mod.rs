@@ -8,12 +8,14 @@
 //! - [`rng`]: the entropy device.
 //! - [`vsock`]: hybrid vsock over a host unix socket.
 //! - [`fs`]: virtio-fs, one host directory served in-process.
+//! - [`net`]: virtio-net on a tap.
 //!
 //! Everything read from guest memory or written by the driver is untrusted: a malformed descriptor
 //! chain is completed with zero bytes or dropped, never a panic.
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "fuzzing"))]

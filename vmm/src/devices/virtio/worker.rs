@@ -1,9 +1,9 @@
 //! The thread that serves one device: it waits on the device's queue eventfds (written by KVM's
-//! ioeventfds when the driver notifies a queue) and on a stop eventfd, and hands each notification
-//! to the device's [`QueueHandler`].
+//! ioeventfds when the driver notifies a queue), on the device's own sources (a tap, say) and on a
+//! stop eventfd, and hands each event to the device's [`QueueHandler`].
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -16,6 +16,8 @@ pub trait QueueHandler: Send + 'static {
     fn on_start(&mut self) {}
     /// Queue `index` was notified by the driver.
     fn process_queue(&mut self, index: usize);
+    /// Source `index` of [`Worker::spawn_with_sources`] is ready.
+    fn process_source(&mut self, _index: usize) {}
 }
 
 /// A running worker; dropping it stops and joins the thread.
@@ -27,13 +29,23 @@ pub struct Worker {
 
 /// epoll data value of the stop eventfd (queue indices are small).
 const STOP_TOKEN: u64 = u64::MAX;
+/// epoll data value of the first extra source (queue indices stay below it).
+const SOURCE_TOKEN_BASE: u64 = 1 << 32;
 
 impl Worker {
     /// Starts a thread named `name` serving `queue_events` with `handler`.
-    pub fn spawn<H: QueueHandler>(
+    pub fn spawn<H: QueueHandler>(name: &str, handler: H, queue_events: Vec<EventFd>) -> io::Result<Worker> {
+        Worker::spawn_with_sources(name, handler, queue_events, Vec::new())
+    }
+
+    /// [`Worker::spawn`], also watching `sources` (file descriptors with the events to wait for;
+    /// they must outlive the worker): a ready one goes to [`QueueHandler::process_source`] with its
+    /// index in `sources`.
+    pub fn spawn_with_sources<H: QueueHandler>(
         name: &str,
         mut handler: H,
         queue_events: Vec<EventFd>,
+        sources: Vec<(RawFd, EventSet)>,
     ) -> io::Result<Worker> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
@@ -43,6 +55,13 @@ impl Worker {
                 ControlOperation::Add,
                 event.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, index as u64),
+            )?;
+        }
+        for (index, (fd, events)) in sources.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                *fd,
+                EpollEvent::new(*events, SOURCE_TOKEN_BASE + index as u64),
             )?;
         }
         let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
@@ -62,7 +81,9 @@ impl Worker {
                     if token == STOP_TOKEN {
                         return;
                     }
-                    if let Some(queue_event) = queue_events.get(token as usize) {
+                    if token >= SOURCE_TOKEN_BASE {
+                        handler.process_source((token - SOURCE_TOKEN_BASE) as usize);
+                    } else if let Some(queue_event) = queue_events.get(token as usize) {
                         // Consume the notification count; the handler drains the whole queue.
                         let _ = queue_event.read();
                         handler.process_queue(token as usize);

@@ -1,0 +1,216 @@
+//! `husk-cri-net CONTAINERD_SOCKET LOG_DIR`: pod networking through containerd's CRI plugin and
+//! its CNI bridge network (`tests/containerd-env --cri`). A Husk pod and a runc pod each serve a
+//! random 1 MiB file with busybox `httpd`; a second Husk pod fetches both with `wget` and checks
+//! their SHA-256, and the runc pod fetches the Husk pod's. Prints the guest's `eth0` address beside
+//! the pod IP CRI reports, `<from>-to-<to>=intact|...` per transfer, and after removing the pods
+//! what is left of their networks (`netns-left=`, `veths-left=`).
+//!
+//! `husk-cri-net --bench CONTAINERD_SOCKET LOG_DIR`: `net_mb_per_s` (one 32 MiB HTTP transfer,
+//! timed inside the client pod from before `wget` starts to after it wrote the last byte to
+//! /dev/null, median of 3) and `net_rtt_us` (busybox `ping` average of 10) between two Husk pods,
+//! beside the same between two runc pods.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use husk_tests::cri::{connect, exec, pod_config, pod_ip, remove_pod, run_pod, start, Cri, HANDLER};
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+
+/// Serves /www on port 8080 with a random file and its digest.
+const WEB: &str = "mkdir -p /www && head -c 1048576 /dev/urandom >/www/blob \
+    && sha256sum /www/blob | cut -d' ' -f1 >/www/blob.sha256 && exec httpd -f -p 8080 -h /www";
+/// Serves a 32 MiB file from the pod's /dev/shm (memory; CRI sizes it 64 MiB) on port 8080.
+const BULK: &str = "mkdir -p /dev/shm/www && head -c 33554432 /dev/zero >/dev/shm/www/bulk \
+    && echo ok >/dev/shm/www/ready && exec httpd -f -p 8080 -h /dev/shm/www";
+const IDLE: &str = "exec sleep 100000";
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (bench, socket, logs) = match args.as_slice() {
+        [flag, socket, logs] if flag == "--bench" => (true, socket, logs),
+        [socket, logs] => (false, socket, logs),
+        _ => bail!("usage: husk-cri-net [--bench] CONTAINERD_SOCKET LOG_DIR"),
+    };
+    let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
+    let mut pods = Vec::new();
+    let result = if bench {
+        benchmark(&mut cri, logs, &mut pods).await
+    } else {
+        reach(&mut cri, logs, &mut pods).await
+    };
+    for pod in pods {
+        remove_pod(&mut cri, pod).await?;
+    }
+    println!("pods-removed");
+    if !bench {
+        println!("netns-left={}", count_lines("ls /var/run/netns 2>/dev/null"));
+        println!("veths-left={}", count_lines("/usr/bin/ip -o link show type veth"));
+    }
+    result
+}
+
+/// A pod running `script` in a container named `main`: (pod id, container id, pod IP).
+async fn pod(
+    cri: &mut Cri,
+    logs: &str,
+    pods: &mut Vec<String>,
+    name: &str,
+    handler: &str,
+    script: &str,
+) -> Result<(String, String, String)> {
+    let config = pod_config(name, logs);
+    let pod = run_pod(cri, &config, handler).await.with_context(|| format!("pod {name}"))?;
+    pods.push(pod.clone());
+    let container = start(cri, &pod, &config, "main", None, script).await?;
+    let ip = pod_ip(cri, &pod).await?;
+    println!("{name}-ip={ip}");
+    Ok((pod, container, ip))
+}
+
+async fn reach(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<()> {
+    let (_, husk_web, husk_ip) = pod(cri, logs, pods, "web-husk", HANDLER, WEB).await?;
+    let (_, runc_web, runc_ip) = pod(cri, logs, pods, "web-runc", "runc", WEB).await?;
+    let (_, client, _) = pod(cri, logs, pods, "client-husk", HANDLER, IDLE).await?;
+    let eth0 = exec(cri, &husk_web, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).await?;
+    println!("web-husk-guest-eth0={}", eth0.split_whitespace().nth(3).unwrap_or("none"));
+    for (from, from_id, to, ip) in [
+        ("husk", &client, "husk", &husk_ip),
+        ("husk", &client, "runc", &runc_ip),
+        ("runc", &runc_web, "husk", &husk_ip),
+    ] {
+        let outcome = fetch_checked(cri, from_id, ip).await;
+        if !matches!(&outcome, Ok(text) if text == "intact") {
+            diagnose(cri, &[&husk_web, &client]).await;
+        }
+        println!("{from}-to-{to}={}", outcome?);
+    }
+    Ok(())
+}
+
+/// What the guests and the node say about the pod network, for a failed transfer.
+async fn diagnose(cri: &mut Cri, husk_containers: &[&str]) {
+    for id in husk_containers {
+        let script = "ip addr; ip route; ip neigh; cat /proc/net/dev";
+        match exec(cri, id, &["sh", "-c", script]).await {
+            Ok(text) => println!("--- guest of {}:\n{text}", &id[..12]),
+            Err(err) => println!("--- guest of {}: {err:#}", &id[..12]),
+        }
+    }
+    // Absolute paths: busybox sh runs its own `ip` and `tc` applets before any on PATH.
+    let node = "/usr/bin/ip -br addr; /usr/bin/ip -s link; for ns in $(ls /var/run/netns); do ns=$(basename $ns); echo \"netns $ns:\"; \
+        n=/var/run/netns/$ns; nsenter --net=$n /usr/bin/ip -s link; nsenter --net=$n /usr/bin/ip addr; \
+        nsenter --net=$n /usr/sbin/tc -s filter show dev eth0 ingress; nsenter --net=$n /usr/sbin/tc -s qdisc; done; \
+        for log in /run/husk/sandboxes/*/console.log; do echo \"--- $log\"; tail -60 $log; done";
+    if let Ok(out) = std::process::Command::new("sh").args(["-c", node]).output() {
+        println!(
+            "--- node:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// (busybox 1.35's `wget -T` crashes: `timeout` bounds each attempt instead.)
+/// Fetches the web pod's file and digest at `ip` from inside container `from`: "intact" when the
+/// file's SHA-256 is the digest the server computed.
+async fn fetch_checked(cri: &mut Cri, from: &str, ip: &str) -> Result<String> {
+    let script = format!(
+        "for i in $(seq 1 20); do timeout 3 wget -q -O /tmp/blob.sha256 http://{ip}:8080/blob.sha256 && break; sleep 0.2; done; \
+         timeout 30 wget -q -O /tmp/blob http://{ip}:8080/blob && sha256sum /tmp/blob | cut -d' ' -f1; cat /tmp/blob.sha256"
+    );
+    let output = exec(cri, from, &["sh", "-c", &script]).await?;
+    let lines: Vec<&str> = output.lines().collect();
+    Ok(match lines.as_slice() {
+        [got, want] if got == want && got.len() == 64 => "intact".into(),
+        _ => format!("mismatch:{}", output.replace('\n', "|")),
+    })
+}
+
+async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<()> {
+    println!("husk-cri-net: {}", husk_tests::bench::vm_host_description());
+    println!("net_mb_per_s: start: the client's wget starts; end: wget wrote the last of 32 MiB to /dev/null (guest clock, 10 ms steps)");
+    println!("net_rtt_us: busybox ping average of 10 echoes, client pod to server pod");
+    let mut figures = Vec::new();
+    for handler in [HANDLER, "runc"] {
+        let (_, _, server_ip) =
+            pod(cri, logs, pods, &format!("bulk-server-{handler}"), handler, BULK).await?;
+        let (_, client, _) = pod(cri, logs, pods, &format!("bulk-client-{handler}"), handler, IDLE).await?;
+        if handler == HANDLER {
+            println!("guest NIC features: {}", guest_nic_features(cri, &client).await?);
+        }
+        let mut rates = Vec::new();
+        for run in 0..=3 {
+            let rate = transfer_mb_per_s(cri, &client, &server_ip).await?;
+            if run > 0 {
+                rates.push(rate);
+            }
+        }
+        let rtt = rtt_us(cri, &client, &server_ip).await?;
+        figures.push((husk_tests::bench::spread(&rates), rtt));
+    }
+    let (((husk, husk_min, husk_max), husk_rtt), ((runc, runc_min, runc_max), runc_rtt)) =
+        (figures[0], figures[1]);
+    println!(
+        "net_mb_per_s={husk:.1} (min {husk_min:.1} max {husk_max:.1}) runc_net_mb_per_s={runc:.1} (min {runc_min:.1} max {runc_max:.1}) ratio={:.2}",
+        husk / runc
+    );
+    println!("net_rtt_us={husk_rtt:.0} runc_net_rtt_us={runc_rtt:.0} ratio={:.2}", husk_rtt / runc_rtt);
+    Ok(())
+}
+
+/// One 32 MiB transfer from the bulk server at `ip`, timed inside `client`.
+async fn transfer_mb_per_s(cri: &mut Cri, client: &str, ip: &str) -> Result<f64> {
+    let script = format!(
+        "for i in $(seq 1 20); do timeout 3 wget -q -O /dev/null http://{ip}:8080/ready && break; sleep 0.2; done; \
+         a=$(cut -d' ' -f1 /proc/uptime); wget -q -O /dev/null http://{ip}:8080/bulk || exit 1; \
+         b=$(cut -d' ' -f1 /proc/uptime); echo $a $b"
+    );
+    let output = exec(cri, client, &["sh", "-c", &script]).await?;
+    let times: Vec<f64> = output.split_whitespace().filter_map(|t| t.parse().ok()).collect();
+    let [start, end] = times.as_slice() else { bail!("transfer timing: {output:?}") };
+    let seconds = (end - start).max(0.01);
+    Ok(32.0 * 1.048_576 / seconds)
+}
+
+/// The offloads the guest's virtio-net driver negotiated (from the feature bits in sysfs).
+async fn guest_nic_features(cri: &mut Cri, client: &str) -> Result<String> {
+    let script =
+        "for d in /sys/bus/virtio/devices/*; do [ \"$(cat $d/device)\" = 0x0001 ] && cat $d/features; done";
+    let bits = exec(cri, client, &["sh", "-c", script]).await?;
+    let bits = bits.trim();
+    let named = [
+        (0, "csum"),
+        (1, "guest_csum"),
+        (7, "guest_tso4"),
+        (8, "guest_tso6"),
+        (11, "host_tso4"),
+        (12, "host_tso6"),
+    ];
+    let on: Vec<&str> = named
+        .iter()
+        .filter(|(bit, _)| bits.as_bytes().get(*bit) == Some(&b'1'))
+        .map(|(_, name)| *name)
+        .collect();
+    Ok(if on.is_empty() { format!("none ({bits})") } else { on.join(" ") })
+}
+
+/// busybox ping's average round trip to `ip` from `client`, in microseconds.
+async fn rtt_us(cri: &mut Cri, client: &str, ip: &str) -> Result<f64> {
+    let output = exec(cri, client, &["ping", "-c", "10", "-i", "0.2", "-q", ip]).await?;
+    // "round-trip min/avg/max = 0.101/0.152/0.301 ms"
+    let averages = output.lines().find(|line| line.contains("min/avg/max")).and_then(|line| {
+        let values = line.split('=').nth(1)?.split_whitespace().next()?;
+        values.split('/').nth(1)?.parse::<f64>().ok()
+    });
+    averages.map(|ms| ms * 1000.0).with_context(|| format!("ping output: {output:?}"))
+}
+
+/// Lines of `command`'s output on the node (0 when it fails).
+fn count_lines(command: &str) -> usize {
+    std::process::Command::new("sh")
+        .args(["-c", command])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).lines().count())
+        .unwrap_or(0)
+}

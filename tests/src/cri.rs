@@ -1,0 +1,169 @@
+//! A CRI client as the kubelet uses one, for the pod tests and benchmarks: connect to containerd's
+//! CRI socket, run and remove pod sandboxes, create and start containers, ExecSync into them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest,
+    ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The busybox image the pod tests import (`husk_tests::containerd::BUSYBOX`).
+pub const IMAGE: &str = "docker.io/library/busybox:husk";
+/// The RuntimeClass handler of Husk pods.
+pub const HANDLER: &str = "husk";
+
+/// A connected CRI runtime client.
+pub type Cri = RuntimeServiceClient<Channel>;
+
+/// The pod's IP address as CRI reports it (from CNI).
+pub async fn pod_ip(cri: &mut Cri, pod: &str) -> Result<String> {
+    let request = PodSandboxStatusRequest { pod_sandbox_id: pod.into(), verbose: false };
+    let status = cri.pod_sandbox_status(request).await.context("PodSandboxStatus")?.into_inner().status;
+    let ip = status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default();
+    if ip.is_empty() {
+        bail!("pod {pod}: CRI reports no IP address");
+    }
+    Ok(ip)
+}
+
+/// The container's exit code once CRI reports it exited (within a minute).
+pub async fn exit_code_when_exited(cri: &mut Cri, id: &str) -> Result<i32> {
+    for _ in 0..300 {
+        let request = ContainerStatusRequest { container_id: id.into(), verbose: false };
+        let status = cri.container_status(request).await.context("ContainerStatus")?.into_inner().status;
+        if let Some(status) = status.filter(|s| s.state == ContainerState::ContainerExited as i32) {
+            return Ok(status.exit_code);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("container {id} did not exit")
+}
+
+/// RunPodSandbox with `handler`; returns the pod's id.
+pub async fn run_pod(cri: &mut Cri, config: &PodSandboxConfig, handler: &str) -> Result<String> {
+    let request = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() };
+    Ok(cri.run_pod_sandbox(request).await.context("RunPodSandbox")?.into_inner().pod_sandbox_id)
+}
+
+/// StopPodSandbox then RemovePodSandbox, as the kubelet ends a pod.
+pub async fn remove_pod(cri: &mut Cri, pod: String) -> Result<()> {
+    cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
+        .await
+        .context("StopPodSandbox")?;
+    cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
+        .await
+        .context("RemovePodSandbox")?;
+    Ok(())
+}
+
+/// A pod named `name` on the CNI network, its container logs in `logs`.
+pub fn pod_config(name: &str, logs: &str) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-uid"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.into(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext::default()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Creates and starts a container running `script` (with `volume` at /data).
+pub async fn start(
+    cri: &mut Cri,
+    pod: &str,
+    sandbox_config: &PodSandboxConfig,
+    name: &str,
+    volume: Option<&str>,
+    script: &str,
+) -> Result<String> {
+    let mounts = volume.map(|host| Mount {
+        container_path: "/data".into(),
+        host_path: host.into(),
+        ..Default::default()
+    });
+    let config = ContainerConfig {
+        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        mounts: mounts.into_iter().collect(),
+        // Unique in the log directory the benchmark's pods share.
+        log_path: if volume.is_some() {
+            format!("{name}.log")
+        } else {
+            format!("{}-{name}.log", &pod[..pod.len().min(12)])
+        },
+        ..Default::default()
+    };
+    create_and_start(cri, pod, sandbox_config, name, config).await
+}
+
+pub async fn create_and_start(
+    cri: &mut Cri,
+    pod: &str,
+    sandbox_config: &PodSandboxConfig,
+    name: &str,
+    config: ContainerConfig,
+) -> Result<String> {
+    let request = CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(config),
+        sandbox_config: Some(sandbox_config.clone()),
+    };
+    let id = cri
+        .create_container(request)
+        .await
+        .with_context(|| format!("CreateContainer {name}"))?
+        .into_inner()
+        .container_id;
+    cri.start_container(StartContainerRequest { container_id: id.clone() })
+        .await
+        .with_context(|| format!("StartContainer {name}"))?;
+    println!("{name}={id}");
+    Ok(id)
+}
+
+/// ExecSync: the command's stdout (a non-zero exit is an error).
+pub async fn exec(cri: &mut Cri, id: &str, cmd: &[&str]) -> Result<String> {
+    let request = ExecSyncRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout: 60,
+    };
+    let reply = cri.exec_sync(request).await.with_context(|| format!("ExecSync {cmd:?}"))?.into_inner();
+    if reply.exit_code != 0 {
+        bail!("{cmd:?} exited {}: {}", reply.exit_code, String::from_utf8_lossy(&reply.stderr));
+    }
+    Ok(String::from_utf8_lossy(&reply.stdout).into_owned())
+}
+
+/// A CRI client channel over containerd's unix socket.
+pub async fn connect(socket: PathBuf) -> Result<Channel> {
+    let endpoint = Endpoint::try_from("http://[::]:50051")?;
+    let channel =
+        endpoint
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
+                }
+            }))
+            .await
+            .context("connecting to containerd's CRI socket")?;
+    Ok(channel)
+}
