@@ -63,3 +63,16 @@ fn a_missing_figure_or_baseline_fails_the_report_naming_it() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("net_mb_per_s") && stderr.contains("pod_start_ms"), "{stderr}");
 }
+
+#[test]
+fn a_figure_with_nothing_to_compare_against_is_expected_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("boot.log");
+    std::fs::write(&log, log_with_figures()).unwrap();
+    let status = Command::new(target_bin("husk-bench-report"))
+        .args(["--out", dir.path().join("bench").to_str().unwrap()])
+        .args(["--expect", "ctr_run_ms", "--expect-alone", "net_mb_per_s", log.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

@@ -3,7 +3,8 @@
 //! `DIR/report.json` (one record per figure: median, spread, samples, unit, start and end points,
 //! the baseline beside it, where the VM ran, the machine) and `DIR/report.md` (a table, and one SVG
 //! strip plot per figure in `DIR/plots/` with every sample of Husk and of its baseline). Exits
-//! non-zero when a figure named in `--expect` is missing or has no baseline.
+//! non-zero when a figure named in `--expect` is missing or has no baseline, or one named in
+//! `--expect-alone` (figures with nothing to compare against) is missing.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,6 +23,9 @@ struct Cli {
     /// Figures that must be present, each with its baseline (comma separated).
     #[arg(long, value_delimiter = ',')]
     expect: Vec<String>,
+    /// Figures that must be present, with no baseline to compare (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    expect_alone: Vec<String>,
     /// Benchmark logs.
     logs: Vec<PathBuf>,
 }
@@ -53,6 +57,7 @@ fn main() -> Result<()> {
         .expect
         .iter()
         .filter(|name| figures.get(*name).is_none_or(|f| f.baseline.is_none() || f.samples.is_empty()))
+        .chain(cli.expect_alone.iter().filter(|name| figures.get(*name).is_none_or(|f| f.samples.is_empty())))
         .collect();
     if !missing.is_empty() {
         bail!("figures missing or without a baseline: {missing:?}");
