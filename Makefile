@@ -58,9 +58,6 @@ test: lint build guest-image testhost containerd
 	$(CARGO) test --workspace --locked -- --test-threads=2
 
 GUEST := --kernel build/guest/vmlinux --initrd build/guest/initramfs.cpio
-# What CRI pods' CNI network needs inside the test host (husk_tests::containerd::CNI_FILES).
-CNI_WITH := --with /usr/lib/cni/bridge --with /usr/lib/cni/host-local --with /usr/lib/cni/loopback \
-	--with /usr/bin/ip --with /usr/sbin/tc
 
 ## demo: a container in a microVM through containerd: a private containerd 2.x (build/containerd)
 ## imports the offline busybox image and `ctr run --runtime io.containerd.husk.v2` runs it; the
@@ -95,25 +92,16 @@ install: guest-image
 ## container stdio and exec benchmark, a pod in the VM side by side with a host-mode agent;
 ## containerd benchmark, `ctr run` and an idle pod's memory with Husk side by side with runc;
 ## CRI benchmark, pod_start_ms (RunPodSandbox to a started container) with Husk beside runc;
-## pod network benchmark, net_mb_per_s and net_rtt_us between two Husk pods beside two runc pods
+## pod network benchmark, net_mb_per_s and net_rtt_us between two Husk pods beside two runc pods;
+## density, N pods started at once. Logs in build/bench/logs, the report in build/bench/report.{json,md}
+## with plots (docs/performance.md)
 bench: build guest-image testhost containerd
 	$(CARGO) build --release --locked -p husk-vmm -p husk-shim -p husk-tests --bin husk-vmm --bin husk-bench-boot \
 		--bin husk-bench-vsock --bin husk-bench-fs --bin husk-bench-stdio --bin husk-bench-ctr \
-		--bin husk-cri-pod --bin husk-cri-net --bin containerd-shim-husk-v2
+		--bin husk-cri-pod --bin husk-cri-net --bin husk-cri-density --bin husk-bench-report \
+		--bin containerd-shim-husk-v2
 	$(CARGO) build --release --locked -p husk-agent
-	tests/vm-host-run --timeout 1800 --with /usr/bin/qemu-system-x86_64 --with /usr/share/qemu -- \
-		target/release/husk-bench-boot --vmm target/release/husk-vmm $(GUEST)
-	tests/vm-host-run --timeout 1800 -- target/release/husk-bench-vsock --vmm target/release/husk-vmm $(GUEST)
-	tests/vm-host-run --timeout 1800 -- target/release/husk-bench-fs --vmm target/release/husk-vmm $(GUEST)
-	tests/vm-host-run --timeout 1800 -- target/release/husk-bench-stdio --vmm target/release/husk-vmm $(GUEST)
-	scripts/busybox-oci-image build/bench-busybox.tar >/dev/null
-	tests/vm-host-run --timeout 1800 --with /usr/sbin/runc -- tests/containerd-env build/containerd -- \
-		target/release/husk-bench-ctr build/bench-busybox.tar
-	scripts/busybox-oci-image build/bench-pause.tar docker.io/library/pause:husk '["sleep","2147483647"]' >/dev/null
-	tests/vm-host-run --timeout 1800 --with /usr/sbin/runc $(CNI_WITH) -- tests/containerd-env --cri build/containerd -- sh -c \
-		'ctr -n k8s.io images import build/bench-busybox.tar && ctr -n k8s.io images import build/bench-pause.tar && \
-		 logs=$$(mktemp -d) && target/release/husk-cri-pod --bench 5 "$$CONTAINERD_ADDRESS" $$logs && \
-		 target/release/husk-cri-net --bench "$$CONTAINERD_ADDRESS" $$logs'
+	scripts/bench
 
 clean:
 	$(CARGO) clean

@@ -180,3 +180,45 @@ pub fn assert_figure_beside_baseline(text: &str, figure: &str, baseline: &str) {
         assert!(value(line, name) > 0.0, "{figure}: no positive {name} value: {line}");
     }
 }
+
+/// Asserts that `text` has a `BENCH` record ([`bench::Figure::parse_all`]) for each of `names`,
+/// with at least one sample and a baseline with at least one sample.
+///
+/// # Panics
+/// When a figure is missing, has no samples, or has no baseline samples.
+pub fn assert_figure_records(text: &str, names: &[&str]) {
+    let figures = bench::Figure::parse_all(text);
+    for name in names {
+        let figure = figures
+            .iter()
+            .rev()
+            .find(|f| f.name == *name)
+            .unwrap_or_else(|| panic!("no BENCH record of {name}: {text}"));
+        assert!(!figure.samples.is_empty(), "{name}: no samples: {figure:?}");
+        let baseline = figure.baseline.as_ref().unwrap_or_else(|| panic!("{name}: no baseline: {figure:?}"));
+        assert!(!baseline.samples.is_empty(), "{name}: no baseline samples: {figure:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::assert_figure_records;
+    use crate::bench::{Figure, RECORD_PREFIX};
+
+    fn line(figure: &Figure) -> String {
+        format!("{RECORD_PREFIX}{}\n", serde_json::to_string(figure).unwrap_or_default())
+    }
+
+    #[test]
+    fn figure_records_need_samples_and_baseline_samples() {
+        let good = Figure::new("a_ms", "ms", "x", "y").samples(&[1.0]).beside("runc_a_ms", "runc", &[2.0]);
+        let text = format!("a_ms=1 runc_a_ms=2 ratio=0.5\n{}", line(&good));
+        assert_figure_records(&text, &["a_ms"]);
+        let bare = Figure::new("b_ms", "ms", "x", "y").samples(&[1.0]);
+        let empty = good.clone().beside("runc_a_ms", "runc", &[]);
+        for (text, name) in [(text.clone(), "missing_ms"), (line(&bare), "b_ms"), (line(&empty), "a_ms")] {
+            let failed = std::panic::catch_unwind(|| assert_figure_records(&text, &[name])).is_err();
+            assert!(failed, "{name} passed: {text}");
+        }
+    }
+}

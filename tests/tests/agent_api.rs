@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use husk_protocols::agent::{CheckRequest, UpdateRoutesRequest};
+use husk_protocols::agent::{CheckRequest, Route, Routes, UpdateRoutesRequest};
 use husk_protocols::{agent_ttrpc, AGENT_API_VERSION};
 use husk_shim::agent_client::{AgentAddress, AgentClient};
 use husk_tests::host_agent::HostAgent;
@@ -34,7 +34,7 @@ fn a_host_mode_agent_answers_check_and_guest_details() {
 }
 
 #[test]
-fn a_host_of_another_api_version_and_calls_not_served_yet_get_named_errors() {
+fn a_host_of_another_api_version_and_a_bad_request_get_named_errors() {
     let agent = HostAgent::start().unwrap();
     runtime().block_on(async {
         let address = format!("unix://{}", agent.socket.display());
@@ -43,8 +43,13 @@ fn a_host_of_another_api_version_and_calls_not_served_yet_get_named_errors() {
         let request = CheckRequest { api_version: AGENT_API_VERSION + 1, ..Default::default() };
         let err = rpc.check(context(), &request).await.unwrap_err().to_string();
         assert!(err.contains("api_version") && err.contains("FAILED_PRECONDITION"), "{err}");
-        let err = rpc.update_routes(context(), &UpdateRoutesRequest::new()).await.unwrap_err().to_string();
-        assert!(err.contains("UpdateRoutes is not supported"), "{err}");
+        let route = Route { destination: "10.0.0.0/33".into(), device: "eth0".into(), ..Default::default() };
+        let request = UpdateRoutesRequest {
+            routes: Some(Routes { routes: vec![route], ..Default::default() }).into(),
+            ..Default::default()
+        };
+        let err = rpc.update_routes(context(), &request).await.unwrap_err().to_string();
+        assert!(err.contains("INVALID_ARGUMENT") && err.contains("routes[0].destination"), "{err}");
         // The agent keeps serving after refusing.
         let ok = CheckRequest { api_version: AGENT_API_VERSION, ..Default::default() };
         assert_eq!(rpc.check(context(), &ok).await.unwrap().api_version, AGENT_API_VERSION);

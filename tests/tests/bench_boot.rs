@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use husk_tests::run_benchmark;
+use husk_tests::{assert_figure_records, run_benchmark};
 
 #[test]
 fn the_boot_benchmark_prints_husk_and_qemu_figures_side_by_side() {
@@ -25,4 +25,5 @@ fn the_boot_benchmark_prints_husk_and_qemu_figures_side_by_side() {
     let qemu_value: f64 =
         side_by_side.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
     assert!(qemu_value > 0.0, "no QEMU baseline: {side_by_side}");
+    assert_figure_records(&text, &["start_to_ready_ms", "boot_to_agent_ms", "vmm_rss_overhead_mib"]);
 }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use husk_tests::containerd::{import_command, run_beside_containerd, ImageTar};
-use husk_tests::{assert_figure_beside_baseline, describe, target_bin};
+use husk_tests::{assert_figure_beside_baseline, assert_figure_records, describe, target_bin};
 
 const BUDGET: Duration = Duration::from_secs(900);
 
@@ -27,6 +27,7 @@ fn the_containerd_benchmark_prints_each_figure_beside_runc() {
     ] {
         assert_figure_beside_baseline(&text, figure, baseline);
     }
+    assert_figure_records(&text, &["ctr_run_ms", "shim_rss_mib", "pod_overhead_mib"]);
 }
 
 #[test]
@@ -45,6 +46,7 @@ logs=$(mktemp -d); {probe} --bench 1 \"$CONTAINERD_ADDRESS\" $logs; status=$?; r
         "pod_start_ms",
         "runc_pod_start_ms",
     );
+    assert_figure_records(&String::from_utf8_lossy(&output.stdout), &["pod_start_ms"]);
 }
 
 #[test]
@@ -61,4 +63,5 @@ logs=$(mktemp -d); {probe} --bench \"$CONTAINERD_ADDRESS\" $logs; status=$?; rm 
     let text = String::from_utf8_lossy(&output.stdout);
     assert_figure_beside_baseline(&text, "net_mb_per_s", "runc_net_mb_per_s");
     assert_figure_beside_baseline(&text, "net_rtt_us", "runc_net_rtt_us");
+    assert_figure_records(&text, &["net_mb_per_s", "net_rtt_us"]);
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use husk_tests::{assert_figure_beside_baseline, run_benchmark};
+use husk_tests::{assert_figure_beside_baseline, assert_figure_records, run_benchmark};
 
 #[test]
 fn the_virtio_fs_benchmark_prints_each_figure_beside_the_host_directory() {
@@ -21,4 +21,13 @@ fn the_virtio_fs_benchmark_prints_each_figure_beside_the_host_directory() {
     ] {
         assert_figure_beside_baseline(&text, figure, "host");
     }
+    assert_figure_records(
+        &text,
+        &[
+            "virtiofs_seq_write_mb_per_s",
+            "virtiofs_seq_read_mb_per_s",
+            "virtiofs_create_per_s",
+            "virtiofs_stat_per_s",
+        ],
+    );
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use husk_tests::{assert_figure_beside_baseline, run_benchmark};
+use husk_tests::{assert_figure_beside_baseline, assert_figure_records, run_benchmark};
 
 #[test]
 fn the_stdio_benchmark_prints_each_figure_beside_its_host_mode_baseline() {
@@ -16,4 +16,5 @@ fn the_stdio_benchmark_prints_each_figure_beside_its_host_mode_baseline() {
     for figure in ["stdio_mb_per_s", "exec_ms"] {
         assert_figure_beside_baseline(&text, figure, "host_mode");
     }
+    assert_figure_records(&text, &["stdio_mb_per_s", "exec_ms"]);
 }

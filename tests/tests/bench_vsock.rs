@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use husk_tests::{assert_figure_beside_baseline, run_benchmark};
+use husk_tests::{assert_figure_beside_baseline, assert_figure_records, run_benchmark};
 
 #[test]
 fn the_vsock_benchmark_prints_each_figure_beside_its_unix_socket_baseline() {
@@ -16,4 +16,8 @@ fn the_vsock_benchmark_prints_each_figure_beside_its_unix_socket_baseline() {
     for figure in ["vsock_mb_per_s.host_to_guest", "vsock_mb_per_s.guest_to_host", "vsock_connect_us"] {
         assert_figure_beside_baseline(&text, figure, "unix");
     }
+    assert_figure_records(
+        &text,
+        &["vsock_mb_per_s.host_to_guest", "vsock_mb_per_s.guest_to_host", "vsock_connect_us"],
+    );
 }

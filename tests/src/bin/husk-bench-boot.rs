@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use husk_protocols::ReadyLine;
+use husk_tests::bench::Figure;
 
 #[derive(Debug, Parser)]
 #[command(about = "Husk boot benchmark, side by side with QEMU microvm")]
@@ -101,6 +102,7 @@ fn main() -> Result<()> {
         }
     }
     report(&cli, &husk, &qemu);
+    emit_figures(&husk, &qemu);
     Ok(())
 }
 
@@ -165,7 +167,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 }
 
 /// Picks one figure out of a sample.
-type Figure = fn(&Sample) -> Option<f64>;
+type Pick = fn(&Sample) -> Option<f64>;
 
 fn report(cli: &Cli, husk: &[Sample], qemu: &[Sample]) {
     let host = if std::env::var_os("HUSK_IN_TESTHOST").is_some() {
@@ -175,8 +177,8 @@ fn report(cli: &Cli, husk: &[Sample], qemu: &[Sample]) {
     };
     println!("boot benchmark: {} runs, medians, {} MiB guest, VM host: {host}", cli.runs, cli.mem_mib);
     println!("{:<24} {:>12} {:>14} {:>8}", "figure", "husk", "qemu-microvm", "ratio");
-    let column = |samples: &[Sample], pick: Figure| median(samples.iter().filter_map(pick).collect());
-    let rows: [(&str, Figure); 4] = [
+    let column = |samples: &[Sample], pick: Pick| median(samples.iter().filter_map(pick).collect());
+    let rows: [(&str, Pick); 4] = [
         ("vmm_setup_ms", |s| s.vmm_setup_ms),
         ("boot_to_init_ms", |s| s.boot_to_init_ms),
         ("start_to_ready_ms", |s| Some(s.start_to_ready_ms)),
@@ -187,5 +189,59 @@ fn report(cli: &Cli, husk: &[Sample], qemu: &[Sample]) {
         let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
         let ratio = h.zip(q).map_or("-".to_owned(), |(h, q)| format!("{:.2}", h / q));
         println!("{name:<24} {:>12} {:>14} {:>8}", show(h), show(q), ratio);
+    }
+}
+
+/// Emits every figure's record ([`Figure`]) with all its samples, beside QEMU microvm's where QEMU
+/// has the same measurement and ran.
+fn emit_figures(husk: &[Sample], qemu: &[Sample]) {
+    let column = |samples: &[Sample], pick: Pick| samples.iter().filter_map(pick).collect::<Vec<f64>>();
+    // husk-vmm's own timer: QEMU reports nothing like it, so these have no baseline.
+    let timers: [(&str, &str, &str, Pick); 2] = [
+        (
+            "vmm_setup_ms",
+            "husk-vmm process start (husk-vmm's own timer; QEMU microvm has no equivalent, no baseline)",
+            "the boot vCPU's first KVM_RUN",
+            |s| s.vmm_setup_ms,
+        ),
+        (
+            "boot_to_init_ms",
+            "the boot vCPU's first KVM_RUN (husk-vmm's own timer; QEMU microvm has no equivalent, no baseline)",
+            "the agent's boot-timer write on the guest event port",
+            |s| s.boot_to_init_ms,
+        ),
+    ];
+    for (name, start, end, pick) in timers {
+        Figure::new(name, "ms", start, end).samples(&column(husk, pick)).emit();
+    }
+    // Measured by this process the same way for both VMMs.
+    let spawn_to_ready = "the VMM process spawned by the benchmark (same for husk-vmm and QEMU microvm)";
+    let ready = "the agent's ready line seen in the VMM's console file (polled every 1 ms)";
+    let side_by_side: [(&str, &str, &str, &str, &str, Pick); 3] = [
+        ("start_to_ready_ms", "ms", spawn_to_ready, ready, "qemu_start_to_ready_ms", |s| {
+            Some(s.start_to_ready_ms)
+        }),
+        // The same samples under the name of what they measure: VMM spawn to a ready guest agent.
+        ("boot_to_agent_ms", "ms", spawn_to_ready, ready, "qemu_boot_to_agent_ms", |s| {
+            Some(s.start_to_ready_ms)
+        }),
+        (
+            "vmm_rss_overhead_mib",
+            "MiB",
+            "the agent's ready line seen in the console file: the VMM's resident memory, from /proc/<pid>/smaps",
+            "minus the resident part of the guest RAM mapping (the mapping of exactly the guest's size)",
+            "qemu_vmm_rss_overhead_mib",
+            |s| Some(s.rss_overhead_mib),
+        ),
+    ];
+    for (name, unit, start, end, baseline, pick) in side_by_side {
+        let figure = Figure::new(name, unit, start, end).samples(&column(husk, pick));
+        // QEMU is skipped when its binary is absent: then there is nothing to stand beside.
+        let figure = if qemu.is_empty() {
+            figure
+        } else {
+            figure.beside(baseline, "qemu-microvm", &column(qemu, pick))
+        };
+        figure.emit();
     }
 }

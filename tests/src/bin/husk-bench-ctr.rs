@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use husk_tests::bench::{spread, vm_host_description};
+use husk_tests::bench::{spread, vm_host_description, Figure};
 
 const IMAGE: &str = "docker.io/library/busybox:husk";
 const HUSK: &str = "io.containerd.husk.v2";
@@ -48,6 +48,42 @@ fn main() -> Result<()> {
         "mem_available_drop_mib={:.1} runc_mem_available_drop_mib={:.1}",
         husk.available_drop, runc.available_drop
     );
+    let idle = "one idle container (`ctr run -d ... sleep 1000`) running, 3 s after its start";
+    let figures = [
+        (
+            "ctr_run_ms",
+            "ms",
+            "`ctr run --rm IMAGE id true` invoked (image unpacked by a warm-up run)",
+            "it exited (shim start, VM boot, container create/start/exit, delete, shim exit)",
+            husk_runs,
+            "runc_ctr_run_ms",
+            runc_runs,
+        ),
+        (
+            "shim_rss_mib",
+            "MiB",
+            idle,
+            "VmRSS of the pod's shim (Husk's holds the VMM and the guest's touched memory)",
+            vec![husk.shim_rss],
+            "runc_shim_rss_mib",
+            vec![runc.shim_rss],
+        ),
+        (
+            "pod_overhead_mib",
+            "MiB",
+            idle,
+            "VmRSS summed over the shim and its descendants (runc: the container's processes too)",
+            vec![husk.tree_rss],
+            "runc_pod_overhead_mib",
+            vec![runc.tree_rss],
+        ),
+    ];
+    for (name, unit, start, end, samples, baseline, baseline_samples) in figures {
+        Figure::new(name, unit, start, end)
+            .samples(&samples)
+            .beside(baseline, "runc", &baseline_samples)
+            .emit();
+    }
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use husk_tests::bench::{spread, vm_host_description};
+use husk_tests::bench::{spread, vm_host_description, Figure};
 use husk_tests::debug_console_vm::{DebugConsoleVm, VmSpec};
 
 /// Where the guest mounts the share.
@@ -61,6 +61,10 @@ struct Workload {
     cold: bool,
     command: fn(&Cli) -> String,
     amount: fn(&Cli) -> f64,
+    /// The unit of its [`Figure`] record.
+    record_unit: &'static str,
+    /// What one run does, for its record's start point.
+    measures: fn(&Cli) -> String,
 }
 
 const WORKLOADS: [Workload; 4] = [
@@ -70,6 +74,10 @@ const WORKLOADS: [Workload; 4] = [
         cold: false,
         command: |cli| format!("dd if=/dev/zero of=$D/seq bs=1M count={} conv=fsync 2>/dev/null", cli.mib),
         amount: |cli| (cli.mib << 20) as f64 / 1e6,
+        record_unit: "MB/s",
+        measures: |cli| {
+            format!("`dd` writing {} MiB in 1 MiB blocks with conv=fsync (MB = 10^6 bytes)", cli.mib)
+        },
     },
     Workload {
         figure: "virtiofs_seq_read_mb_per_s",
@@ -77,6 +85,8 @@ const WORKLOADS: [Workload; 4] = [
         cold: true,
         command: |_| "dd if=$D/seq of=/dev/null bs=1M 2>/dev/null".into(),
         amount: |cli| (cli.mib << 20) as f64 / 1e6,
+        record_unit: "MB/s",
+        measures: |cli| format!("`dd` reading that {} MiB file in 1 MiB blocks (MB = 10^6 bytes)", cli.mib),
     },
     Workload {
         figure: "virtiofs_create_per_s",
@@ -89,6 +99,10 @@ const WORKLOADS: [Workload; 4] = [
             )
         },
         amount: |cli| cli.files as f64,
+        record_unit: "ops/s",
+        measures: |cli| {
+            format!("the shell creating {} empty files, no process per file (ops = files)", cli.files)
+        },
     },
     Workload {
         figure: "virtiofs_stat_per_s",
@@ -96,6 +110,8 @@ const WORKLOADS: [Workload; 4] = [
         cold: true,
         command: |_| "ls -l $D/many > /dev/null".into(),
         amount: |cli| cli.files as f64,
+        record_unit: "ops/s",
+        measures: |cli| format!("`ls -l` of those {} files, one lstat each (ops = lstats)", cli.files),
     },
 ];
 
@@ -213,5 +229,23 @@ fn report(cli: &Cli, samples: &Samples) {
             workload.figure,
             g / h
         );
+    }
+    emit_figures(cli, samples);
+}
+
+/// Emits each workload's record ([`Figure`]) with every run of the guest and of the host.
+fn emit_figures(cli: &Cli, samples: &Samples) {
+    let end = "its completion (guest: its completion marker on the console; host: `sh` exited)";
+    for (workload, (guest, host)) in WORKLOADS.iter().zip(samples) {
+        let cold = if workload.cold { ", after dropping the guest's and the host's caches" } else { "" };
+        let start = format!(
+            "{} issued (guest: typed on its debug console, over virtio-fs; host: `sh -c` spawned){cold}",
+            (workload.measures)(cli)
+        );
+        let baseline = workload.figure.replacen("virtiofs_", "host_", 1);
+        Figure::new(workload.figure, workload.record_unit, &start, end)
+            .samples(guest)
+            .beside(&baseline, "host directory", host)
+            .emit();
     }
 }

@@ -22,7 +22,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use husk_protocols::agent::CreateSandboxRequest;
 use husk_shim::agent_client::{AgentAddress, AgentClient};
-use husk_tests::bench::{spread, vm_host_description};
+use husk_tests::bench::{spread, vm_host_description, Figure};
 use husk_tests::host_agent::{
     busybox_spec, install_busybox, process_json, start_container, stdio, HostAgent, TestStdio, BUSYBOX_IMAGE,
 };
@@ -156,6 +156,33 @@ async fn measure(cli: &Cli, socket: &Path, host: &HostAgent) -> Result<()> {
     }
     report("stdio_mb_per_s", "MB/s", &rates);
     report("exec_ms", "ms", &execs);
+    let stdio_start = format!(
+        "the host writes the line a started container waits for on stdin before writing {} MiB of zeros \
+         to stdout (MB = 10^6 bytes)",
+        cli.mib
+    );
+    let figures = [
+        (
+            "stdio_mb_per_s",
+            "MB/s",
+            stdio_start.as_str(),
+            "the host reads EOF on the container's stdout stream after the last byte",
+            &rates,
+        ),
+        (
+            "exec_ms",
+            "ms",
+            "the host opens the exec's stdout stream (its first step of an exec of `true`)",
+            "WaitProcess returned the exec's status and its stdout stream reached EOF",
+            &execs,
+        ),
+    ];
+    for (name, unit, start, end, [vm, host_mode]) in figures {
+        Figure::new(name, unit, start, end)
+            .samples(vm)
+            .beside(&format!("host_mode_{name}"), "host-mode agent", host_mode)
+            .emit();
+    }
     Ok(())
 }
 

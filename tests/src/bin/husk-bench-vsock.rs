@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Parser;
-use husk_tests::bench::{spread, vm_host_description};
+use husk_tests::bench::{spread, vm_host_description, Figure};
 use husk_tests::debug_console_vm::{DebugConsoleVm, VmSpec};
 
 /// Guest ports of `husk-vsock-test sink` and `husk-vsock-test source`.
@@ -330,5 +330,46 @@ fn report(cli: &Cli, results: &Results) {
             "{name}={v:.2} {unit} ({v_min:.2}..{v_max:.2}) unix={u:.2} {unit} ({u_min:.2}..{u_max:.2}) ratio={:.4}",
             v / u
         );
+    }
+    emit_figures(cli, results);
+}
+
+/// Emits each figure's record ([`Figure`]) with every sample of vsock and of the unix socket.
+fn emit_figures(cli: &Cli, results: &Results) {
+    let mib = cli.mib;
+    let rows = [
+        (
+            "vsock_mb_per_s.host_to_guest",
+            "unix_mb_per_s.host_to_guest",
+            "MB/s",
+            format!("the host's first write of a {mib} MiB stream to the guest's sink (after the handshake)"),
+            "the host reads the sink's byte count, sent after it read every byte and EOF (MB = 10^6 bytes)"
+                .to_owned(),
+            &results.host_to_guest,
+        ),
+        (
+            "vsock_mb_per_s.guest_to_host",
+            "unix_mb_per_s.guest_to_host",
+            "MB/s",
+            format!(
+                "the host writes the request line for {mib} MiB to the guest's source (after the handshake)"
+            ),
+            "the host reads EOF after the last byte the source wrote (MB = 10^6 bytes)".to_owned(),
+            &results.guest_to_host,
+        ),
+        (
+            "vsock_connect_us",
+            "unix_connect_us",
+            "us",
+            "the host's connect() on the VM's vsock socket".to_owned(),
+            "the host has read the whole `OK <n>` line of the hybrid handshake".to_owned(),
+            &results.connect,
+        ),
+    ];
+    for (name, baseline, unit, start, end, samples) in rows {
+        Figure::new(name, unit, &start, &end)
+            .samples(&samples.vsock)
+            .beside(baseline, "host unix socket", &samples.unix)
+            .emit();
     }
 }

@@ -8,11 +8,13 @@
 //! `husk-cri-net --bench CONTAINERD_SOCKET LOG_DIR`: `net_mb_per_s` (one 32 MiB HTTP transfer,
 //! timed inside the client pod from before `wget` starts to after it wrote the last byte to
 //! /dev/null, median of 3) and `net_rtt_us` (busybox `ping` average of 10) between two Husk pods,
-//! beside the same between two runc pods.
+//! beside the same between two runc pods; their `BENCH` records carry every transfer's rate and
+//! every echo's round trip.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use husk_tests::bench::Figure;
 use husk_tests::cri::{connect, exec, pod_config, pod_ip, remove_pod, run_pod, start, Cri, HANDLER};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 
@@ -132,6 +134,8 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<
     println!("net_mb_per_s: start: the client's wget starts; end: wget wrote the last of 32 MiB to /dev/null (guest clock, 10 ms steps)");
     println!("net_rtt_us: busybox ping average of 10 echoes, client pod to server pod");
     let mut figures = Vec::new();
+    // Per handler: every transfer's rate and every echo's round trip.
+    let mut samples: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
     for handler in [HANDLER, "runc"] {
         let (_, _, server_ip) =
             pod(cri, logs, pods, &format!("bulk-server-{handler}"), handler, BULK).await?;
@@ -146,8 +150,9 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<
                 rates.push(rate);
             }
         }
-        let rtt = rtt_us(cri, &client, &server_ip).await?;
+        let (rtt, rtts) = rtt_us(cri, &client, &server_ip).await?;
         figures.push((husk_tests::bench::spread(&rates), rtt));
+        samples.push((rates, rtts));
     }
     let (((husk, husk_min, husk_max), husk_rtt), ((runc, runc_min, runc_max), runc_rtt)) =
         (figures[0], figures[1]);
@@ -156,6 +161,25 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<
         husk / runc
     );
     println!("net_rtt_us={husk_rtt:.0} runc_net_rtt_us={runc_rtt:.0} ratio={:.2}", husk_rtt / runc_rtt);
+    let ((husk_rates, husk_rtts), (runc_rates, runc_rtts)) = (&samples[0], &samples[1]);
+    Figure::new(
+        "net_mb_per_s",
+        "MB/s",
+        "the client pod's wget starts (HTTP GET of 32 MiB from the server pod; guest clock, 10 ms steps)",
+        "wget wrote the last of 32 MiB to /dev/null (MB = 10^6 bytes)",
+    )
+    .samples(husk_rates)
+    .beside("runc_net_mb_per_s", "runc", runc_rates)
+    .emit();
+    Figure::new(
+        "net_rtt_us",
+        "us",
+        "busybox ping sends an echo request, client pod to server pod (10 echoes, 0.2 s apart)",
+        "the echo reply arrived (each reply's `time=` as ping reports it)",
+    )
+    .samples(husk_rtts)
+    .beside("runc_net_rtt_us", "runc", runc_rtts)
+    .emit();
     Ok(())
 }
 
@@ -195,15 +219,31 @@ async fn guest_nic_features(cri: &mut Cri, client: &str) -> Result<String> {
     Ok(if on.is_empty() { format!("none ({bits})") } else { on.join(" ") })
 }
 
-/// busybox ping's average round trip to `ip` from `client`, in microseconds.
-async fn rtt_us(cri: &mut Cri, client: &str, ip: &str) -> Result<f64> {
-    let output = exec(cri, client, &["ping", "-c", "10", "-i", "0.2", "-q", ip]).await?;
+/// busybox ping's average round trip to `ip` from `client`, and each echo's (the average alone
+/// when no reply line parses), in microseconds.
+async fn rtt_us(cri: &mut Cri, client: &str, ip: &str) -> Result<(f64, Vec<f64>)> {
+    let output = exec(cri, client, &["ping", "-c", "10", "-i", "0.2", ip]).await?;
     // "round-trip min/avg/max = 0.101/0.152/0.301 ms"
     let averages = output.lines().find(|line| line.contains("min/avg/max")).and_then(|line| {
         let values = line.split('=').nth(1)?.split_whitespace().next()?;
         values.split('/').nth(1)?.parse::<f64>().ok()
     });
-    averages.map(|ms| ms * 1000.0).with_context(|| format!("ping output: {output:?}"))
+    let average = averages.map(|ms| ms * 1000.0).with_context(|| format!("ping output: {output:?}"))?;
+    let each = echo_times_us(&output);
+    Ok((average, if each.is_empty() { vec![average] } else { each }))
+}
+
+/// The round trips of busybox ping's reply lines (`64 bytes from 10.88.0.5: seq=0 ttl=64
+/// time=0.123 ms`), in microseconds.
+fn echo_times_us(output: &str) -> Vec<f64> {
+    output
+        .lines()
+        .filter(|line| line.contains(" bytes from "))
+        .filter_map(|line| {
+            let time = line.split_whitespace().find_map(|word| word.strip_prefix("time="))?;
+            time.parse::<f64>().ok().map(|ms| ms * 1000.0)
+        })
+        .collect()
 }
 
 /// Lines of `command`'s output on the node (0 when it fails).
@@ -213,4 +253,22 @@ fn count_lines(command: &str) -> usize {
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).lines().count())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::echo_times_us;
+
+    #[test]
+    fn each_reply_line_of_busybox_ping_gives_its_round_trip() {
+        let output = "PING 10.88.0.5 (10.88.0.5): 56 data bytes\n\
+            64 bytes from 10.88.0.5: seq=0 ttl=64 time=0.123 ms\n\
+            64 bytes from 10.88.0.5: seq=1 ttl=64 time=1.5 ms\n\n\
+            --- 10.88.0.5 ping statistics ---\n\
+            2 packets transmitted, 2 packets received, 0% packet loss\n\
+            round-trip min/avg/max = 0.123/0.811/1.500 ms\n";
+        let times = echo_times_us(output);
+        assert_eq!(times.len(), 2);
+        assert!((times[0] - 123.0).abs() < 1e-6 && (times[1] - 1500.0).abs() < 1e-6, "{times:?}");
+    }
 }

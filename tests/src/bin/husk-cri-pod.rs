@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use husk_tests::bench::Figure;
 use husk_tests::cri::{
     connect, create_and_start, exec, exit_code_when_exited, pod_config, remove_pod, run_pod, start, Cri,
     HANDLER, IMAGE,
@@ -143,6 +144,7 @@ async fn bench(runs: usize, socket: &str, logs: &str) -> Result<()> {
     println!("husk-cri-pod: {}", husk_tests::bench::vm_host_description());
     println!("start: RunPodSandbox sent; end: StartContainer of the pod's container returned");
     let mut medians = Vec::new();
+    let mut samples = Vec::new();
     for handler in [HANDLER, "runc"] {
         let mut times = Vec::new();
         for run in 0..=runs {
@@ -156,11 +158,21 @@ async fn bench(runs: usize, socket: &str, logs: &str) -> Result<()> {
             remove_pod(&mut cri, pod).await?;
         }
         medians.push(husk_tests::bench::spread(&times));
+        samples.push(times);
     }
     let ((husk, husk_min, husk_max), (runc, runc_min, runc_max)) = (medians[0], medians[1]);
     println!(
         "pod_start_ms={husk:.1} (min {husk_min:.1} max {husk_max:.1}) runc_pod_start_ms={runc:.1} (min {runc_min:.1} max {runc_max:.1}) ratio={:.2}",
         husk / runc
     );
+    Figure::new(
+        "pod_start_ms",
+        "ms",
+        "RunPodSandbox sent",
+        "StartContainer of the pod's container returned (after a warm-up pod)",
+    )
+    .samples(&samples[0])
+    .beside("runc_pod_start_ms", "runc", &samples[1])
+    .emit();
     Ok(())
 }
