@@ -224,7 +224,7 @@ fn guest_route(route: &RouteEntry, endpoints: &[Endpoint]) -> Option<Route> {
         // "default" is IPv4 to the agent unless a gateway says otherwise: name IPv6's outright.
         None | Some((_, 0)) if route.ipv6 => "::/0".to_owned(),
         None | Some((_, 0)) => "default".to_owned(),
-        Some((IpAddr::V6(v6), _)) if v6.segments()[0] & 0xffc0 == 0xfe80 => return None,
+        Some((address @ IpAddr::V6(_), _)) if netlink::is_link_local(&address) => return None,
         Some((address, prefix)) => format!("{address}/{prefix}"),
     };
     Some(Route {

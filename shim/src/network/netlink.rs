@@ -131,7 +131,8 @@ pub async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>,
     Ok(found)
 }
 
-fn is_link_local(address: &IpAddr) -> bool {
+/// Whether `address` is link-local (169.254/16, fe80::/10): every NIC makes its own.
+pub fn is_link_local(address: &IpAddr) -> bool {
     match address {
         IpAddr::V4(v4) => v4.is_link_local(),
         IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,

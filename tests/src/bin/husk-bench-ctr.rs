@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use husk_tests::bench::{spread, vm_host_description, Figure};
+use husk_tests::bench::{mem_available_kib, spread, vm_host_description, Figure};
 
 const IMAGE: &str = "docker.io/library/busybox:husk";
 const HUSK: &str = "io.containerd.husk.v2";
@@ -156,15 +156,6 @@ fn ctr(args: &[&str]) -> Result<()> {
         bail!("ctr {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(())
-}
-
-fn mem_available_kib() -> Result<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("MemAvailable in /proc/meminfo")
 }
 
 struct ProcessInfo {

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use husk_tests::bench::Figure;
+use husk_tests::bench::{mem_available_kib, Figure};
 use husk_tests::cri::{connect, pod_config, remove_pod, run_pod, start, Cri, HANDLER};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 
@@ -126,10 +126,5 @@ async fn settle() {
 }
 
 fn mem_available_mib() -> Result<f64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").context("/proc/meminfo")?;
-    let kib: f64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:")?.split_whitespace().next()?.parse().ok())
-        .context("MemAvailable in /proc/meminfo")?;
-    Ok(kib / 1024.0)
+    Ok(mem_available_kib()? as f64 / 1024.0)
 }
