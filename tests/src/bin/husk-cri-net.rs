@@ -113,12 +113,32 @@ async fn diagnose(cri: &mut Cri, husk_containers: &[&str]) {
     }
 }
 
+/// How long a server pod may take from its container starting to answering HTTP: it writes its
+/// files first (32 MiB for the bulk server), which an emulated test host under CI load does slowly.
+/// Below the 60 s that `cri::exec` gives one ExecSync.
+const SERVING_DEADLINE_S: u32 = 50;
+
+/// Waits, from inside container `from`, until the server at `ip` serves `path`. Refused
+/// connections are retried until [`SERVING_DEADLINE_S`] of guest time have passed.
 /// (busybox 1.35's `wget -T` crashes: `timeout` bounds each attempt instead.)
+async fn wait_until_serving(cri: &mut Cri, from: &str, ip: &str, path: &str) -> Result<()> {
+    let script = format!(
+        "end=$(( $(cut -d. -f1 /proc/uptime) + {SERVING_DEADLINE_S} )); \
+         until timeout 3 wget -q -O /dev/null http://{ip}:8080/{path}; do \
+         [ $(cut -d. -f1 /proc/uptime) -ge $end ] && exit 1; sleep 0.2; done"
+    );
+    exec(cri, from, &["sh", "-c", &script]).await.with_context(|| {
+        format!("the server at {ip}:8080 did not serve /{path} within {SERVING_DEADLINE_S} s")
+    })?;
+    Ok(())
+}
+
 /// Fetches the web pod's file and digest at `ip` from inside container `from`: "intact" when the
 /// file's SHA-256 is the digest the server computed.
 async fn fetch_checked(cri: &mut Cri, from: &str, ip: &str) -> Result<String> {
+    wait_until_serving(cri, from, ip, "blob.sha256").await?;
     let script = format!(
-        "for i in $(seq 1 20); do timeout 3 wget -q -O /tmp/blob.sha256 http://{ip}:8080/blob.sha256 && break; sleep 0.2; done; \
+        "timeout 30 wget -q -O /tmp/blob.sha256 http://{ip}:8080/blob.sha256 && \
          timeout 30 wget -q -O /tmp/blob http://{ip}:8080/blob && sha256sum /tmp/blob | cut -d' ' -f1; cat /tmp/blob.sha256"
     );
     let output = exec(cri, from, &["sh", "-c", &script]).await?;
@@ -185,9 +205,9 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<
 
 /// One 32 MiB transfer from the bulk server at `ip`, timed inside `client`.
 async fn transfer_mb_per_s(cri: &mut Cri, client: &str, ip: &str) -> Result<f64> {
+    wait_until_serving(cri, client, ip, "ready").await?;
     let script = format!(
-        "for i in $(seq 1 20); do timeout 3 wget -q -O /dev/null http://{ip}:8080/ready && break; sleep 0.2; done; \
-         a=$(cut -d' ' -f1 /proc/uptime); wget -q -O /dev/null http://{ip}:8080/bulk || exit 1; \
+        "a=$(cut -d' ' -f1 /proc/uptime); wget -q -O /dev/null http://{ip}:8080/bulk || exit 1; \
          b=$(cut -d' ' -f1 /proc/uptime); echo $a $b"
     );
     let output = exec(cri, client, &["sh", "-c", &script]).await?;
