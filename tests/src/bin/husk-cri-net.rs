@@ -5,9 +5,9 @@
 //! the pod IP CRI reports, `<from>-to-<to>=intact|...` per transfer, and after removing the pods
 //! what is left of their networks (`netns-left=`, `veths-left=`).
 //!
-//! `husk-cri-net --bench CONTAINERD_SOCKET LOG_DIR`: `net_mb_per_s` (one 32 MiB HTTP transfer,
-//! timed inside the client pod from before `wget` starts to after it wrote the last byte to
-//! /dev/null, median of 3) and `net_rtt_us` (busybox `ping` average of 10) between two Husk pods,
+//! `husk-cri-net --bench CONTAINERD_SOCKET LOG_DIR`: `net_mb_per_s` (one 32 MiB HTTP transfer
+//! from a CGI `dd` behind httpd, timed inside the client pod from before `wget` starts to after
+//! `wc -c` counted the last byte, each transfer's size checked, median of 3) and `net_rtt_us` (busybox `ping` average of 10) between two Husk pods,
 //! beside the same between two runc pods; their `BENCH` records carry every transfer's rate and
 //! every echo's round trip.
 
@@ -21,9 +21,16 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 /// Serves /www on port 8080 with a random file and its digest.
 const WEB: &str = "mkdir -p /www && head -c 1048576 /dev/urandom >/www/blob \
     && sha256sum /www/blob | cut -d' ' -f1 >/www/blob.sha256 && exec httpd -f -p 8080 -h /www";
-/// Serves a 32 MiB file from the pod's /dev/shm (memory; CRI sizes it 64 MiB) on port 8080.
-const BULK: &str = "mkdir -p /dev/shm/www && head -c 33554432 /dev/zero >/dev/shm/www/bulk \
-    && echo ok >/dev/shm/www/ready && exec httpd -f -p 8080 -h /dev/shm/www";
+/// Serves 32 MiB from the pod's /dev/shm (memory; CRI sizes it 64 MiB) on port 8080, written to the
+/// socket in 64 KiB write(2)s by a CGI `dd` (httpd would sendfile(2) a file; see `WRITER` in
+/// husk-bench-stdio for why the benchmarks keep sendfile out of the guest). /dev/shm is noexec:
+/// the CGI lives in the root filesystem.
+const BULK: &str = "mkdir -p /dev/shm/www /www/cgi-bin \
+    && dd if=/dev/zero of=/dev/shm/www/bulk bs=65536 count=512 2>/dev/null \
+    && printf '#!/bin/sh\\necho Content-Type: application/octet-stream\\necho\\nexec dd if=/dev/shm/www/bulk bs=65536 2>/dev/null\\n' >/www/cgi-bin/bulk \
+    && chmod +x /www/cgi-bin/bulk && echo ok >/www/ready && exec httpd -f -p 8080 -h /www";
+/// Bytes one bulk transfer moves.
+const BULK_BYTES: u64 = 32 << 20;
 const IDLE: &str = "exec sleep 100000";
 
 #[tokio::main(flavor = "current_thread")]
@@ -151,7 +158,7 @@ async fn fetch_checked(cri: &mut Cri, from: &str, ip: &str) -> Result<String> {
 
 async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<()> {
     println!("husk-cri-net: {}", husk_tests::bench::vm_host_description());
-    println!("net_mb_per_s: start: the client's wget starts; end: wget wrote the last of 32 MiB to /dev/null (guest clock, 10 ms steps)");
+    println!("net_mb_per_s: start: the client's wget starts; end: wc -c counted the last of the 32 MiB wget received (guest clock, 10 ms steps)");
     println!("net_rtt_us: busybox ping average of 10 echoes, client pod to server pod");
     let mut figures = Vec::new();
     // Per handler: every transfer's rate and every echo's round trip.
@@ -185,8 +192,8 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<
     Figure::new(
         "net_mb_per_s",
         "MB/s",
-        "the client pod's wget starts (HTTP GET of 32 MiB from the server pod; guest clock, 10 ms steps)",
-        "wget wrote the last of 32 MiB to /dev/null (MB = 10^6 bytes)",
+        "the client pod's wget starts (HTTP GET of 32 MiB that a CGI dd in the server pod writes; guest clock, 10 ms steps)",
+        "wc -c counted the last of the 32 MiB wget received (MB = 10^6 bytes)",
     )
     .samples(husk_rates)
     .beside("runc_net_mb_per_s", "runc", runc_rates)
@@ -207,14 +214,17 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<
 async fn transfer_mb_per_s(cri: &mut Cri, client: &str, ip: &str) -> Result<f64> {
     wait_until_serving(cri, client, ip, "ready").await?;
     let script = format!(
-        "a=$(cut -d' ' -f1 /proc/uptime); wget -q -O /dev/null http://{ip}:8080/bulk || exit 1; \
-         b=$(cut -d' ' -f1 /proc/uptime); echo $a $b"
+        "a=$(cut -d' ' -f1 /proc/uptime); n=$(wget -q -O - http://{ip}:8080/cgi-bin/bulk | wc -c); \
+         b=$(cut -d' ' -f1 /proc/uptime); echo $a $b $n"
     );
     let output = exec(cri, client, &["sh", "-c", &script]).await?;
-    let times: Vec<f64> = output.split_whitespace().filter_map(|t| t.parse().ok()).collect();
-    let [start, end] = times.as_slice() else { bail!("transfer timing: {output:?}") };
+    let fields: Vec<f64> = output.split_whitespace().filter_map(|t| t.parse().ok()).collect();
+    let [start, end, received] = fields.as_slice() else { bail!("transfer timing: {output:?}") };
+    if *received as u64 != BULK_BYTES {
+        bail!("the client received {received} of {BULK_BYTES} bytes from {ip}");
+    }
     let seconds = (end - start).max(0.01);
-    Ok(32.0 * 1.048_576 / seconds)
+    Ok(BULK_BYTES as f64 / 1e6 / seconds)
 }
 
 /// The offloads the guest's virtio-net driver negotiated (from the feature bits in sysfs).
