@@ -6,8 +6,8 @@
 //! Figures, each the median over the runs with its spread (min..max), the VM and the host-mode
 //! agent interleaved run by run after one warm-up round that is not counted (MB = 10^6 bytes):
 //! - `stdio_mb_per_s`: container stdout to the host. A started container waits for one line on
-//!   stdin, then writes `--mib` MiB of zeros to stdout in 64 KiB write(2)s (`dd`; busybox `head`
-//!   would use sendfile(2), see `WRITER`); from the host's write of that
+//!   stdin, then writes `--mib` MiB of zeros to stdout in 64 KiB write(2)s (`dd`; `--writer
+//!   sendfile` uses busybox `head -c`, which sendfile(2)s); from the host's write of that
 //!   line to its reading EOF on the stdout stream after the last byte.
 //! - `exec_ms`: from opening the exec's stdout stream (the host's first step of an exec) through
 //!   ExecProcess of `true` to WaitProcess returning its status and the stream's EOF.
@@ -48,8 +48,34 @@ struct Cli {
     runs: usize,
     #[arg(long, default_value_t = 10)]
     execs: usize,
+    /// How the container writes: `write` (64 KiB write(2)s, `dd`) or `sendfile` (busybox `head -c`
+    /// from /dev/zero; see `Writer::Sendfile`).
+    #[arg(long, value_enum, default_value_t = Writer::Write)]
+    writer: Writer,
     #[arg(long)]
     verbose: bool,
+}
+
+/// The container's writer of a stdout transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Writer {
+    /// write(2)s of 64 KiB, as programs write their output.
+    Write,
+    /// busybox `head -c` from /dev/zero, which moves the bytes with sendfile(2). A guest doing so
+    /// into a vsock stream triple-faults within a minute in the nested test host (emulated SVM),
+    /// where the same bytes by write(2), in 4 or 64 KiB, never did (docs/performance.md, "Known
+    /// limits"); this is the check to make on hardware KVM.
+    Sendfile,
+}
+
+impl Writer {
+    /// The shell command that writes `bytes` (a multiple of 64 KiB) of zeros to stdout.
+    fn command(self, bytes: u64) -> String {
+        match self {
+            Writer::Write => format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null", bytes / 65536),
+            Writer::Sendfile => format!("head -c {bytes} /dev/zero"),
+        }
+    }
 }
 
 /// husk-vmm running a pod's VM; killed on drop.
@@ -134,7 +160,9 @@ async fn measure(cli: &Cli, socket: &Path, host: &HostAgent) -> Result<()> {
     for run in 0..=cli.runs {
         for (column, (name, client)) in clients.iter().enumerate() {
             let id = format!("stdout-{run}");
-            let rate = stdout_transfer(client, &id, bytes).await.with_context(|| format!("{name}: {id}"))?;
+            let rate = stdout_transfer(client, &id, bytes, cli.writer)
+                .await
+                .with_context(|| format!("{name}: {id}"))?;
             if cli.verbose {
                 println!("sample {name} stdio_mb_per_s={rate:.1}");
             }
@@ -206,15 +234,9 @@ async fn start(client: &AgentClient, id: &str, args: &[&str], stdin: bool) -> Re
     Ok(start_container(client, id, &busybox_spec(args), stdin).await?)
 }
 
-/// The container's writer: write(2)s of 64 KiB, as programs write their output. Not busybox
-/// `head -c`, which moves the bytes with sendfile(2): a guest doing sendfile from /dev/zero into a
-/// vsock stream triple-faults within a minute in the nested test host (emulated SVM), where the
-/// same bytes by write(2), in 4 or 64 KiB, never did (docs/performance.md, "Known limits").
-const WRITER: &str = "dd if=/dev/zero bs=65536 2>/dev/null";
-
 /// One stdout transfer of `bytes`; returns MB/s.
-async fn stdout_transfer(client: &AgentClient, id: &str, bytes: u64) -> Result<f64> {
-    let script = format!("read go; {WRITER} count={}", bytes.div_ceil(64 * 1024));
+async fn stdout_transfer(client: &AgentClient, id: &str, bytes: u64, writer: Writer) -> Result<f64> {
+    let script = format!("read go; {}", writer.command(bytes));
     let mut streams = start(client, id, &["sh", "-c", &script], true).await?;
     let started = Instant::now();
     streams.write_stdin(b"go\n").await?;

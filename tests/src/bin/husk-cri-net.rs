@@ -22,8 +22,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 const WEB: &str = "mkdir -p /www && head -c 1048576 /dev/urandom >/www/blob \
     && sha256sum /www/blob | cut -d' ' -f1 >/www/blob.sha256 && exec httpd -f -p 8080 -h /www";
 /// Serves 32 MiB from the pod's /dev/shm (memory; CRI sizes it 64 MiB) on port 8080, written to the
-/// socket in 64 KiB write(2)s by a CGI `dd` (httpd would sendfile(2) a file; see `WRITER` in
-/// husk-bench-stdio for why the benchmarks keep sendfile out of the guest). /dev/shm is noexec:
+/// socket in 64 KiB write(2)s by a CGI `dd` (httpd would sendfile(2) a file; see `Writer::Sendfile`
+/// in husk-bench-stdio for why the benchmarks keep sendfile out of the guest). /dev/shm is noexec:
 /// the CGI lives in the root filesystem.
 const BULK: &str = "mkdir -p /dev/shm/www /www/cgi-bin \
     && dd if=/dev/zero of=/dev/shm/www/bulk bs=65536 count=512 2>/dev/null \
