@@ -164,7 +164,7 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<
     // Per handler: every transfer's rate and every echo's round trip.
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
     for handler in [HANDLER, "runc"] {
-        let (_, _, server_ip) =
+        let (_, server, server_ip) =
             pod(cri, logs, pods, &format!("bulk-server-{handler}"), handler, BULK).await?;
         let (_, client, _) = pod(cri, logs, pods, &format!("bulk-client-{handler}"), handler, IDLE).await?;
         if handler == HANDLER {
@@ -172,7 +172,14 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<
         }
         let mut rates = Vec::new();
         for run in 0..=3 {
-            let rate = transfer_mb_per_s(cri, &client, &server_ip).await?;
+            let rate = match transfer_mb_per_s(cri, &client, &server_ip).await {
+                Ok(rate) => rate,
+                Err(err) => {
+                    let guests: &[&str] = if handler == HANDLER { &[&server, &client] } else { &[] };
+                    diagnose(cri, guests).await;
+                    return Err(err);
+                }
+            };
             if run > 0 {
                 rates.push(rate);
             }
