@@ -5,7 +5,7 @@
 //! the pod IP CRI reports, `<from>-to-<to>=intact|...` per transfer, and after removing the pods
 //! what is left of their networks (`netns-left=`, `veths-left=`).
 //!
-//! `husk-cri-net --bench CONTAINERD_SOCKET LOG_DIR`: `net_mb_per_s` (one 32 MiB HTTP transfer
+//! `husk-cri-net --bench CONTAINERD_SOCKET LOG_DIR [MIB]`: `net_mb_per_s` (one MIB (32) MiB HTTP transfer
 //! from a CGI `dd` behind httpd, timed inside the client pod from before `wget` starts to after
 //! `wc -c` counted the last byte, each transfer's size checked, median of 3) and `net_rtt_us` (busybox `ping` average of 10) between two Husk pods,
 //! beside the same between two runc pods; their `BENCH` records carry every transfer's rate and
@@ -25,26 +25,36 @@ const WEB: &str = "mkdir -p /www && head -c 1048576 /dev/urandom >/www/blob \
 /// socket in 64 KiB write(2)s by a CGI `dd` (httpd would sendfile(2) a file; see `Writer::Sendfile`
 /// in husk-bench-stdio for why the benchmarks keep sendfile out of the guest). /dev/shm is noexec:
 /// the CGI lives in the root filesystem.
-const BULK: &str = "mkdir -p /dev/shm/www /www/cgi-bin \
-    && dd if=/dev/zero of=/dev/shm/www/bulk bs=65536 count=512 2>/dev/null \
-    && printf '#!/bin/sh\\necho Content-Type: application/octet-stream\\necho\\nexec dd if=/dev/shm/www/bulk bs=65536 2>/dev/null\\n' >/www/cgi-bin/bulk \
-    && chmod +x /www/cgi-bin/bulk && echo ok >/www/ready && exec httpd -f -p 8080 -h /www";
-/// Bytes one bulk transfer moves.
-const BULK_BYTES: u64 = 32 << 20;
+/// The bulk server's script for `mib` MiB (at most 48: CRI sizes /dev/shm 64 MiB).
+fn bulk_server(mib: u64) -> String {
+    format!(
+        "mkdir -p /dev/shm/www /www/cgi-bin \
+         && dd if=/dev/zero of=/dev/shm/www/bulk bs=65536 count={} 2>/dev/null \
+         && printf '#!/bin/sh\\necho Content-Type: application/octet-stream\\necho\\nexec dd if=/dev/shm/www/bulk bs=65536 2>/dev/null\\n' >/www/cgi-bin/bulk \
+         && chmod +x /www/cgi-bin/bulk && echo ok >/www/ready && exec httpd -f -p 8080 -h /www",
+        mib * 16
+    )
+}
+/// MiB one bulk transfer moves unless the command line says otherwise.
+const BULK_MIB: u64 = 32;
 const IDLE: &str = "exec sleep 100000";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (bench, socket, logs) = match args.as_slice() {
-        [flag, socket, logs] if flag == "--bench" => (true, socket, logs),
-        [socket, logs] => (false, socket, logs),
-        _ => bail!("usage: husk-cri-net [--bench] CONTAINERD_SOCKET LOG_DIR"),
+    let (bench, socket, logs, mib) = match args.as_slice() {
+        [flag, socket, logs] if flag == "--bench" => (true, socket, logs, BULK_MIB),
+        [flag, socket, logs, mib] if flag == "--bench" => match mib.parse() {
+            Ok(mib @ 1..=48) => (true, socket, logs, mib),
+            _ => bail!("MIB {mib:?}: expected 1 to 48 (the server pod's /dev/shm holds 64 MiB)"),
+        },
+        [socket, logs] => (false, socket, logs, BULK_MIB),
+        _ => bail!("usage: husk-cri-net [--bench] CONTAINERD_SOCKET LOG_DIR [MIB]"),
     };
     let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
     let mut pods = Vec::new();
     let result = if bench {
-        benchmark(&mut cri, logs, &mut pods).await
+        benchmark(&mut cri, logs, &mut pods, mib).await
     } else {
         reach(&mut cri, logs, &mut pods).await
     };
@@ -121,7 +131,7 @@ async fn diagnose(cri: &mut Cri, husk_containers: &[&str]) {
 }
 
 /// How long a server pod may take from its container starting to answering HTTP: it writes its
-/// files first (32 MiB for the bulk server), which an emulated test host under CI load does slowly.
+/// files first (up to 48 MiB for the bulk server), which an emulated test host under CI load does slowly.
 /// Below the 60 s that `cri::exec` gives one ExecSync.
 const SERVING_DEADLINE_S: u32 = 50;
 
@@ -156,23 +166,23 @@ async fn fetch_checked(cri: &mut Cri, from: &str, ip: &str) -> Result<String> {
     })
 }
 
-async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<()> {
+async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>, mib: u64) -> Result<()> {
     println!("husk-cri-net: {}", husk_tests::bench::vm_host_description());
-    println!("net_mb_per_s: start: the client's wget starts; end: wc -c counted the last of the 32 MiB wget received (guest clock, 10 ms steps)");
+    println!("net_mb_per_s: start: the client's wget starts; end: wc -c counted the last of the {mib} MiB wget received (guest clock, 10 ms steps)");
     println!("net_rtt_us: busybox ping average of 10 echoes, client pod to server pod");
     let mut figures = Vec::new();
     // Per handler: every transfer's rate and every echo's round trip.
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
     for handler in [HANDLER, "runc"] {
         let (_, server, server_ip) =
-            pod(cri, logs, pods, &format!("bulk-server-{handler}"), handler, BULK).await?;
+            pod(cri, logs, pods, &format!("bulk-server-{handler}"), handler, &bulk_server(mib)).await?;
         let (_, client, _) = pod(cri, logs, pods, &format!("bulk-client-{handler}"), handler, IDLE).await?;
         if handler == HANDLER {
             println!("guest NIC features: {}", guest_nic_features(cri, &client).await?);
         }
         let mut rates = Vec::new();
         for run in 0..=3 {
-            let rate = match transfer_mb_per_s(cri, &client, &server_ip).await {
+            let rate = match transfer_mb_per_s(cri, &client, &server_ip, mib << 20).await {
                 Ok(rate) => rate,
                 Err(err) => {
                     let guests: &[&str] = if handler == HANDLER { &[&server, &client] } else { &[] };
@@ -199,8 +209,8 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<
     Figure::new(
         "net_mb_per_s",
         "MB/s",
-        "the client pod's wget starts (HTTP GET of 32 MiB that a CGI dd in the server pod writes; guest clock, 10 ms steps)",
-        "wc -c counted the last of the 32 MiB wget received (MB = 10^6 bytes)",
+        &format!("the client pod's wget starts (HTTP GET of {mib} MiB that a CGI dd in the server pod writes; guest clock, 10 ms steps)"),
+        &format!("wc -c counted the last of the {mib} MiB wget received (MB = 10^6 bytes)"),
     )
     .samples(husk_rates)
     .beside("runc_net_mb_per_s", "runc", runc_rates)
@@ -217,8 +227,8 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<
     Ok(())
 }
 
-/// One 32 MiB transfer from the bulk server at `ip`, timed inside `client`.
-async fn transfer_mb_per_s(cri: &mut Cri, client: &str, ip: &str) -> Result<f64> {
+/// One transfer of `bytes` from the bulk server at `ip`, timed inside `client`.
+async fn transfer_mb_per_s(cri: &mut Cri, client: &str, ip: &str, bytes: u64) -> Result<f64> {
     wait_until_serving(cri, client, ip, "ready").await?;
     let script = format!(
         "a=$(cut -d' ' -f1 /proc/uptime); n=$(wget -q -O - http://{ip}:8080/cgi-bin/bulk | wc -c); \
@@ -227,11 +237,11 @@ async fn transfer_mb_per_s(cri: &mut Cri, client: &str, ip: &str) -> Result<f64>
     let output = exec(cri, client, &["sh", "-c", &script]).await?;
     let fields: Vec<f64> = output.split_whitespace().filter_map(|t| t.parse().ok()).collect();
     let [start, end, received] = fields.as_slice() else { bail!("transfer timing: {output:?}") };
-    if *received as u64 != BULK_BYTES {
-        bail!("the client received {received} of {BULK_BYTES} bytes from {ip}");
+    if *received as u64 != bytes {
+        bail!("the client received {received} of {bytes} bytes from {ip}");
     }
     let seconds = (end - start).max(0.01);
-    Ok(BULK_BYTES as f64 / 1e6 / seconds)
+    Ok(bytes as f64 / 1e6 / seconds)
 }
 
 /// The offloads the guest's virtio-net driver negotiated (from the feature bits in sysfs).
