@@ -5,11 +5,12 @@
 //! the pod IP CRI reports, `<from>-to-<to>=intact|...` per transfer, and after removing the pods
 //! what is left of their networks (`netns-left=`, `veths-left=`).
 //!
-//! `husk-cri-net --bench CONTAINERD_SOCKET LOG_DIR [MIB]`: `net_mb_per_s` (one MIB (32) MiB HTTP transfer
-//! from a CGI `dd` behind httpd, timed inside the client pod from before `wget` starts to after
-//! `wc -c` counted the last byte, each transfer's size checked, median of 3) and `net_rtt_us` (busybox `ping` average of 10) between two Husk pods,
-//! beside the same between two runc pods; their `BENCH` records carry every transfer's rate and
-//! every echo's round trip.
+//! `husk-cri-net --bench CONTAINERD_SOCKET LOG_DIR [MIB]`: `net_mb_per_s` (one HTTP transfer of
+//! MIB MiB, default 32, from a CGI `dd` behind httpd, timed inside the client pod from before
+//! `wget` starts to after `wc -c` counted the last byte, each transfer's size checked, median of
+//! 3) and `net_rtt_us` (busybox `ping` average of 10) between two Husk pods, beside the same
+//! between two runc pods; their `BENCH` records carry every transfer's rate and every echo's
+//! round trip.
 
 use std::path::PathBuf;
 
@@ -21,11 +22,10 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 /// Serves /www on port 8080 with a random file and its digest.
 const WEB: &str = "mkdir -p /www && head -c 1048576 /dev/urandom >/www/blob \
     && sha256sum /www/blob | cut -d' ' -f1 >/www/blob.sha256 && exec httpd -f -p 8080 -h /www";
-/// Serves 32 MiB from the pod's /dev/shm (memory; CRI sizes it 64 MiB) on port 8080, written to the
+/// The bulk server: serves `mib` MiB from the pod's /dev/shm (memory) on port 8080, written to the
 /// socket in 64 KiB write(2)s by a CGI `dd` (httpd would sendfile(2) a file; see `Writer::Sendfile`
 /// in husk-bench-stdio for why the benchmarks keep sendfile out of the guest). /dev/shm is noexec:
 /// the CGI lives in the root filesystem.
-/// The bulk server's script for `mib` MiB (at most 48: CRI sizes /dev/shm 64 MiB).
 fn bulk_server(mib: u64) -> String {
     format!(
         "mkdir -p /dev/shm/www /www/cgi-bin \
@@ -37,6 +37,8 @@ fn bulk_server(mib: u64) -> String {
 }
 /// MiB one bulk transfer moves unless the command line says otherwise.
 const BULK_MIB: u64 = 32;
+/// The most one bulk transfer may move: CRI sizes the server pod's /dev/shm 64 MiB.
+const MAX_BULK_MIB: u64 = 48;
 const IDLE: &str = "exec sleep 100000";
 
 #[tokio::main(flavor = "current_thread")]
@@ -45,8 +47,8 @@ async fn main() -> Result<()> {
     let (bench, socket, logs, mib) = match args.as_slice() {
         [flag, socket, logs] if flag == "--bench" => (true, socket, logs, BULK_MIB),
         [flag, socket, logs, mib] if flag == "--bench" => match mib.parse() {
-            Ok(mib @ 1..=48) => (true, socket, logs, mib),
-            _ => bail!("MIB {mib:?}: expected 1 to 48 (the server pod's /dev/shm holds 64 MiB)"),
+            Ok(mib @ 1..=MAX_BULK_MIB) => (true, socket, logs, mib),
+            _ => bail!("MIB {mib:?}: expected 1 to {MAX_BULK_MIB} (the server pod's /dev/shm holds 64 MiB)"),
         },
         [socket, logs] => (false, socket, logs, BULK_MIB),
         _ => bail!("usage: husk-cri-net [--bench] CONTAINERD_SOCKET LOG_DIR [MIB]"),
@@ -131,8 +133,8 @@ async fn diagnose(cri: &mut Cri, husk_containers: &[&str]) {
 }
 
 /// How long a server pod may take from its container starting to answering HTTP: it writes its
-/// files first (up to 48 MiB for the bulk server), which an emulated test host under CI load does slowly.
-/// Below the 60 s that `cri::exec` gives one ExecSync.
+/// files first (up to [`MAX_BULK_MIB`] for the bulk server), which an emulated test host under CI
+/// load does slowly. Below the 60 s that `cri::exec` gives one ExecSync.
 const SERVING_DEADLINE_S: u32 = 50;
 
 /// Waits, from inside container `from`, until the server at `ip` serves `path`. Refused
@@ -180,20 +182,14 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>, mib: u64) 
         if handler == HANDLER {
             println!("guest NIC features: {}", guest_nic_features(cri, &client).await?);
         }
-        let mut rates = Vec::new();
-        for run in 0..=3 {
-            let rate = match transfer_mb_per_s(cri, &client, &server_ip, mib << 20).await {
-                Ok(rate) => rate,
-                Err(err) => {
-                    let guests: &[&str] = if handler == HANDLER { &[&server, &client] } else { &[] };
-                    diagnose(cri, guests).await;
-                    return Err(err);
-                }
-            };
-            if run > 0 {
-                rates.push(rate);
+        let rates = match transfer_rates(cri, &client, &server_ip, mib << 20).await {
+            Ok(rates) => rates,
+            Err(err) => {
+                let guests: &[&str] = if handler == HANDLER { &[&server, &client] } else { &[] };
+                diagnose(cri, guests).await;
+                return Err(err);
             }
-        }
+        };
         let (rtt, rtts) = rtt_us(cri, &client, &server_ip).await?;
         figures.push((husk_tests::bench::spread(&rates), rtt));
         samples.push((rates, rtts));
@@ -227,9 +223,20 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>, mib: u64) 
     Ok(())
 }
 
-/// One transfer of `bytes` from the bulk server at `ip`, timed inside `client`.
-async fn transfer_mb_per_s(cri: &mut Cri, client: &str, ip: &str, bytes: u64) -> Result<f64> {
+/// Once the bulk server at `ip` serves, 1 warm-up and 3 counted transfers of `bytes` to `client`;
+/// the counted ones' rates in MB/s.
+async fn transfer_rates(cri: &mut Cri, client: &str, ip: &str, bytes: u64) -> Result<Vec<f64>> {
     wait_until_serving(cri, client, ip, "ready").await?;
+    transfer_mb_per_s(cri, client, ip, bytes).await?;
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        rates.push(transfer_mb_per_s(cri, client, ip, bytes).await?);
+    }
+    Ok(rates)
+}
+
+/// One transfer of `bytes` from the bulk server at `ip` (already serving), timed inside `client`.
+async fn transfer_mb_per_s(cri: &mut Cri, client: &str, ip: &str, bytes: u64) -> Result<f64> {
     let script = format!(
         "a=$(cut -d' ' -f1 /proc/uptime); n=$(wget -q -O - http://{ip}:8080/cgi-bin/bulk | wc -c); \
          b=$(cut -d' ' -f1 /proc/uptime); echo $a $b $n"
