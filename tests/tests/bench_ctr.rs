@@ -67,3 +67,22 @@ logs=$(mktemp -d); {probe} --bench \"$CONTAINERD_ADDRESS\" $logs 8; status=$?; r
     assert_figure_beside_baseline(&text, "net_rtt_us", "runc_net_rtt_us");
     assert_figure_records(&text, &["net_mb_per_s", "net_rtt_us"]);
 }
+
+#[test]
+fn the_density_benchmark_prints_all_running_memory_and_per_pod_start_beside_runc() {
+    let (busybox, pause) = (ImageTar::busybox("densitybench"), ImageTar::pause("densitybench"));
+    let script = format!(
+        "{imports} || exit 1
+logs=$(mktemp -d); {probe} --rounds 1 \"$CONTAINERD_ADDRESS\" $logs 2; status=$?; rm -rf $logs; exit $status",
+        imports = import_command(&[&busybox, &pause], true),
+        probe = target_bin("husk-cri-density").display()
+    );
+    let output = run_beside_containerd(true, BUDGET, &["sh", "-c", &script]);
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let figures = ["density_2_start_ms", "density_2_mem_mib", "density_2_pod_start_ms"];
+    for figure in figures {
+        assert_figure_beside_baseline(&text, figure, &format!("runc_{figure}"));
+    }
+    assert_figure_records(&text, &figures);
+}

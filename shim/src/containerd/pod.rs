@@ -62,6 +62,9 @@ struct State {
     /// The namespace kinds of the pod's sandbox container (its members join those).
     sandbox_kinds: Vec<LinuxNamespaceType>,
     containers: HashMap<String, Container>,
+    /// Why the pod's VM ended on its own, once its last container is gone (a container created
+    /// for the pod afterwards is refused with it).
+    lost_vm: Option<String>,
 }
 
 #[derive(Debug)]
@@ -133,11 +136,7 @@ impl Pod {
             (PodRole::Sandbox { pod_id }, Some(_)) => {
                 return Err(ShimError::AlreadyExists(format!("pod {pod_id}: its sandbox container exists")))
             }
-            (PodRole::Member { pod_id }, _) => {
-                return Err(ShimError::FailedPrecondition(format!(
-                "container {id}: pod {pod_id} does not run in this shim (create its sandbox container first)"
-            )))
-            }
+            (PodRole::Member { pod_id }, _) => return Err(not_running(id, pod_id, &state)),
         };
         let kinds = state.sandbox_kinds.clone();
         match self.create_in(&sandbox, id, &bundle_dir, spec, &kinds, req).await {
@@ -385,6 +384,7 @@ impl Pod {
             self.remove_in_guest(&sandbox, id, &container).await;
             if state.containers.is_empty() {
                 state.sandbox = None;
+                state.lost_vm = sandbox.end_reason();
                 tracing::info!(
                     sandbox = state.pod_id.as_deref().unwrap_or(id),
                     "last container deleted: stopping the pod's VM"
@@ -644,6 +644,18 @@ fn expect_created(process: &Process, id: &str, exec_id: &str) -> Result<(), Shim
     match process.status() {
         Status::Created => Ok(()),
         _ => Err(ShimError::FailedPrecondition(format!("process {id}/{exec_id:?}: started already"))),
+    }
+}
+
+/// A member container for a pod this shim does not run (any more).
+fn not_running(id: &str, pod_id: &str, state: &State) -> ShimError {
+    match (&state.lost_vm, state.pod_id.as_deref()) {
+        (Some(reason), Some(lost)) if lost == pod_id => ShimError::FailedPrecondition(format!(
+            "container {id}: pod {pod_id} is gone: its VM ended ({reason}) and its sandbox container was deleted"
+        )),
+        _ => ShimError::FailedPrecondition(format!(
+            "container {id}: pod {pod_id} does not run in this shim (create its sandbox container first)"
+        )),
     }
 }
 

@@ -219,6 +219,15 @@ impl Sandbox {
         )
     }
 
+    /// Why the VM ended, if it has.
+    pub fn end_reason(&self) -> Option<String> {
+        self.exit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|ended| ended.reason.to_string())
+    }
+
     /// Whether the VM has ended (on its own, or stopped).
     pub fn has_ended(&self) -> bool {
         self.exit.lock().unwrap_or_else(PoisonError::into_inner).is_some()
