@@ -10,6 +10,7 @@ mod api;
 mod container;
 mod guest_events;
 mod guest_info;
+mod host_vsock;
 mod init;
 mod network;
 mod reaper;

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use husk_protocols::agent::Stdio;
 use husk_protocols::{valid_stdio_token, StdioHello, StdioStream};
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, VsockAddr};
+use nix::sys::socket::{self, SockFlag};
+
+use crate::host_vsock;
 
 /// How long a request waits for the streams it names to arrive.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -170,26 +172,19 @@ impl Listener {
                     .with_context(|| format!("binding stdio socket {}", path.display()))?;
                 Ok(Listener::Unix(listener))
             }
-            StdioEndpoint::Vsock(port) => {
-                let fd = socket::socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-                    .context("creating the stdio vsock socket")?;
-                socket::bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, *port))
-                    .with_context(|| format!("binding vsock port {port}"))?;
-                socket::listen(&fd, socket::Backlog::new(64).context("listen backlog")?)
-                    .with_context(|| format!("listening on vsock port {port}"))?;
-                Ok(Listener::Vsock(fd))
-            }
+            StdioEndpoint::Vsock(port) => Ok(Listener::Vsock(host_vsock::bind(*port, SockFlag::empty())?)),
         }
     }
 
+    /// The next stream; on vsock, the next from the host (see [`host_vsock`]).
     fn accept(&self) -> std::io::Result<OwnedFd> {
         match self {
             Listener::Unix(listener) => listener.accept().map(|(stream, _)| stream.into()),
-            Listener::Vsock(fd) => {
-                let raw = socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
-                // SAFETY: accept4 returned a new descriptor that nothing else owns.
-                Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-            }
+            Listener::Vsock(fd) => loop {
+                if let Some(stream) = host_vsock::accept(fd, SockFlag::empty())? {
+                    return Ok(stream);
+                }
+            },
         }
     }
 }

@@ -55,6 +55,8 @@ pub struct HypervisorConfig {
     pub max_vcpus: u8,
     pub max_memory_mib: u64,
     pub kernel_params: String,
+    /// vCPU and device threads under their seccomp filters (husk_vmm::seccomp).
+    pub seccomp: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +81,7 @@ impl Default for HypervisorConfig {
             max_vcpus: 8,
             max_memory_mib: 16384,
             kernel_params: String::new(),
+            seccomp: true,
         }
     }
 }

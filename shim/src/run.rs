@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub sandbox_root: PathBuf,
     /// Added to the guest kernel's command line.
     pub kernel_params: String,
+    /// The VMM's threads under their seccomp filters.
+    pub seccomp: bool,
     pub agent_timeout: Duration,
 }
 
@@ -89,6 +91,7 @@ pub async fn run(options: &RunOptions) -> Result<i32, RunError> {
         console_to_stdout: false,
         sysctls: Default::default(),
         network: None,
+        seccomp: options.seccomp,
     };
     let read_only = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
     let sandbox = Sandbox::boot(&config, |dir| dir.share(&rootfs, ROOTFS_NAME, true).map(drop)).await?;

@@ -62,3 +62,57 @@ echo \"left=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/
     assert!(text.contains("no command given") && text.contains("no-command-status=125"), "{text}");
     assert!(text.contains("left=0 mounts=0"), "no sandbox directory or mount survives: {text}");
 }
+
+#[test]
+fn a_container_cannot_reach_the_agent_over_the_guests_loopback_vsock() {
+    // The guest kernel has the vsock loopback transport: a container could connect to the
+    // agent's ports unless the agent answers the host's CID only.
+    let rootfs = busybox_rootfs("husk-run-vsock-rootfs");
+    let probe = workspace_root().join("target/x86_64-unknown-linux-gnu/guest/husk-vsock-test");
+    std::fs::copy(&probe, rootfs.join("bin/husk-vsock-test")).expect("the guest build of husk-vsock-test");
+    // Port 4000: a listener of the container's own, the control that keeps its connection open.
+    let inside = "husk-vsock-test listen 4000 >/dev/null & sleep 1
+for target in '1 4000' '1 1024' '1 1025' '3 1024' '3 1025'; do
+    echo \"probe $target: $(husk-vsock-test probe $target)\"
+done";
+    let (husk, root) = (target_bin("husk"), rootfs.to_string_lossy().into_owned());
+    let command = [husk.to_str().unwrap(), "run", &root, "--", "sh", "-c", inside];
+    let output = run(&mut VmHost::detect().command(Duration::from_secs(600), &command));
+    let _ = std::fs::remove_dir_all(&rootfs);
+    let text = combined(&output);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(text.contains("probe 1 4000: kept-open"), "the probe tells an open connection: {text}");
+    for target in ["1 1024", "1 1025", "3 1024", "3 1025"] {
+        assert!(text.contains(&format!("probe {target}: closed-by-peer")), "{target}: {text}");
+    }
+}
+
+#[test]
+fn the_vmms_vcpu_and_device_threads_run_under_their_seccomp_filters() {
+    let rootfs = busybox_rootfs("husk-run-seccomp-rootfs");
+    // While the container sleeps, list the husk process's threads with their seccomp mode
+    // (0: none, 2: filter).
+    let script = format!(
+        "{husk} run {rootfs} -- sleep 8 & run=$!
+i=0; until ls /run/husk/sandboxes/*/vsock.sock >/dev/null 2>&1 || [ $i -ge 600 ]; do sleep 0.1; i=$((i+1)); done
+sleep 4
+for task in /proc/$run/task/*; do echo \"thread $(cat $task/comm) $(grep Seccomp: $task/status)\"; done
+wait $run; echo \"run-status=$?\"",
+        husk = target_bin("husk").display(),
+        rootfs = rootfs.display()
+    );
+    let output = run(&mut VmHost::detect().command(Duration::from_secs(600), &["sh", "-c", &script]));
+    let _ = std::fs::remove_dir_all(&rootfs);
+    let text = combined(&output);
+    assert!(output.status.success() && text.contains("run-status=0"), "{}", describe(&output));
+    let mode = |thread: &str| -> Vec<&str> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&format!("thread {thread} ")))
+            .map(|rest| rest.trim_start_matches("Seccomp:").trim())
+            .collect()
+    };
+    for thread in ["vcpu0", "virtio-vsock", "virtio-fs", "virtio-rng"] {
+        assert_eq!(mode(thread), ["2"], "{thread} runs under a filter: {text}");
+    }
+    assert_eq!(mode("husk"), ["0"], "the process's own thread is not filtered: {text}");
+}

@@ -12,7 +12,7 @@ use crate::devices::legacy::{
 };
 use crate::devices::virtio::fs::FsDevice;
 use crate::devices::virtio::net::{NetConfig, NetDevice};
-use crate::devices::virtio::vsock::VsockDevice;
+use crate::devices::virtio::vsock::{HostPorts, VsockDevice};
 use crate::devices::virtio::{
     mmio::QUEUE_NOTIFY_OFFSET, rng::Rng, Interrupt, MmioTransport, VirtioDevice, MMIO_WINDOW,
 };
@@ -29,7 +29,7 @@ pub enum DeviceConfig {
     Rng,
     /// Hybrid virtio-vsock: the guest is `guest_cid`; host clients connect to `socket`, guest
     /// connections to host port P reach `<socket>_P`.
-    Vsock { guest_cid: u64, socket: std::path::PathBuf },
+    Vsock { guest_cid: u64, socket: std::path::PathBuf, host_ports: HostPorts },
     /// virtio-fs: the host directory `shared_dir`, mounted in the guest with
     /// `mount -t virtiofs <tag> <dir>`.
     Fs { tag: String, shared_dir: std::path::PathBuf },
@@ -68,15 +68,15 @@ pub fn cmdline_with_devices(cmdline: &str, count: usize) -> String {
 }
 
 /// The virtio devices on a new MMIO bus, each with its irqfd and one ioeventfd per queue.
-pub fn virtio_devices(vm: &Vm, configs: &[DeviceConfig]) -> Result<Bus, VmError> {
+pub fn virtio_devices(vm: &Vm, configs: &[DeviceConfig], seccomp: bool) -> Result<Bus, VmError> {
     let io = |what| move |cause| VmError::Io { what, cause };
     let mut bus = Bus::default();
     for (index, config) in configs.iter().enumerate() {
         let (base, gsi) = virtio_slot(index);
         let device: Box<dyn VirtioDevice> = match config {
             DeviceConfig::Rng => Box::new(Rng::default()),
-            DeviceConfig::Vsock { guest_cid, socket } => {
-                Box::new(VsockDevice::new(*guest_cid, socket.clone()))
+            DeviceConfig::Vsock { guest_cid, socket, host_ports } => {
+                Box::new(VsockDevice::new(*guest_cid, socket.clone(), host_ports.clone()))
             }
             DeviceConfig::Fs { tag, shared_dir } => Box::new(FsDevice::new(tag, shared_dir)?),
             DeviceConfig::Net(net) => Box::new(NetDevice::new(net.clone())),
@@ -95,7 +95,8 @@ pub fn virtio_devices(vm: &Vm, configs: &[DeviceConfig]) -> Result<Bus, VmError>
             queue_events.push(event);
         }
         let transport =
-            MmioTransport::new(device, vm.memory().clone(), Arc::new(Interrupt::new(irq)), queue_events);
+            MmioTransport::new(device, vm.memory().clone(), Arc::new(Interrupt::new(irq)), queue_events)
+                .with_seccomp(seccomp);
         bus.insert(base, MMIO_WINDOW, Arc::new(Mutex::new(transport)))?;
     }
     Ok(bus)

@@ -11,14 +11,18 @@
 //! - [`devices`]: buses and device models (legacy: serial, i8042, guest event port).
 //! - [`exit`]: why a VM ended.
 //! - [`memory_usage`]: the VMM's memory footprint besides guest RAM.
+//! - [`seccomp`]: the syscall filters of vCPU and device threads; [`launcher`] starts device
+//!   threads for filtered ones.
 
 pub mod boot;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod host;
+pub mod launcher;
 pub mod layout;
 pub mod memory_usage;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 
@@ -35,7 +39,7 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use crate::boot::{cpuid, mptable, regs, BootError};
 pub use crate::device_manager::{DeviceConfig, MAX_VIRTIO_DEVICES};
 use crate::devices::legacy::{Console, GuestTimestamps};
-use crate::devices::BusError;
+use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
 pub use crate::exit::ExitReason;
 use crate::vcpu::VcpuShared;
@@ -73,6 +77,9 @@ pub struct VmConfig {
     pub console_input: Option<std::os::fd::OwnedFd>,
     /// Virtio devices, placed in the MMIO gap in this order and declared on the command line.
     pub devices: Vec<DeviceConfig>,
+    /// Whether vCPU and device threads run under their seccomp filters ([`seccomp`]); off only
+    /// to tell whether a filter is what stops a guest.
+    pub seccomp: bool,
 }
 
 /// Errors starting a VM. Each names what the user can change.
@@ -106,6 +113,8 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error("{what}: {cause}")]
     Io { what: &'static str, cause: std::io::Error },
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// The largest guest memory (the boot page tables and e820 describe at most this much).
@@ -157,6 +166,9 @@ pub struct VmHandle {
     console: Console,
     timestamps: Arc<GuestTimestamps>,
     setup_started: Instant,
+    /// The devices, kept here so that they go on this handle's thread once the vCPU threads are
+    /// joined (a vCPU thread under its filter may not do what a device's teardown does).
+    _devices: [Arc<Bus>; 2],
     // Declared last: dropped after the vCPU threads are joined.
     vm: Vm,
 }
@@ -186,12 +198,18 @@ impl VmHandle {
         let (notifier, exits) = ExitNotifier::new();
         let timestamps = Arc::new(GuestTimestamps::default());
         let (pio, serial) = device_manager::legacy_devices(&vm, &config.console, &notifier, &timestamps)?;
+        if config.seccomp {
+            // Filtered threads start device threads through it (see `launcher`).
+            launcher::start().map_err(|cause| VmError::Io { what: "starting the thread launcher", cause })?;
+            seccomp::install_reporter()?;
+        }
         let shared = VcpuShared {
             pio: Arc::new(pio),
-            mmio: Arc::new(device_manager::virtio_devices(&vm, &config.devices)?),
+            mmio: Arc::new(device_manager::virtio_devices(&vm, &config.devices, config.seccomp)?),
             exit: notifier.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             timestamps: timestamps.clone(),
+            seccomp: config.seccomp,
         };
 
         vcpu::install_kick_handler()
@@ -207,6 +225,7 @@ impl VmHandle {
             input_thread: None,
             timestamps,
             setup_started,
+            _devices: [shared.pio.clone(), shared.mmio.clone()],
             vm,
         };
         tracing::debug!(

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use husk_vmm::devices::legacy::Console;
 use husk_vmm::devices::virtio::net::{MacAddr, NetConfig, Tap};
+use husk_vmm::devices::virtio::vsock::HostPorts;
 use husk_vmm::{DeviceConfig, ExitReason, VmConfig, VmHandle, DEFAULT_CMDLINE};
 
 const EXIT_REBOOT: u8 = 3;
@@ -49,6 +50,14 @@ struct Cli {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = 3)]
     vsock_cid: u64,
+    /// Run vCPU and device threads without their seccomp filters (to tell whether a filter is
+    /// what stops a guest).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// A host port the guest may connect to (repeatable); without any, every `<socket>_P`
+    /// listener is reachable.
+    #[arg(long, value_name = "PORT")]
+    vsock_host_port: Vec<u32>,
     /// Share a host directory with the guest over virtio-fs, as TAG=DIR (repeatable); the guest
     /// mounts it with `mount -t virtiofs TAG <dir>`.
     #[arg(long, value_name = "TAG=DIR", value_parser = parse_share)]
@@ -80,6 +89,7 @@ fn parse_share(value: &str) -> Result<(String, PathBuf), String> {
 }
 
 fn main() -> ExitCode {
+    husk_vmm::seccomp::prepare_allocator();
     let started = Instant::now();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -152,13 +162,19 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
         } else {
             None
         },
+        seccomp: !cli.no_seccomp,
         devices: {
             let mut devices = Vec::new();
             if !cli.no_rng {
                 devices.push(DeviceConfig::Rng);
             }
             if let Some(socket) = cli.vsock {
-                devices.push(DeviceConfig::Vsock { guest_cid: cli.vsock_cid, socket });
+                let host_ports = if cli.vsock_host_port.is_empty() {
+                    HostPorts::Any
+                } else {
+                    HostPorts::Only(cli.vsock_host_port.clone())
+                };
+                devices.push(DeviceConfig::Vsock { guest_cid: cli.vsock_cid, socket, host_ports });
             }
             for (tag, shared_dir) in cli.fs {
                 devices.push(DeviceConfig::Fs { tag, shared_dir });

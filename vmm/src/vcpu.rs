@@ -25,6 +25,8 @@ pub struct VcpuShared {
     pub exit: ExitNotifier,
     pub stop: Arc<AtomicBool>,
     pub timestamps: Arc<GuestTimestamps>,
+    /// Whether the thread runs under the vCPU seccomp filter.
+    pub seccomp: bool,
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -63,6 +65,13 @@ impl Drop for PanicGuard<'_> {
 
 fn run(index: u8, mut vcpu: VcpuFd, shared: &VcpuShared) {
     let _guard = PanicGuard(index, &shared.exit);
+    if shared.seccomp {
+        // Before the guest runs a single instruction on this vCPU.
+        if let Err(err) = crate::seccomp::apply(crate::seccomp::ThreadRole::Vcpu) {
+            shared.exit.notify(ExitReason::Error(format!("vCPU {index}: {err}")));
+            return;
+        }
+    }
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;

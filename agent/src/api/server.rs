@@ -5,10 +5,17 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::os::fd::OwnedFd;
+
 use anyhow::{bail, Context, Result};
 use husk_protocols::agent_ttrpc::create_agent;
 use husk_protocols::{AGENT_VSOCK_PORT, STDIO_VSOCK_PORT};
+use nix::sys::socket::SockFlag;
+use tokio::io::unix::AsyncFd;
+use tokio::net::UnixStream;
+use ttrpc::r#async::transport::Listener;
 
+use crate::host_vsock;
 use crate::stdio::StdioEndpoint;
 
 use super::AgentService;
@@ -76,7 +83,7 @@ pub fn start(endpoint: Endpoint, service: AgentService) -> Result<RunningServer>
         let _ = std::fs::remove_file(path);
     }
     let (bound, bound_rx) = std::sync::mpsc::sync_channel::<Result<()>>(1);
-    let address = endpoint.ttrpc_address();
+    let serving = endpoint.clone();
     let thread = std::thread::Builder::new()
         .name("agent-api".into())
         .spawn(move || {
@@ -87,7 +94,7 @@ pub fn start(endpoint: Endpoint, service: AgentService) -> Result<RunningServer>
                     return;
                 }
             };
-            runtime.block_on(serve(address, service, bound));
+            runtime.block_on(serve(serving, service, bound));
         })
         .context("starting the API thread")?;
     match bound_rx.recv() {
@@ -97,22 +104,58 @@ pub fn start(endpoint: Endpoint, service: AgentService) -> Result<RunningServer>
     }
 }
 
-async fn serve(address: String, service: AgentService, bound: std::sync::mpsc::SyncSender<Result<()>>) {
+async fn serve(endpoint: Endpoint, service: AgentService, bound: std::sync::mpsc::SyncSender<Result<()>>) {
     let services = create_agent(Arc::new(service));
-    let mut server = match ttrpc::r#async::Server::new().bind(&address) {
+    let server = match &endpoint {
+        Endpoint::Vsock(port) => host_listener(*port).map(|l| ttrpc::r#async::Server::new().add_listener(l)),
+        Endpoint::Unix(_) => ttrpc::r#async::Server::new()
+            .bind(&endpoint.ttrpc_address())
+            .map_err(|err| anyhow::anyhow!("binding {}: {err}", endpoint.ttrpc_address())),
+    };
+    let mut server = match server {
         Ok(server) => server.register_service(services),
         Err(err) => {
-            let _ = bound.send(Err(anyhow::anyhow!("binding {address}: {err}")));
+            let _ = bound.send(Err(err));
             return;
         }
     };
     if let Err(err) = server.start().await {
-        let _ = bound.send(Err(anyhow::anyhow!("serving {address}: {err}")));
+        let _ = bound.send(Err(anyhow::anyhow!("serving {}: {err}", endpoint.ttrpc_address())));
         return;
     }
     let _ = bound.send(Ok(()));
     // `start` spawned the accept loop on this runtime; keep the runtime alive for it.
     std::future::pending::<()>().await;
+}
+
+/// The API's vsock listener as ttrpc takes it: connections from the host only ([`host_vsock`]).
+fn host_listener(port: u32) -> Result<Listener> {
+    let socket = host_vsock::bind(port, SockFlag::SOCK_NONBLOCK)?;
+    // SAFETY: the OwnedFd keeps its descriptor open, and names the same one, for as long as the
+    // AsyncFd that owns it lives.
+    let listener = unsafe { AsyncFd::register(socket) }
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("registering vsock port {port}"))?;
+    let accepted = futures_util::stream::unfold(listener, |listener| async move {
+        let stream = accept_from_host(&listener).await;
+        Some((stream, listener))
+    });
+    Ok(Listener::new(accepted))
+}
+
+async fn accept_from_host(listener: &AsyncFd<OwnedFd>) -> std::io::Result<UnixStream> {
+    loop {
+        let mut ready = listener.readable().await?;
+        match ready.try_io(|fd| host_vsock::accept(fd.get_ref(), SockFlag::SOCK_NONBLOCK)) {
+            // A connected vsock stream reads, writes and shuts down as a unix stream does; ttrpc
+            // only does those.
+            Ok(Ok(Some(stream))) => {
+                return UnixStream::from_std(std::os::unix::net::UnixStream::from(stream))
+            }
+            Ok(Ok(None)) | Err(_) => continue, // refused, or not ready after all
+            Ok(Err(err)) => return Err(err),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,9 @@
 //!                                  until EOF, then reply with the byte count (`<n>\n`) and close
 //!   husk-vsock-test source PORT    accept connections on PORT; read a request line `<n>\n`, write
 //!                                  n bytes, then close
+//!   husk-vsock-test probe CID PORT connect to CID:PORT and say whether the listener closed the
+//!                                  connection within 3 s (`closed-by-peer`) or kept it
+//!                                  (`kept-open`); `connect-failed` if it could not connect
 //!
 //! `sink` and `source` are the guest side of the vsock benchmark (`husk-bench-vsock`): no pipe through
 //! busybox, no copy to a console, one 64 KiB buffer per connection.
@@ -32,8 +35,12 @@ fn main() -> ExitCode {
         ["connect", port] => port.parse().context("PORT").and_then(connect_to_host),
         ["sink", port] => port.parse().context("PORT").and_then(|port| serve(port, sink)),
         ["source", port] => port.parse().context("PORT").and_then(|port| serve(port, source)),
+        ["probe", cid, port] => cid
+            .parse()
+            .context("CID")
+            .and_then(|cid| port.parse().context("PORT").and_then(|port| probe(cid, port))),
         _ => Err(anyhow::anyhow!(
-            "usage: husk-vsock-test listen PORT | connect PORT | sink PORT | source PORT"
+            "usage: husk-vsock-test listen PORT | connect PORT | sink PORT | source PORT | probe CID PORT"
         )),
     };
     match result {
@@ -128,6 +135,29 @@ fn source(mut conn: UnixStream) -> io::Result<()> {
         left -= n as u64;
     }
     conn.shutdown(Shutdown::Write)
+}
+
+/// How long `probe` waits for the listener to close the connection.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn probe(cid: u32, port: u32) -> Result<()> {
+    let fd = vsock_socket()?;
+    if let Err(err) = connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
+        println!("connect-failed: {err}");
+        return Ok(());
+    }
+    let mut conn = stream(fd);
+    conn.set_read_timeout(Some(PROBE_WAIT))?;
+    let mut byte = [0u8; 1];
+    let verdict = match conn.read(&mut byte) {
+        Ok(0) => "closed-by-peer",
+        Err(err) if err.kind() == io::ErrorKind::ConnectionReset => "closed-by-peer",
+        Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => "kept-open",
+        Ok(_) => "kept-open", // it even spoke first
+        Err(err) => return Err(err).context("reading"),
+    };
+    println!("{verdict}");
+    Ok(())
 }
 
 fn connect_to_host(port: u32) -> Result<()> {

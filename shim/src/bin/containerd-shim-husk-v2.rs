@@ -4,8 +4,14 @@
 
 use husk_shim::containerd::{shim_config, HuskShim, RUNTIME_ID};
 
+fn main() {
+    // Before any thread: the VMM's filtered threads share this process's allocator.
+    husk_vmm::seccomp::prepare_allocator();
+    serve();
+}
+
 #[tokio::main]
-async fn main() {
+async fn serve() {
     let version = std::env::args().skip(1).any(|arg| matches!(arg.as_str(), "-v" | "-version" | "--version"));
     if version {
         println!("containerd-shim-husk-v2:");

@@ -66,6 +66,8 @@ enum Commands {
 }
 
 fn main() -> Result<ExitCode> {
+    // Before any thread: the VMM's filtered threads share this process's allocator.
+    husk_vmm::seccomp::prepare_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -104,6 +106,7 @@ fn main() -> Result<ExitCode> {
                 image: image.or(image_dir),
                 sandbox_root: config.runtime.sandbox_dir.clone(),
                 kernel_params: h.kernel_params.clone(),
+                seccomp: h.seccomp,
                 agent_timeout: Duration::from_secs(agent_timeout_s.unwrap_or(config.agent.boot_timeout_s)),
             };
             run(&options)

@@ -199,6 +199,7 @@ impl Pod {
             console_to_stdout: false,
             sysctls,
             network: attach_network(pod_id, netns).await?,
+            seccomp: h.seccomp,
         };
         tracing::info!(
             sandbox = pod_id,

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use husk_protocols::agent::CreateSandboxRequest;
 use husk_vmm::devices::legacy::Console;
+use husk_vmm::devices::virtio::vsock::HostPorts;
 use husk_vmm::{DeviceConfig, VmConfig, VmExit, VmHandle, VmStopper, DEFAULT_CMDLINE};
 
 pub use self::dir::{SandboxDir, SandboxDirError};
@@ -44,6 +45,8 @@ pub struct SandboxConfig {
     pub sysctls: std::collections::HashMap<String, String>,
     /// The pod's network namespace, attached: one guest NIC per interface.
     pub network: Option<Arc<PodNetwork>>,
+    /// The VMM's threads under their seccomp filters.
+    pub seccomp: bool,
 }
 
 /// Why a sandbox could not be brought up or used.
@@ -106,9 +109,15 @@ impl Sandbox {
             console: Console::new(Some(log), config.console_to_stdout),
             setup_started: None,
             console_input: None,
+            seccomp: config.seccomp,
             devices: [
                 DeviceConfig::Rng,
-                DeviceConfig::Vsock { guest_cid: GUEST_CID, socket: dir.vsock_socket() },
+                // Every stream is opened from the host: the guest may connect to no host port.
+                DeviceConfig::Vsock {
+                    guest_cid: GUEST_CID,
+                    socket: dir.vsock_socket(),
+                    host_ports: HostPorts::Only(Vec::new()),
+                },
                 DeviceConfig::Fs { tag: SHARED_FS_TAG.to_owned(), shared_dir: dir.shared() },
             ]
             .into_iter()

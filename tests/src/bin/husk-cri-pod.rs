@@ -9,9 +9,15 @@
 //! return of StartContainer of the pod's one container (what a kubelet waits for before a pod
 //! runs), with the handler `husk` beside `runc` in the same run; median of RUNS after a warm-up.
 //!
-//! `husk-cri-pod --vm-dies CONTAINERD_SOCKET LOG_DIR`: a privileged pod in the guest's own PID
-//! namespace (`hostPID`) whose first container reboots the VM (`reboot -f`); prints the exit
-//! codes both containers then report (`victim-exit=`, `bystander-exit=`).
+//! `husk-cri-pod --fault KIND CONTAINERD_SOCKET LOG_DIR`: a privileged pod in the guest's own PID
+//! namespace (`hostPID`) with two containers, `victim` and `bystander`, and one fault:
+//! - `reboot`: the victim reboots the VM (`reboot -f`);
+//! - `panic`: the victim crashes the guest kernel (sysrq `c`);
+//! - `vm-oom`: the victim, with no memory limit, allocates until the guest runs out of memory.
+//!
+//! Then it prints the exit codes both containers report (`victim-exit=`, `bystander-exit=`)
+//! and, for `vm-oom`, whether the bystander still answers (`bystander-after=`).
+//! (`--vm-dies` is `--fault reboot`.)
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -38,11 +44,19 @@ async fn main() -> Result<()> {
     }
     if let [flag, socket, logs] = args.as_slice() {
         if flag == "--vm-dies" {
-            return vm_dies(socket, logs).await;
+            return fault(Fault::Reboot, socket, logs).await;
+        }
+    }
+    if let [flag, kind, socket, logs] = args.as_slice() {
+        if flag == "--fault" {
+            return fault(Fault::parse(kind)?, socket, logs).await;
         }
     }
     let [socket, volume, logs] = args.as_slice() else {
-        bail!("usage: husk-cri-pod CONTAINERD_SOCKET VOLUME_DIR LOG_DIR | --bench RUNS CONTAINERD_SOCKET LOG_DIR");
+        bail!(
+            "usage: husk-cri-pod CONTAINERD_SOCKET VOLUME_DIR LOG_DIR | --bench RUNS CONTAINERD_SOCKET LOG_DIR \
+             | --fault reboot|panic|vm-oom CONTAINERD_SOCKET LOG_DIR"
+        );
     };
     let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
     let sandbox_config = pod_config("husk-pod", logs);
@@ -85,8 +99,37 @@ async fn exercise(cri: &mut Cri, pod: &str, sandbox_config: &PodSandboxConfig, v
     Ok(())
 }
 
-/// A container reboots its pod's VM; see the module documentation.
-async fn vm_dies(socket: &str, logs: &str) -> Result<()> {
+/// What `--fault` does to the pod; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Reboot,
+    Panic,
+    VmOom,
+}
+
+impl Fault {
+    fn parse(kind: &str) -> Result<Fault> {
+        Ok(match kind {
+            "reboot" => Fault::Reboot,
+            "panic" => Fault::Panic,
+            "vm-oom" => Fault::VmOom,
+            _ => bail!("--fault {kind:?}: expected reboot, panic or vm-oom"),
+        })
+    }
+
+    /// What the victim runs in the pod's guest to cause it.
+    fn command(self) -> &'static [&'static str] {
+        match self {
+            Fault::Reboot => &["reboot", "-f"],
+            Fault::Panic => &["sh", "-c", "echo c > /proc/sysrq-trigger"],
+            // Doubling a shell string until the guest's memory is gone (no cgroup limit).
+            Fault::VmOom => &["sh", "-c", "x=a; while :; do x=$x$x; done"],
+        }
+    }
+}
+
+/// A fault hits a pod; see the module documentation.
+async fn fault(fault: Fault, socket: &str, logs: &str) -> Result<()> {
     let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
     let mut config = pod_config("doomed-pod", logs);
     let node_pid = NamespaceOption { pid: NamespaceMode::Node.into(), ..Default::default() };
@@ -100,8 +143,17 @@ async fn vm_dies(socket: &str, logs: &str) -> Result<()> {
         let bystander = start_privileged(&mut cri, &pod, &config, "bystander", node_pid).await?;
         // hostPID: the guest's PID 1 (the agent, /init) is in sight, as the node's is under runc.
         println!("victim-pid1={}", exec(&mut cri, &victim, &["cat", "/proc/1/comm"]).await?.trim());
-        // The exec dies with the VM: its own result does not matter.
-        let _ = exec(&mut cri, &victim, &["reboot", "-f"]).await;
+        // The exec dies with the VM or the process: its own result does not matter.
+        let _ = exec(&mut cri, &victim, fault.command()).await;
+        if fault == Fault::VmOom {
+            // The guest's OOM killer took the hog (or the victim's sleep); the pod lives on.
+            let after = exec(&mut cri, &bystander, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
+            println!("bystander-after={}", if after.is_ok() { "answers" } else { "silent" });
+            let count = "dmesg | grep -c 'Out of memory: Killed process' || true";
+            let oom_kills = exec(&mut cri, &bystander, &["sh", "-c", count]).await;
+            println!("guest-oom-kills={}", oom_kills.map(|text| text.trim().to_owned()).unwrap_or_default());
+            return Ok::<_, anyhow::Error>(());
+        }
         for (name, id) in [("victim", &victim), ("bystander", &bystander)] {
             println!("{name}-exit={}", exit_code_when_exited(&mut cri, id).await?);
         }

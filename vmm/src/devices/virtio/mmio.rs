@@ -74,6 +74,8 @@ pub struct MmioTransport {
     activated: bool,
     /// `QueueReady` of each queue as handed to the device (the register reads back what was written).
     active_ready: Vec<bool>,
+    /// Passed to the device: whether its thread filters its syscalls.
+    seccomp: bool,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -109,7 +111,14 @@ impl MmioTransport {
             status: 0,
             activated: false,
             active_ready: Vec::new(),
+            seccomp: false,
         }
+    }
+
+    /// The transport, its device's thread running under the device's seccomp filter.
+    pub fn with_seccomp(mut self, seccomp: bool) -> MmioTransport {
+        self.seccomp = seccomp;
+        self
     }
 
     /// Number of queues the device has.
@@ -249,6 +258,7 @@ impl MmioTransport {
             queue_events,
             interrupt: self.interrupt.clone(),
             acked_features: self.acked_features,
+            seccomp: self.seccomp,
         };
         match self.device.activate(context) {
             Ok(()) => {

@@ -88,6 +88,8 @@ pub struct DeviceContext {
     pub interrupt: Arc<Interrupt>,
     /// Features the driver accepted.
     pub acked_features: u64,
+    /// Whether the device's thread installs its seccomp filter ([`crate::seccomp`]).
+    pub seccomp: bool,
 }
 
 /// A virtio device model behind an [`MmioTransport`].

@@ -8,8 +8,9 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::queue::RequestQueue;
-use super::worker::{QueueHandler, Worker};
+use super::worker::{QueueHandler, Served, Worker};
 use super::{ActivateError, DeviceContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::seccomp::ThreadRole;
 use std::sync::Arc;
 
 const VIRTIO_ID_RNG: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -37,15 +38,17 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, context: DeviceContext) -> Result<(), ActivateError> {
-        let DeviceContext { mem, queues, queue_events, interrupt, .. } = context;
+        let DeviceContext { mem, queues, queue_events, interrupt, seccomp, .. } = context;
         let [queue]: [Queue; 1] = queues
             .try_into()
             .map_err(|q: Vec<Queue>| ActivateError::QueueCount { expected: 1, found: q.len() })?;
-        let source = File::open("/dev/urandom").map_err(ActivateError::Worker)?;
         let queue = RequestQueue::new("virtio-rng", queue);
-        let handler = RngQueue { mem, queue, interrupt, source, buffer: Vec::new() };
-        self.worker =
-            Some(Worker::spawn("virtio-rng", handler, queue_events).map_err(ActivateError::Worker)?);
+        let worker = Worker::start("virtio-rng", seccomp.then_some(ThreadRole::Rng), move || {
+            let source = File::open("/dev/urandom")?;
+            let handler = RngQueue { mem, queue, interrupt, source, buffer: Vec::new() };
+            Ok(Served { handler, queue_events, sources: Vec::new() })
+        });
+        self.worker = Some(worker.map_err(ActivateError::Worker)?);
         Ok(())
     }
 

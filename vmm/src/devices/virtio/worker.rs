@@ -4,15 +4,19 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::sync_channel;
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::launcher;
+use crate::seccomp::{self, ThreadRole};
+
 /// Device logic run on the worker thread.
 pub trait QueueHandler: Send + 'static {
-    /// Runs first on the worker thread, before any queue is served (per-thread setup such as
-    /// dropping capabilities the device must not have).
+    /// Runs first on the worker thread, before any queue is served and before its seccomp
+    /// filter (per-thread setup such as dropping capabilities the device must not have).
     fn on_start(&mut self) {}
     /// Queue `index` was notified by the driver.
     fn process_queue(&mut self, index: usize);
@@ -32,66 +36,117 @@ const STOP_TOKEN: u64 = u64::MAX;
 /// epoll data value of the first extra source (queue indices stay below it).
 const SOURCE_TOKEN_BASE: u64 = 1 << 32;
 
+/// What a worker serves: the device logic, its queues' eventfds and its other sources (file
+/// descriptors with the events to wait for; they must outlive the worker). A ready source goes
+/// to [`QueueHandler::process_source`] with its index in `sources`.
+#[derive(Debug)]
+pub struct Served<H> {
+    pub handler: H,
+    pub queue_events: Vec<EventFd>,
+    pub sources: Vec<(RawFd, EventSet)>,
+}
+
 impl Worker {
-    /// Starts a thread named `name` serving `queue_events` with `handler`.
+    /// Starts a thread named `name` serving `queue_events` with `handler` (no seccomp filter).
     pub fn spawn<H: QueueHandler>(name: &str, handler: H, queue_events: Vec<EventFd>) -> io::Result<Worker> {
         Worker::spawn_with_sources(name, handler, queue_events, Vec::new())
     }
 
-    /// [`Worker::spawn`], also watching `sources` (file descriptors with the events to wait for;
-    /// they must outlive the worker): a ready one goes to [`QueueHandler::process_source`] with its
-    /// index in `sources`.
+    /// [`Worker::spawn`], also watching `sources` (see [`Served`]).
     pub fn spawn_with_sources<H: QueueHandler>(
         name: &str,
-        mut handler: H,
+        handler: H,
         queue_events: Vec<EventFd>,
         sources: Vec<(RawFd, EventSet)>,
     ) -> io::Result<Worker> {
+        Worker::start(name, None, move || Ok(Served { handler, queue_events, sources }))
+    }
+
+    /// Starts a device thread named `name` (through [`crate::launcher`]): `setup` runs on it
+    /// first (opening files and sockets, dropping capabilities), then [`QueueHandler::on_start`],
+    /// then the thread installs the seccomp filter of `filter`, if any, and serves. Returns once
+    /// the thread is serving, or with the error that stopped it before.
+    pub fn start<H, F>(name: &str, filter: Option<ThreadRole>, setup: F) -> io::Result<Worker>
+    where
+        H: QueueHandler,
+        F: FnOnce() -> io::Result<Served<H>> + Send + 'static,
+    {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
-        for (index, event) in queue_events.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                event.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, index as u64),
-            )?;
-        }
-        for (index, (fd, events)) in sources.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                *fd,
-                EpollEvent::new(*events, SOURCE_TOKEN_BASE + index as u64),
-            )?;
-        }
-        let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
-            handler.on_start();
-            let mut ready = [EpollEvent::default(); 8];
-            loop {
-                let count = match epoll.wait(-1, &mut ready) {
-                    Ok(count) => count,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(err) => {
-                        tracing::error!(%err, "device worker: epoll_wait failed; the device stops");
-                        return;
-                    }
-                };
-                for event in &ready[..count] {
-                    let token = event.data();
-                    if token == STOP_TOKEN {
-                        return;
-                    }
-                    if token >= SOURCE_TOKEN_BASE {
-                        handler.process_source((token - SOURCE_TOKEN_BASE) as usize);
-                    } else if let Some(queue_event) = queue_events.get(token as usize) {
-                        // Consume the notification count; the handler drains the whole queue.
-                        let _ = queue_event.read();
-                        handler.process_queue(token as usize);
-                    }
+        let stop_seen = stop.try_clone()?;
+        let (ready, serving) = sync_channel::<io::Result<()>>(1);
+        let thread = launcher::spawn(name, move || {
+            let prepared = setup().and_then(|served| prepare(served, &stop_seen, filter));
+            let (mut handler, queue_events, epoll) = match prepared {
+                Ok(prepared) => prepared,
+                Err(err) => {
+                    let _ = ready.send(Err(err));
+                    return;
                 }
-            }
+            };
+            let _ = ready.send(Ok(()));
+            serve(&mut handler, &queue_events, &epoll);
         })?;
-        Ok(Worker { stop, thread: Some(thread) })
+        match serving.recv() {
+            Ok(Ok(())) => Ok(Worker { stop, thread: Some(thread) }),
+            Ok(Err(err)) => {
+                let _ = thread.join();
+                Err(err)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(io::Error::other("the device thread ended during its setup"))
+            }
+        }
+    }
+}
+
+/// On the worker thread, before serving: the epoll set, the handler's own start, the filter.
+fn prepare<H: QueueHandler>(
+    served: Served<H>,
+    stop: &EventFd,
+    filter: Option<ThreadRole>,
+) -> io::Result<(H, Vec<EventFd>, Epoll)> {
+    let Served { mut handler, queue_events, sources } = served;
+    let epoll = Epoll::new()?;
+    epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
+    for (index, event) in queue_events.iter().enumerate() {
+        epoll.ctl(ControlOperation::Add, event.as_raw_fd(), EpollEvent::new(EventSet::IN, index as u64))?;
+    }
+    for (index, (fd, events)) in sources.iter().enumerate() {
+        epoll.ctl(ControlOperation::Add, *fd, EpollEvent::new(*events, SOURCE_TOKEN_BASE + index as u64))?;
+    }
+    handler.on_start();
+    if let Some(role) = filter {
+        seccomp::apply(role).map_err(io::Error::other)?;
+    }
+    Ok((handler, queue_events, epoll))
+}
+
+/// The worker's loop: hands each ready event to the handler until the stop event.
+fn serve<H: QueueHandler>(handler: &mut H, queue_events: &[EventFd], epoll: &Epoll) {
+    let mut ready = [EpollEvent::default(); 8];
+    loop {
+        let count = match epoll.wait(-1, &mut ready) {
+            Ok(count) => count,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                tracing::error!(%err, "device worker: epoll_wait failed; the device stops");
+                return;
+            }
+        };
+        for event in &ready[..count] {
+            let token = event.data();
+            if token == STOP_TOKEN {
+                return;
+            }
+            if token >= SOURCE_TOKEN_BASE {
+                handler.process_source((token - SOURCE_TOKEN_BASE) as usize);
+            } else if let Some(queue_event) = queue_events.get(token as usize) {
+                // Consume the notification count; the handler drains the whole queue.
+                let _ = queue_event.read();
+                handler.process_queue(token as usize);
+            }
+        }
     }
 }
 

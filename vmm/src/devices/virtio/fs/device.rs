@@ -10,8 +10,9 @@ use vm_memory::GuestMemoryMmap;
 use super::request;
 use super::share::{self, FsServer, ShareError};
 use crate::devices::virtio::queue::RequestQueue;
-use crate::devices::virtio::worker::{QueueHandler, Worker};
+use crate::devices::virtio::worker::{QueueHandler, Served, Worker};
 use crate::devices::virtio::{ActivateError, DeviceContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::seccomp::ThreadRole;
 
 const VIRTIO_ID_FS: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 /// The high-priority queue and one request queue (Linux 6.1 uses one). The request queue is large:
@@ -97,24 +98,27 @@ impl VirtioDevice for FsDevice {
     }
 
     fn activate(&mut self, context: DeviceContext) -> Result<(), ActivateError> {
-        let DeviceContext { mem, queues, queue_events, interrupt, .. } = context;
+        let DeviceContext { mem, queues, queue_events, interrupt, seccomp, .. } = context;
         let found = queues.len();
         let [hiprio, requests]: [Queue; 2] = queues
             .try_into()
             .map_err(|_| ActivateError::QueueCount { expected: QUEUE_SIZES.len(), found })?;
-        let server = match self.server.take() {
-            Some(server) => server,
-            // Re-activation after a driver reset: a fresh server (the guest starts with FUSE_INIT).
-            None => share::serve_directory(&self.dir)
-                .map_err(|e| ActivateError::Worker(std::io::Error::other(e)))?,
-        };
-        let handler = FsQueues {
-            mem,
-            queues: [RequestQueue::new("virtio-fs", hiprio), RequestQueue::new("virtio-fs", requests)],
-            interrupt,
-            server,
-        };
-        self.worker = Some(Worker::spawn("virtio-fs", handler, queue_events).map_err(ActivateError::Worker)?);
+        let (server, dir) = (self.server.take(), self.dir.clone());
+        let worker = Worker::start("virtio-fs", seccomp.then_some(ThreadRole::Fs), move || {
+            let server = match server {
+                Some(server) => server,
+                // Re-activation after a driver reset: a fresh server (the guest starts with FUSE_INIT).
+                None => share::serve_directory(&dir).map_err(std::io::Error::other)?,
+            };
+            let handler = FsQueues {
+                mem,
+                queues: [RequestQueue::new("virtio-fs", hiprio), RequestQueue::new("virtio-fs", requests)],
+                interrupt,
+                server,
+            };
+            Ok(Served { handler, queue_events, sources: Vec::new() })
+        });
+        self.worker = Some(worker.map_err(ActivateError::Worker)?);
         Ok(())
     }
 

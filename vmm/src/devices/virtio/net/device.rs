@@ -20,8 +20,9 @@ use super::header::{self, TxOffloads, HEADER_LEN, MAX_PACKET_LEN};
 use super::tap::{FrameBackend, TapOffloads};
 use super::NetConfig;
 use crate::devices::virtio::queue::{Chain, RequestQueue};
-use crate::devices::virtio::worker::{QueueHandler, Worker};
+use crate::devices::virtio::worker::{QueueHandler, Served, Worker};
 use crate::devices::virtio::{ActivateError, DeviceContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::seccomp::ThreadRole;
 
 const VIRTIO_ID_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 const QUEUE_SIZES: &[u16] = &[256, 256];
@@ -93,7 +94,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn activate(&mut self, context: DeviceContext) -> Result<(), ActivateError> {
-        let DeviceContext { mem, queues, queue_events, interrupt, acked_features } = context;
+        let DeviceContext { mem, queues, queue_events, interrupt, acked_features, seccomp } = context;
         let [rx, tx]: [Queue; 2] = queues
             .try_into()
             .map_err(|q: Vec<Queue>| ActivateError::QueueCount { expected: 2, found: q.len() })?;
@@ -104,7 +105,6 @@ impl VirtioDevice for NetDevice {
             tso6: acked(vn::VIRTIO_NET_F_GUEST_TSO6),
             ecn: acked(vn::VIRTIO_NET_F_GUEST_ECN),
         };
-        self.config.backend.set_offloads(to_guest).map_err(ActivateError::Worker)?;
         let from_guest = TxOffloads {
             csum: acked(vn::VIRTIO_NET_F_CSUM),
             tso4: acked(vn::VIRTIO_NET_F_HOST_TSO4),
@@ -112,15 +112,18 @@ impl VirtioDevice for NetDevice {
             ecn: acked(vn::VIRTIO_NET_F_HOST_ECN),
         };
         let backend = Arc::clone(&self.config.backend);
-        let queues = NetQueues::new(mem, rx, tx, interrupt, backend, from_guest, to_guest.csum)
-            .map_err(ActivateError::Worker)?;
-        let sources = vec![
-            (self.config.backend.as_raw_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
-            (queues.kick.as_raw_fd(), EventSet::IN),
-        ];
-        let worker = Worker::spawn_with_sources("virtio-net", queues, queue_events, sources)
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
+        let worker = Worker::start("virtio-net", seccomp.then_some(ThreadRole::Net), move || {
+            backend.set_offloads(to_guest)?;
+            let tap = backend.as_raw_fd();
+            let handler = NetQueues::new(mem, rx, tx, interrupt, backend, from_guest, to_guest.csum)?;
+            // Both fds live as long as the handler does (it holds the backend and the kick).
+            let sources = vec![
+                (tap, EventSet::IN | EventSet::EDGE_TRIGGERED),
+                (handler.kick.as_raw_fd(), EventSet::IN),
+            ];
+            Ok(Served { handler, queue_events, sources })
+        });
+        self.worker = Some(worker.map_err(ActivateError::Worker)?);
         Ok(())
     }
 

@@ -15,9 +15,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{Muxer, FD_TOKEN_BASE, LISTENER_TOKEN};
 use super::packet::{PacketHeader, HEADER_LEN, MAX_PAYLOAD};
+use super::HostPorts;
 use crate::devices::virtio::{
     ActivateError, DeviceContext, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
 };
+use crate::launcher;
+use crate::seccomp::{self, ThreadRole};
 
 const VIRTIO_ID_VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 const QUEUE_SIZES: &[u16] = &[256, 256, 256];
@@ -30,13 +33,15 @@ const STOP_TOKEN: u64 = 8;
 pub struct VsockDevice {
     guest_cid: u64,
     path: PathBuf,
+    host_ports: HostPorts,
     worker: Option<(EventFd, JoinHandle<()>)>,
 }
 
 impl VsockDevice {
-    /// A device giving the guest CID `guest_cid`, with its host side at the unix socket `path`.
-    pub fn new(guest_cid: u64, path: PathBuf) -> VsockDevice {
-        VsockDevice { guest_cid, path, worker: None }
+    /// A device giving the guest CID `guest_cid`, with its host side at the unix socket `path`;
+    /// the guest may connect to `host_ports` there.
+    pub fn new(guest_cid: u64, path: PathBuf, host_ports: HostPorts) -> VsockDevice {
+        VsockDevice { guest_cid, path, host_ports, worker: None }
     }
 
     fn stop(&mut self) {
@@ -50,6 +55,10 @@ impl VsockDevice {
 impl Drop for VsockDevice {
     fn drop(&mut self) {
         self.stop();
+        // The socket path is ours: leave nothing behind. (Not on a reset: the vCPU thread that
+        // resets may not unlink files; the next activation replaces the stale socket.) The VM's
+        // owner drops the devices, after the vCPU threads.
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -74,7 +83,7 @@ impl VirtioDevice for VsockDevice {
     }
 
     fn activate(&mut self, context: DeviceContext) -> Result<(), ActivateError> {
-        let DeviceContext { mem, queues, queue_events, interrupt, .. } = context;
+        let DeviceContext { mem, queues, queue_events, interrupt, seccomp, .. } = context;
         if queues.len() != QUEUE_SIZES.len() || queue_events.len() != QUEUE_SIZES.len() {
             return Err(ActivateError::QueueCount { expected: QUEUE_SIZES.len(), found: queues.len() });
         }
@@ -82,20 +91,43 @@ impl VirtioDevice for VsockDevice {
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err(ActivateError::QueueCount { expected: QUEUE_SIZES.len(), found: 0 });
         };
-        // A previous activation (before a driver reset) may have left the socket.
-        let _ = std::fs::remove_file(&self.path);
-        let mut lp = EventLoop::new(mem, rx, tx, interrupt, &self.path, self.guest_cid)
-            .map_err(ActivateError::Worker)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        lp.watch(stop.as_raw_fd(), STOP_TOKEN).map_err(ActivateError::Worker)?;
-        for (index, event) in queue_events.iter().enumerate() {
-            lp.watch(event.as_raw_fd(), index as u64).map_err(ActivateError::Worker)?;
+        let stop_seen = stop.try_clone().map_err(ActivateError::Worker)?;
+        let (path, guest_cid, host_ports) = (self.path.clone(), self.guest_cid, self.host_ports.clone());
+        let (ready, serving) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
+        // Set up on the device's own thread: binding the host socket is nothing a vCPU may do.
+        let thread = launcher::spawn("virtio-vsock", move || {
+            let setup = || -> std::io::Result<EventLoop> {
+                // A previous activation (before a driver reset) may have left the socket.
+                let _ = std::fs::remove_file(&path);
+                let mut lp = EventLoop::new(mem, rx, tx, interrupt, &path, guest_cid)?;
+                lp.muxer.set_host_ports(host_ports);
+                lp.watch(stop_seen.as_raw_fd(), STOP_TOKEN)?;
+                for (index, event) in queue_events.iter().enumerate() {
+                    lp.watch(event.as_raw_fd(), index as u64)?;
+                }
+                lp.queue_events = queue_events;
+                if seccomp {
+                    seccomp::apply(ThreadRole::Vsock).map_err(std::io::Error::other)?;
+                }
+                Ok(lp)
+            };
+            match setup() {
+                Ok(mut lp) => {
+                    let _ = ready.send(Ok(()));
+                    lp.run();
+                }
+                Err(err) => {
+                    let _ = ready.send(Err(err));
+                }
+            }
+        })
+        .map_err(ActivateError::Worker)?;
+        let started = serving.recv().unwrap_or_else(|_| Err(std::io::Error::other("the vsock thread ended")));
+        if let Err(err) = started {
+            let _ = thread.join();
+            return Err(ActivateError::Worker(err));
         }
-        lp.queue_events = queue_events;
-        let thread = std::thread::Builder::new()
-            .name("virtio-vsock".into())
-            .spawn(move || lp.run())
-            .map_err(ActivateError::Worker)?;
         self.worker = Some((stop, thread));
         Ok(())
     }
@@ -338,7 +370,7 @@ mod tests {
 
     #[test]
     fn config_space_holds_the_guest_cid() {
-        let device = VsockDevice::new(0x1_0000_0007, PathBuf::from("/nonexistent"));
+        let device = VsockDevice::new(0x1_0000_0007, PathBuf::from("/nonexistent"), HostPorts::Any);
         let mut cid = [0u8; 8];
         device.read_config(0, &mut cid);
         assert_eq!(u64::from_le_bytes(cid), 0x1_0000_0007);

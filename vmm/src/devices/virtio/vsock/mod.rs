@@ -18,3 +18,24 @@ pub mod packet;
 pub mod test_utils;
 
 pub use device::VsockDevice;
+
+/// The host ports the guest may connect to: a guest connection to port P goes to the listener
+/// at `<socket>_P`, and only for an allowed P; others are reset without a look at the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum HostPorts {
+    /// Whatever listeners exist (`husk-vmm` without `--vsock-host-port`: a debugging aid).
+    #[default]
+    Any,
+    /// These ports only (the shim: none, its guest connects nowhere on its own).
+    Only(Vec<u32>),
+}
+
+impl HostPorts {
+    /// Whether a guest connection to host `port` may be tried.
+    pub fn allows(&self, port: u32) -> bool {
+        match self {
+            HostPorts::Any => true,
+            HostPorts::Only(ports) => ports.contains(&port),
+        }
+    }
+}

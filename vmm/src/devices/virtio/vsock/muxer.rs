@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::csm::{Connection, State};
 use super::handshake::{ok_reply, ConnectLine};
 use super::packet::{Op, PacketHeader};
+use super::HostPorts;
 
 /// epoll data for the listener; stream fds use `FD_TOKEN_BASE + fd`.
 pub const LISTENER_TOKEN: u64 = 16;
@@ -51,6 +52,8 @@ pub struct Muxer {
     /// Resets for guest packets that match no connection.
     rsts: VecDeque<PacketHeader>,
     next_local_port: u32,
+    /// Where guest-initiated connections may go.
+    host_ports: HostPorts,
 }
 
 impl Muxer {
@@ -77,7 +80,13 @@ impl Muxer {
             interest: HashMap::new(),
             rsts: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            host_ports: HostPorts::Any,
         })
+    }
+
+    /// Limits guest-initiated connections to `ports` (every port until called).
+    pub fn set_host_ports(&mut self, ports: HostPorts) {
+        self.host_ports = ports;
     }
 
     /// Accepts every pending host connection (their handshake follows).
@@ -170,11 +179,11 @@ impl Muxer {
         }
     }
 
-    /// A guest connection to host port P reaches a listener at `<path>_<P>`.
+    /// A guest connection to an allowed host port P reaches a listener at `<path>_<P>`.
     fn guest_connect(&mut self, header: &PacketHeader, epoll: &Epoll) {
         let target = PathBuf::from(format!("{}_{}", self.path.display(), header.dst_port));
-        let connected =
-            (self.conns.len() < MAX_CONNECTIONS).then(|| connect_nonblocking(&target).ok()).flatten();
+        let allowed = self.host_ports.allows(header.dst_port) && self.conns.len() < MAX_CONNECTIONS;
+        let connected = allowed.then(|| connect_nonblocking(&target).ok()).flatten();
         let Some(stream) = connected else {
             self.rsts.push_back(PacketHeader::reply(header, Op::Rst, 0, 0));
             return;
@@ -288,13 +297,6 @@ impl Muxer {
     }
 }
 
-impl Drop for Muxer {
-    fn drop(&mut self) {
-        // The socket path is ours: leave nothing behind.
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// Connects to the unix listener at `path` without blocking: a listener whose backlog is full
 /// (it does not accept fast enough) fails the connection with `WouldBlock` instead of stalling the
 /// device thread, and the guest gets an RST.
@@ -346,6 +348,7 @@ mod tests {
 
     use super::super::packet::{Op, PacketHeader};
     use super::super::test_utils::{guest_packet, VsockHarness};
+    use super::super::HostPorts;
 
     const CREDIT: u32 = 1 << 20;
 
@@ -374,6 +377,22 @@ mod tests {
         assert_eq!(order[3..], first_round[..], "{order:?}");
         first_round.sort_unstable();
         assert_eq!(first_round, [100, 200, 300], "no stream starves the others: {order:?}");
+    }
+
+    #[test]
+    fn the_guest_reaches_only_the_host_ports_it_is_allowed() {
+        let mut h = VsockHarness::new().unwrap();
+        h.set_host_ports(HostPorts::Only(vec![5000]));
+        let (allowed, other) = (h.listen(5000).unwrap(), h.listen(6000).unwrap());
+        other.set_nonblocking(true).unwrap();
+        connect_guest_port(&mut h, 100, 5000);
+        assert!(allowed.accept().is_ok(), "an allowed port connects");
+        h.guest_send(&guest_packet(Op::Request, 101, 6000, CREDIT, 0), &[]).unwrap();
+        let reply = h.guest_recv().unwrap().header;
+        assert_eq!((reply.op, reply.src_port, reply.dst_port), (Op::Rst as u16, 6000, 101));
+        h.step();
+        assert!(other.accept().is_err(), "the listener of a port not allowed never sees the guest");
+        assert_eq!(h.connection_count(), 1);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::EventLoop;
 use super::packet::{Op, PacketHeader, HEADER_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM};
+use super::HostPorts;
 use crate::devices::virtio::test_utils::{Buffer, GuestQueue};
 use crate::devices::virtio::Interrupt;
 
@@ -202,6 +203,11 @@ impl VsockHarness {
         self.post_rx_buffer(addr).ok()?;
         let header = PacketHeader::decode(&bytes).ok()?;
         Some(Received { header, payload: bytes.get(HEADER_LEN..).unwrap_or_default().to_vec() })
+    }
+
+    /// Limits the host ports the guest may connect to.
+    pub fn set_host_ports(&mut self, ports: HostPorts) {
+        self.lp.muxer.set_host_ports(ports);
     }
 
     /// Open connections in the muxer.

@@ -1,0 +1,69 @@
+//! Starts device threads on behalf of threads that may not: a thread under a seccomp filter
+//! cannot `clone`, and a thread it started would inherit its filter (see [`crate::seccomp`]).
+//! vCPU threads activate devices when the driver says so; the device's thread is then started
+//! here, by a long-lived launcher thread that has no filter, and installs its own.
+
+use std::io;
+use std::sync::mpsc::{channel, sync_channel, Sender, SyncSender};
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
+
+type Body = Box<dyn FnOnce() + Send + 'static>;
+
+struct Request {
+    name: String,
+    body: Body,
+    started: SyncSender<io::Result<JoinHandle<()>>>,
+}
+
+/// The process's launcher, once [`start`] ran.
+static LAUNCHER: OnceLock<Sender<Request>> = OnceLock::new();
+
+/// Starts the launcher thread if it is not running; call before any thread is filtered (the VM's
+/// start does).
+pub fn start() -> io::Result<()> {
+    if LAUNCHER.get().is_some() {
+        return Ok(());
+    }
+    let (requests, incoming) = channel::<Request>();
+    std::thread::Builder::new().name("vmm-launcher".into()).spawn(move || {
+        for Request { name, body, started } in incoming {
+            let _ = started.send(std::thread::Builder::new().name(name).spawn(body));
+        }
+    })?;
+    // A racing second start leaves its idle thread behind; the first one's serves everybody.
+    let _ = LAUNCHER.set(requests);
+    Ok(())
+}
+
+/// Starts a thread named `name` running `body`: through the launcher when it runs, directly
+/// otherwise (unit tests, which filter nothing).
+pub fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    let Some(launcher) = LAUNCHER.get() else {
+        return std::thread::Builder::new().name(name.to_owned()).spawn(body);
+    };
+    let (started, handle) = sync_channel(1);
+    let request = Request { name: name.to_owned(), body: Box::new(body), started };
+    let sent = launcher.send(request);
+    if sent.is_err() {
+        return Err(io::Error::other("the VMM's thread launcher has stopped"));
+    }
+    handle.recv().map_err(|_| io::Error::other("the VMM's thread launcher has stopped"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_start_through_the_launcher_with_their_names() {
+        start().unwrap();
+        let (tx, rx) = channel();
+        let thread = spawn("named-by-test", move || {
+            let _ = tx.send(std::thread::current().name().map(str::to_owned));
+        })
+        .unwrap();
+        thread.join().unwrap();
+        assert_eq!(rx.recv().unwrap().as_deref(), Some("named-by-test"));
+    }
+}
