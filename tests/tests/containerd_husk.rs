@@ -182,14 +182,14 @@ fn a_guest_kernel_panic_ends_the_pods_tasks_with_the_panic_in_the_shims_log() {
     let steps = format!(
         "logs=$(mktemp -d); {probe} --fault panic \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
 grep -o 'the VM ended: [a-z ]*' $CONTAINERD_LOG | head -1
-echo \"sysrq-in-log=$(grep -c 'sysrq triggered crash' $CONTAINERD_LOG)\"",
+echo \"panic-in-log=$(grep -c 'panic_on_oom is enabled' $CONTAINERD_LOG)\"",
         probe = target_bin("husk-cri-pod").display()
     );
     let text = with_containerd_leaving("vm-panics", true, &steps, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
     assert!(text.contains("cri-status=0") && text.contains("pod-removed"), "{text}");
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(text.contains("the VM ended: guest kernel panicked"), "{text}");
-    assert!(!text.contains("sysrq-in-log=0"), "the console's panic reached the shim's log: {text}");
+    assert!(!text.contains("panic-in-log=0"), "the console's panic reached the shim's log: {text}");
 }
 
 #[test]

@@ -12,7 +12,8 @@
 //! `husk-cri-pod --fault KIND CONTAINERD_SOCKET LOG_DIR`: a privileged pod in the guest's own PID
 //! namespace (`hostPID`) with two containers, `victim` and `bystander`, and one fault:
 //! - `reboot`: the victim reboots the VM (`reboot -f`);
-//! - `panic`: the victim crashes the guest kernel (sysrq `c`);
+//! - `panic`: the victim crashes the guest kernel (`vm.panic_on_oom`, then out of memory: the
+//!   guest kernel has no sysrq);
 //! - `vm-oom`: the victim, with no memory limit, allocates until the guest runs out of memory.
 //!
 //! Then it prints the exit codes both containers report (`victim-exit=`, `bystander-exit=`)
@@ -121,7 +122,9 @@ impl Fault {
     fn command(self) -> &'static [&'static str] {
         match self {
             Fault::Reboot => &["reboot", "-f"],
-            Fault::Panic => &["sh", "-c", "echo c > /proc/sysrq-trigger"],
+            Fault::Panic => {
+                &["sh", "-c", "echo 1 > /proc/sys/vm/panic_on_oom && x=a && while :; do x=$x$x; done"]
+            }
             // Doubling a shell string until the guest's memory is gone (no cgroup limit).
             Fault::VmOom => &["sh", "-c", "x=a; while :; do x=$x$x; done"],
         }
