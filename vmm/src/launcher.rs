@@ -51,6 +51,36 @@ pub fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<Joi
     handle.recv().map_err(|_| io::Error::other("the VMM's thread launcher has stopped"))?
 }
 
+/// [`spawn`] a thread that runs `setup` first and then `run` with what it made; returns once
+/// `setup` is done, with its error if it failed (the thread has then ended). Device threads set up
+/// this way open their files and sockets before their seccomp filter goes on, and a failure still
+/// reaches the driver's activation.
+pub fn spawn_set_up<T: 'static>(
+    name: &str,
+    setup: impl FnOnce() -> io::Result<T> + Send + 'static,
+    run: impl FnOnce(T) + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    let (ready, set_up) = sync_channel::<io::Result<()>>(1);
+    let thread = spawn(name, move || match setup() {
+        Ok(made) => {
+            let _ = ready.send(Ok(()));
+            run(made);
+        }
+        Err(err) => {
+            let _ = ready.send(Err(err));
+        }
+    })?;
+    let outcome =
+        set_up.recv().unwrap_or_else(|_| Err(io::Error::other("the thread ended during its setup")));
+    match outcome {
+        Ok(()) => Ok(thread),
+        Err(err) => {
+            let _ = thread.join();
+            Err(err)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +95,19 @@ mod tests {
         .unwrap();
         thread.join().unwrap();
         assert_eq!(rx.recv().unwrap().as_deref(), Some("named-by-test"));
+    }
+
+    #[test]
+    fn a_failed_setup_is_returned_and_run_never_starts() {
+        let (tx, rx) = channel();
+        let failed = spawn_set_up(
+            "setup-fails",
+            || Err::<(), _>(io::Error::other("no")),
+            move |()| {
+                let _ = tx.send(());
+            },
+        );
+        assert_eq!(failed.err().map(|e| e.to_string()).as_deref(), Some("no"));
+        assert!(rx.recv().is_err(), "run was dropped unstarted");
     }
 }

@@ -4,7 +4,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc::sync_channel;
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -73,30 +72,12 @@ impl Worker {
     {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let stop_seen = stop.try_clone()?;
-        let (ready, serving) = sync_channel::<io::Result<()>>(1);
-        let thread = launcher::spawn(name, move || {
-            let prepared = setup().and_then(|served| prepare(served, &stop_seen, filter));
-            let (mut handler, queue_events, epoll) = match prepared {
-                Ok(prepared) => prepared,
-                Err(err) => {
-                    let _ = ready.send(Err(err));
-                    return;
-                }
-            };
-            let _ = ready.send(Ok(()));
-            serve(&mut handler, &queue_events, &epoll);
-        })?;
-        match serving.recv() {
-            Ok(Ok(())) => Ok(Worker { stop, thread: Some(thread) }),
-            Ok(Err(err)) => {
-                let _ = thread.join();
-                Err(err)
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(io::Error::other("the device thread ended during its setup"))
-            }
-        }
+        let thread = launcher::spawn_set_up(
+            name,
+            move || setup().and_then(|served| prepare(served, &stop_seen, filter).map(|p| (p, stop_seen))),
+            |((mut handler, queue_events, epoll), _stop_seen)| serve(&mut handler, &queue_events, &epoll),
+        )?;
+        Ok(Worker { stop, thread: Some(thread) })
     }
 }
 

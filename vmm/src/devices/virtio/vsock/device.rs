@@ -94,40 +94,25 @@ impl VirtioDevice for VsockDevice {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let stop_seen = stop.try_clone().map_err(ActivateError::Worker)?;
         let (path, guest_cid, host_ports) = (self.path.clone(), self.guest_cid, self.host_ports.clone());
-        let (ready, serving) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
         // Set up on the device's own thread: binding the host socket is nothing a vCPU may do.
-        let thread = launcher::spawn("virtio-vsock", move || {
-            let setup = || -> std::io::Result<EventLoop> {
-                // A previous activation (before a driver reset) may have left the socket.
-                let _ = std::fs::remove_file(&path);
-                let mut lp = EventLoop::new(mem, rx, tx, interrupt, &path, guest_cid)?;
-                lp.muxer.set_host_ports(host_ports);
-                lp.watch(stop_seen.as_raw_fd(), STOP_TOKEN)?;
-                for (index, event) in queue_events.iter().enumerate() {
-                    lp.watch(event.as_raw_fd(), index as u64)?;
-                }
-                lp.queue_events = queue_events;
-                if seccomp {
-                    seccomp::apply(ThreadRole::Vsock).map_err(std::io::Error::other)?;
-                }
-                Ok(lp)
-            };
-            match setup() {
-                Ok(mut lp) => {
-                    let _ = ready.send(Ok(()));
-                    lp.run();
-                }
-                Err(err) => {
-                    let _ = ready.send(Err(err));
-                }
+        let setup = move || -> std::io::Result<(EventLoop, EventFd)> {
+            // A previous activation (before a driver reset) may have left the socket.
+            let _ = std::fs::remove_file(&path);
+            let mut lp = EventLoop::new(mem, rx, tx, interrupt, &path, guest_cid)?;
+            lp.muxer.set_host_ports(host_ports);
+            lp.watch(stop_seen.as_raw_fd(), STOP_TOKEN)?;
+            for (index, event) in queue_events.iter().enumerate() {
+                lp.watch(event.as_raw_fd(), index as u64)?;
             }
-        })
-        .map_err(ActivateError::Worker)?;
-        let started = serving.recv().unwrap_or_else(|_| Err(std::io::Error::other("the vsock thread ended")));
-        if let Err(err) = started {
-            let _ = thread.join();
-            return Err(ActivateError::Worker(err));
-        }
+            lp.queue_events = queue_events;
+            if seccomp {
+                seccomp::apply(ThreadRole::Vsock).map_err(std::io::Error::other)?;
+            }
+            Ok((lp, stop_seen))
+        };
+        // The stop eventfd's copy stays with the loop it is watched by.
+        let thread = launcher::spawn_set_up("virtio-vsock", setup, |(mut lp, _stop_seen)| lp.run())
+            .map_err(ActivateError::Worker)?;
         self.worker = Some((stop, thread));
         Ok(())
     }
