@@ -12,6 +12,21 @@ export HUSK_ROOT HUSK_CACHE_DIR
 log() { printf '[%s] %s\n' "${0##*/}" "$*" >&2; }
 die() { printf '[%s] error: %s\n' "${0##*/}" "$*" >&2; exit 1; }
 
+# vm_host: where Husk guests run on this machine: "direct" when its KVM can run them (as
+# `husk check --only kvm` decides), otherwise "testhost" (the nested test host); HUSK_VM_HOST
+# overrides.
+vm_host() {
+    local host=${HUSK_VM_HOST:-} husk=$HUSK_ROOT/target/debug/husk
+    if [ -z "$host" ]; then
+        [ -x "$husk" ] || die "$husk missing: run 'make build'"
+        if "$husk" check --only kvm >/dev/null 2>&1; then host=direct; else host=testhost; fi
+    fi
+    case "$host" in
+    direct|testhost) echo "$host" ;;
+    *) die "HUSK_VM_HOST must be 'direct' or 'testhost', not '$host'" ;;
+    esac
+}
+
 # inputs_hash FILE|-STRING... : sha256 over the named files' contents and any
 # literal strings (prefixed with '=') such as package versions.
 inputs_hash() {
