@@ -13,7 +13,7 @@ AGENT_BIN := target/$(GUEST_TARGET)/guest/husk-agent
 AGENT_ENV := RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build agent guest-image testhost containerd lint fuzz test demo demo-run install bench clean
+.PHONY: all deps build agent guest-image testhost containerd lint fuzz test demo demo-run install bench soak clean
 
 all: build guest-image
 
@@ -102,6 +102,19 @@ bench: build guest-image testhost containerd
 		--bin containerd-shim-husk-v2
 	$(CARGO) build --release --locked -p husk-agent
 	scripts/bench
+
+## soak: SOAK_CONCURRENT (default 20) CRI pods at once, started and removed until SOAK_TOTAL
+## (default 200) have run; prints each count's growth after the warm-up round (all must be 0)
+SOAK_CONCURRENT ?= 20
+SOAK_TOTAL ?= 200
+soak: build guest-image testhost containerd
+	scripts/busybox-oci-image build/soak-busybox.tar >/dev/null
+	scripts/busybox-oci-image build/soak-pause.tar docker.io/library/pause:husk '["sleep","2147483647"]' >/dev/null
+	tests/vm-host-run --timeout 7200 --mem 8192 --with /usr/sbin/runc --with /usr/lib/cni/bridge \
+		--with /usr/lib/cni/host-local --with /usr/lib/cni/loopback --with /usr/bin/ip -- \
+		tests/containerd-env --cri build/containerd -- sh -c \
+		'ctr -n k8s.io images import build/soak-busybox.tar >/dev/null && ctr -n k8s.io images import build/soak-pause.tar >/dev/null && \
+		 logs=$$(mktemp -d) && target/debug/husk-cri-soak "$$CONTAINERD_ADDRESS" $$logs $(SOAK_CONCURRENT) $(SOAK_TOTAL)'
 
 clean:
 	$(CARGO) clean

@@ -63,6 +63,16 @@ pub struct HypervisorConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
     pub boot_timeout_s: u64,
+    /// Seconds a running agent may leave a health check unanswered before its VM is stopped
+    /// (0: not checked).
+    pub health_timeout_s: u64,
+}
+
+impl AgentConfig {
+    /// The health check's timeout, if the agent is checked.
+    pub fn health_timeout(&self) -> Option<std::time::Duration> {
+        (self.health_timeout_s > 0).then(|| std::time::Duration::from_secs(self.health_timeout_s))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +98,7 @@ impl Default for HypervisorConfig {
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        AgentConfig { boot_timeout_s: 120 }
+        AgentConfig { boot_timeout_s: 120, health_timeout_s: 30 }
     }
 }
 
@@ -201,7 +211,7 @@ impl Config {
             Ok(u64::try_from(parsed).ok().filter(|n| *n > 0))
         };
         if let Some(bytes) = number(CRI_SANDBOX_MEMORY)? {
-            sizing.memory_mib += bytes.div_ceil(1 << 20);
+            sizing.memory_mib = sizing.memory_mib.saturating_add(bytes.div_ceil(1 << 20));
             if sizing.memory_mib > h.max_memory_mib {
                 return Err(ConfigError::Annotation {
                     annotation: CRI_SANDBOX_MEMORY.into(),
@@ -215,7 +225,7 @@ impl Config {
         if let (Some(quota), Some(period)) = (number(CRI_SANDBOX_CPU_QUOTA)?, number(CRI_SANDBOX_CPU_PERIOD)?)
         {
             let cpus = quota.div_ceil(period);
-            let total = u64::from(h.vcpus) + cpus;
+            let total = u64::from(h.vcpus).saturating_add(cpus);
             sizing.vcpus = u8::try_from(total).ok().filter(|n| *n <= h.max_vcpus).ok_or_else(|| {
                 ConfigError::Annotation {
                     annotation: CRI_SANDBOX_CPU_QUOTA.into(),

@@ -2,7 +2,7 @@
 //! CRI socket, run and remove pod sandboxes, create and start containers, ExecSync into them.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hyper_util::rt::TokioIo;
@@ -61,6 +61,70 @@ pub async fn remove_pod(cri: &mut Cri, pod: String) -> Result<()> {
     cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
         .await
         .context("RemovePodSandbox")?;
+    Ok(())
+}
+
+/// Pods started together by [`start_pods_at_once`].
+#[derive(Debug, Default)]
+pub struct PodBatch {
+    /// Every pod sandbox that was created (to remove, whether its container started or not).
+    pub pods: Vec<String>,
+    /// Each started pod's RunPodSandbox sent to its StartContainer returned.
+    pub start_ms: Vec<f64>,
+    /// The first pod that failed to start.
+    pub failure: Option<anyhow::Error>,
+}
+
+/// Starts `n` pods named `{prefix}-{i}` with `handler` at once, each with one idle busybox
+/// container, its logs in `logs`.
+pub async fn start_pods_at_once(
+    cri: &Cri,
+    logs: &str,
+    handler: &str,
+    prefix: &str,
+    n: usize,
+) -> Result<PodBatch> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let mut cri = cri.clone();
+            let config = pod_config(&format!("{prefix}-{i}"), logs);
+            let handler = handler.to_owned();
+            tokio::spawn(async move {
+                let own = Instant::now();
+                let pod = run_pod(&mut cri, &config, &handler).await?;
+                let started = start(&mut cri, &pod, &config, "main", None, "exec sleep 100000").await;
+                Ok::<_, anyhow::Error>((pod, started.map(|_| own.elapsed().as_secs_f64() * 1000.0)))
+            })
+        })
+        .collect();
+    let mut batch = PodBatch::default();
+    for task in tasks {
+        match task.await.context("a pod task")? {
+            Ok((pod, started)) => {
+                batch.pods.push(pod);
+                match started {
+                    Ok(ms) => batch.start_ms.push(ms),
+                    Err(err) => drop(batch.failure.get_or_insert(err)),
+                }
+            }
+            Err(err) => drop(batch.failure.get_or_insert(err)),
+        }
+    }
+    Ok(batch)
+}
+
+/// Removes `pods` (StopPodSandbox, RemovePodSandbox) concurrently.
+pub async fn remove_pods(cri: &Cri, pods: Vec<String>) -> Result<()> {
+    let removals: Vec<_> = pods
+        .into_iter()
+        .map(|pod| {
+            let mut cri = cri.clone();
+            tokio::spawn(async move { remove_pod(&mut cri, pod).await })
+        })
+        .collect();
+    for removal in removals {
+        removal.await.context("a removal task")??;
+    }
     Ok(())
 }
 

@@ -158,16 +158,31 @@ echo \"host-boot-id=$(cat /proc/sys/kernel/random/boot_id)\"",
     );
 }
 
-#[test]
-fn when_a_pods_vm_dies_every_task_exits_with_an_error_and_the_console_is_logged() {
+/// `husk-cri-pod --fault FAULT` against a CRI pod, after the shell steps `before` and followed by
+/// `after`; also reports the pod network namespaces left (`netns-left=`). Accepts any of `left`.
+fn with_cri_fault(name: &str, fault: &str, before: &str, after: &str, left: &[&str]) -> String {
     let steps = format!(
-        "logs=$(mktemp -d); {probe} --vm-dies \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
-echo \"lost=$(grep -c 'lost the process' $CONTAINERD_LOG) console=$(grep -c 'guest console' $CONTAINERD_LOG)\"
-grep -o 'the VM ended: [a-z ]*' $CONTAINERD_LOG | head -1",
+        "{before}
+logs=$(mktemp -d); {probe} --fault {fault} \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
+{after}
+echo \"netns-left=$(ls /var/run/netns 2>/dev/null | wc -l)\"",
         probe = target_bin("husk-cri-pod").display()
     );
-    let text = with_containerd_leaving("vm-dies", true, &steps, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
+    let text = with_containerd_leaving(name, true, &steps, left);
     assert!(text.contains("cri-status=0") && text.contains("pod-removed"), "{text}");
+    assert!(text.contains("netns-left=0"), "{text}");
+    text
+}
+
+/// Shell steps printing the first `the VM ended: ...` of the shims' log.
+const VM_END: &str = "grep -o 'the VM ended: [a-z ]*' $CONTAINERD_LOG | head -1";
+
+#[test]
+fn when_a_pods_vm_dies_every_task_exits_with_an_error_and_the_console_is_logged() {
+    let after = format!(
+        "echo \"lost=$(grep -c 'lost the process' $CONTAINERD_LOG) console=$(grep -c 'guest console' $CONTAINERD_LOG)\"\n{VM_END}"
+    );
+    let text = with_cri_fault("vm-dies", "reboot", "", &after, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
     assert!(text.contains("victim-pid1=init"), "a hostPID pod shares the VM's PID namespace: {text}");
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(
@@ -179,29 +194,114 @@ grep -o 'the VM ended: [a-z ]*' $CONTAINERD_LOG | head -1",
 
 #[test]
 fn a_guest_kernel_panic_ends_the_pods_tasks_with_the_panic_in_the_shims_log() {
-    let steps = format!(
-        "logs=$(mktemp -d); {probe} --fault panic \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
-grep -o 'the VM ended: [a-z ]*' $CONTAINERD_LOG | head -1
-echo \"panic-in-log=$(grep -c 'panic_on_oom is enabled' $CONTAINERD_LOG)\"",
-        probe = target_bin("husk-cri-pod").display()
-    );
-    let text = with_containerd_leaving("vm-panics", true, &steps, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
-    assert!(text.contains("cri-status=0") && text.contains("pod-removed"), "{text}");
+    let after =
+        format!("{VM_END}\necho \"panic-in-log=$(grep -c 'panic_on_oom is enabled' $CONTAINERD_LOG)\"");
+    let text = with_cri_fault("vm-panics", "panic", "", &after, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(text.contains("the VM ended: guest kernel panicked"), "{text}");
     assert!(!text.contains("panic-in-log=0"), "the console's panic reached the shim's log: {text}");
 }
 
 #[test]
-fn a_guest_out_of_memory_kills_the_hog_and_the_pod_keeps_serving() {
-    let steps = format!(
-        "logs=$(mktemp -d); {probe} --fault vm-oom \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs",
-        probe = target_bin("husk-cri-pod").display()
+fn a_crashed_agent_ends_the_pods_tasks_and_the_guest_kernel_names_it() {
+    let after = format!("{VM_END}\necho \"init-killed=$(grep -c 'Attempted to kill init' $CONTAINERD_LOG)\"");
+    let text = with_cri_fault("agent-crash", "agent-crash", "", &after, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
+    assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
+    assert!(text.contains("the VM ended: guest kernel panicked"), "{text}");
+    assert!(
+        !text.contains("init-killed=0"),
+        "the console's 'Attempted to kill init' reached the log: {text}"
     );
-    let text = with_containerd("vm-oom", true, &steps);
-    assert!(text.contains("cri-status=0") && text.contains("pod-removed"), "{text}");
+}
+
+#[test]
+fn a_hung_agent_fails_its_health_check_and_the_pods_tasks_exit_with_that_reason() {
+    // A short health check (the default is 30 s), written where the shims read their configuration.
+    let before = "sed -i 's/^health_timeout_s = .*/health_timeout_s = 10/' \"$HUSK_CONFIG\"";
+    let after =
+        "echo \"hung-reported=$(grep -c 'the agent answered no health check within 10s' $CONTAINERD_LOG)\"
+echo \"console-logged=$(grep 'its agent does not answer' $CONTAINERD_LOG | grep -c 'console=')\"";
+    let text = with_cri_fault("agent-hang", "agent-hang", before, after, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
+    assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
+    assert!(!text.contains("hung-reported=0") && text.contains("hung-reported="), "{text}");
+    assert!(!text.contains("console-logged=0"), "the console's tail is logged with it: {text}");
+}
+
+#[test]
+fn a_guest_out_of_memory_kills_the_hog_and_the_pod_keeps_serving() {
+    let text = with_cri_fault("vm-oom", "vm-oom", "", "", &[NOTHING_LEFT]);
     assert!(text.contains("bystander-after=answers"), "the pod's VM and agent survive: {text}");
     assert!(!text.contains("guest-oom-kills=0\n") && text.contains("guest-oom-kills="), "{text}");
+}
+
+#[test]
+fn a_killed_cri_pod_shim_is_cleaned_up_and_its_tasks_report_the_kill() {
+    let text = with_cri_fault("shim-kill", "shim-kill", "", "", &[NOTHING_LEFT]);
+    assert!(text.contains("shims-killed=1"), "{text}");
+    assert!(text.contains("victim-exit=137") && text.contains("bystander-exit=137"), "{text}");
+}
+
+/// The test suite's soak: pods at once, pods in all (`make soak` runs 20 and 200).
+const SOAK: (usize, usize) = (4, 16);
+
+#[test]
+fn a_soak_of_pods_started_and_removed_in_rounds_leaves_the_node_as_it_was() {
+    let steps = format!(
+        "logs=$(mktemp -d); {soak} \"$CONTAINERD_ADDRESS\" $logs {} {}; echo \"soak-status=$?\"; rm -rf $logs",
+        SOAK.0,
+        SOAK.1,
+        soak = target_bin("husk-cri-soak").display()
+    );
+    let text = with_containerd("soak", true, &steps);
+    assert!(text.contains("soak-status=0") && text.contains("soak: no growth"), "{text}");
+    let growth: Vec<&str> = text.lines().filter(|l| l.starts_with("soak_growth ")).collect();
+    assert_eq!(growth.len(), 10, "every count is reported: {text}");
+    for line in growth.iter().filter(|l| !l.contains("used_mib=")) {
+        assert!(line.contains("=0 "), "no growth: {line}");
+    }
+}
+
+#[test]
+fn containerd_restarting_under_a_running_pod_finds_it_serving_and_hears_its_exit() {
+    let steps = format!(
+        "$husk -d {IMAGE} survivor sleep 1000 || exit 1
+$CONTAINERD_RESTART && echo containerd-restarted
+ctr task ls | grep '^survivor ' | sed 's/^/after-restart: /'
+echo \"exec=$(ctr task exec --exec-id e1 survivor echo still-serving)\"
+ctr events > /tmp/husk-restart-events 2>&1 & events_pid=$!
+sleep 1
+ctr task kill -s SIGKILL survivor
+i=0; until grep -q '/tasks/exit' /tmp/husk-restart-events || [ $i -ge 150 ]; do sleep 0.2; i=$((i+1)); done
+kill $events_pid
+grep '/tasks/exit' /tmp/husk-restart-events | grep -q survivor && echo exit-event=survivor
+ctr task ls | grep '^survivor ' | sed 's/^/after-kill: /'
+ctr task delete survivor >/dev/null; ctr container rm survivor"
+    );
+    let text = with_containerd("restart", false, &steps);
+    assert!(text.contains("containerd-restarted"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("after-restart: ") && l.contains("RUNNING")), "{text}");
+    assert!(text.contains("exec=still-serving"), "the shim serves the new containerd: {text}");
+    assert!(text.contains("exit-event=survivor"), "the shim's events reach the new containerd: {text}");
+    assert!(text.lines().any(|l| l.starts_with("after-kill: ") && l.contains("STOPPED")), "{text}");
+}
+
+#[test]
+fn a_full_volume_fails_the_containers_writes_with_enospc_and_the_pod_keeps_serving() {
+    let steps = format!(
+        "mkdir -p /tmp/husk-small && mount -t tmpfs -o size=4m tmpfs /tmp/husk-small || exit 1
+$husk --rm --mount type=bind,src=/tmp/husk-small,dst=/data,options=rbind:rw {IMAGE} filler sh -c \
+  'dd if=/dev/zero of=/data/fill bs=1M count=16 conv=fsync 2>&1 | grep -o \"No space left on device\" | head -1
+   rm /data/fill && echo after-full > /data/after && cat /data/after'; echo \"filler-status=$?\"
+echo \"host-sees=$(cat /tmp/husk-small/after)\"
+umount /tmp/husk-small"
+    );
+    let text = with_containerd("disk-full", false, &steps);
+    assert!(text.contains("No space left on device"), "the writer hears ENOSPC: {text}");
+    assert!(
+        text.contains("after-full") && text.contains("filler-status=0"),
+        "the share still serves: {text}"
+    );
+    assert!(text.contains("host-sees=after-full"), "{text}");
 }
 
 #[test]
@@ -241,4 +341,99 @@ fn a_host_network_container_is_refused_with_a_message_naming_why_and_leaves_noth
     let text = with_containerd("net-host", false, &steps);
     assert!(!text.contains("status=0"), "{text}");
     assert!(text.contains("host networking is not supported"), "{text}");
+}
+
+/// One bad input to `ctr run`: shell steps first (`setup`), the flags before the image, and what
+/// the error must say.
+struct BadInput {
+    label: &'static str,
+    setup: &'static str,
+    flags: &'static str,
+    says: &'static [&'static str],
+}
+
+const BAD_INPUTS: &[BadInput] = &[
+    BadInput {
+        label: "vcpus-not-a-number",
+        setup: "",
+        flags: "--annotation io.husk.vcpus=lots",
+        says: &["annotation io.husk.vcpus", "\"lots\" is not a whole number"],
+    },
+    BadInput {
+        label: "memory-out-of-range",
+        setup: "",
+        flags: "--annotation io.husk.memory_mib=8",
+        says: &["annotation io.husk.memory_mib", "must be 64 to 16384"],
+    },
+    BadInput {
+        label: "unknown-husk-annotation",
+        setup: "",
+        flags: "--annotation io.husk.kernel=mine",
+        says: &["annotation io.husk.kernel", "not allowed by runtime.enable_annotations"],
+    },
+    BadInput {
+        label: "unknown-container-type",
+        setup: "",
+        flags: "--annotation io.kubernetes.cri.container-type=vm",
+        says: &["annotation io.kubernetes.cri.container-type", "expected \"sandbox\" or \"container\""],
+    },
+    BadInput {
+        label: "missing-mount-source",
+        setup: "",
+        flags: "--mount type=bind,src=/nonexistent/husk-volume,dst=/data,options=rbind:ro",
+        says: &["/nonexistent/husk-volume"],
+    },
+    BadInput {
+        label: "spec-without-args",
+        setup: "printf '%s' '{\"ociVersion\":\"1.1.0\",\"process\":{\"user\":{\"uid\":0,\"gid\":0},\"args\":[],\"cwd\":\"/\"},\"root\":{\"path\":\"rootfs\"},\"linux\":{\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"mount\"}]}}' > /tmp/husk-bad-spec.json",
+        flags: "--config /tmp/husk-bad-spec.json",
+        says: &["oci_spec: process.args is empty"],
+    },
+    BadInput {
+        label: "config-vcpus-zero",
+        setup: "printf '[hypervisor]\\nvcpus = 0\\n' > \"$HUSK_CONFIG\"",
+        flags: "",
+        says: &["husk.toml", "hypervisor.vcpus = 0: must be 1 to max_vcpus"],
+    },
+    BadInput {
+        label: "config-unknown-key",
+        setup: "printf '[hypervisor]\\nmemory = 512\\n' > \"$HUSK_CONFIG\"",
+        flags: "",
+        says: &["husk.toml", "unknown field `memory`"],
+    },
+    BadInput {
+        label: "config-missing-image",
+        setup: "printf '[hypervisor]\\nimage_dir = \"/nonexistent/husk-image\"\\n' > \"$HUSK_CONFIG\"",
+        flags: "",
+        says: &["/nonexistent/husk-image"],
+    },
+];
+
+#[test]
+fn malformed_annotations_specs_and_configurations_are_refused_by_name_and_leave_nothing() {
+    let mut steps = String::from("cp \"$HUSK_CONFIG\" /tmp/husk-good.toml\n");
+    for (i, bad) in BAD_INPUTS.iter().enumerate() {
+        steps.push_str(&format!(
+            "{setup}
+$husk --rm {flags} {IMAGE} bad{i} true > /tmp/husk-bad-out 2>&1; echo \"{label}-status=$?\"
+echo \"{label}-said: $(tr '\\n' ' ' < /tmp/husk-bad-out)\"
+cp /tmp/husk-good.toml \"$HUSK_CONFIG\"; ctr container rm bad{i} >/dev/null 2>&1
+",
+            setup = bad.setup,
+            flags = bad.flags,
+            label = bad.label,
+        ));
+    }
+    let text = with_containerd("bad-input", false, &steps);
+    for bad in BAD_INPUTS {
+        let status = format!("{}-status=", bad.label);
+        let code =
+            text.lines().find_map(|l| l.strip_prefix(status.as_str())).unwrap_or_else(|| panic!("{text}"));
+        assert_ne!(code, "0", "{}: refused: {text}", bad.label);
+        let said_key = format!("{}-said: ", bad.label);
+        let said = text.lines().find_map(|l| l.strip_prefix(said_key.as_str())).unwrap_or_default();
+        for part in bad.says {
+            assert!(said.contains(part), "{}: the error names {part:?}: {said}", bad.label);
+        }
+    }
 }

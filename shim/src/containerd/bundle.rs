@@ -23,6 +23,29 @@ pub enum BundleError {
     Spec { path: PathBuf, reason: String },
     #[error("annotation {annotation}: {reason}")]
     Annotation { annotation: &'static str, reason: String },
+    #[error("container id {id:?}: {reason}")]
+    Id { id: String, reason: &'static str },
+}
+
+/// Longest container id containerd accepts (its `identifiers` package).
+const MAX_ID_LEN: usize = 76;
+
+/// Checks a container id as containerd's `identifiers.Validate` does: 1 to 76 characters,
+/// letters and digits in runs joined by single `.`, `_` or `-`. The id names host directories
+/// and shares, so nothing else may pass, even from a containerd that did not check.
+pub fn check_id(id: &str) -> Result<(), BundleError> {
+    let refuse = |reason| Err(BundleError::Id { id: id.to_owned(), reason });
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return refuse("must be 1 to 76 characters");
+    }
+    let separator = |c: char| matches!(c, '.' | '_' | '-');
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || separator(c)) {
+        return refuse("may hold only letters, digits, '.', '_' and '-'");
+    }
+    if id.split(separator).any(str::is_empty) {
+        return refuse("must start and end with a letter or digit, with one '.', '_' or '-' between them");
+    }
+    Ok(())
 }
 
 /// Where a container stands in its pod.
@@ -42,7 +65,13 @@ impl PodRole {
         match kind {
             None | Some("sandbox") => Ok(PodRole::Sandbox { pod_id: id.to_owned() }),
             Some("container") => match annotations.get(SANDBOX_ID_ANNOTATION) {
-                Some(pod) if !pod.is_empty() => Ok(PodRole::Member { pod_id: pod.clone() }),
+                Some(pod) if !pod.is_empty() => match check_id(pod) {
+                    Ok(()) => Ok(PodRole::Member { pod_id: pod.clone() }),
+                    Err(err) => Err(BundleError::Annotation {
+                        annotation: SANDBOX_ID_ANNOTATION,
+                        reason: err.to_string(),
+                    }),
+                },
                 _ => Err(BundleError::Annotation {
                     annotation: SANDBOX_ID_ANNOTATION,
                     reason: format!("missing, but {CONTAINER_TYPE_ANNOTATION} is \"container\""),
@@ -66,7 +95,15 @@ impl PodRole {
 /// Reads `<bundle>/config.json`.
 pub fn load_spec(bundle: &Path) -> Result<Spec, BundleError> {
     let path = bundle.join("config.json");
-    Spec::load(&path).map_err(|err| BundleError::Spec { path, reason: err.to_string() })
+    let bytes = std::fs::read(&path)
+        .map_err(|err| BundleError::Spec { path: path.clone(), reason: err.to_string() })?;
+    parse_spec(&bytes, &path)
+}
+
+/// Parses a `config.json` (read from `path`, named in errors).
+pub fn parse_spec(bytes: &[u8], path: &Path) -> Result<Spec, BundleError> {
+    serde_json::from_slice(bytes)
+        .map_err(|err| BundleError::Spec { path: path.to_path_buf(), reason: err.to_string() })
 }
 
 /// The spec's annotations (none: empty).
@@ -224,6 +261,17 @@ mod tests {
     }
 
     #[test]
+    fn container_ids_are_checked_as_containerd_does() {
+        for good in ["c1", "a.b-c_d", "0123456789abcdef", &"x".repeat(76)] {
+            assert!(check_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", "../x", "a/b", "-a", "a-", "a..b", "a b", "ä", &"x".repeat(77)] {
+            let err = check_id(bad).unwrap_err().to_string();
+            assert!(err.starts_with("container id "), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn cri_annotations_group_containers_into_their_pod() {
         assert_eq!(PodRole::of("c1", &HashMap::new()).unwrap(), PodRole::Sandbox { pod_id: "c1".into() });
         let sandbox = annotated(&[(CONTAINER_TYPE_ANNOTATION, "sandbox"), (SANDBOX_ID_ANNOTATION, "p")]);
@@ -233,6 +281,10 @@ mod tests {
         let orphan = annotated(&[(CONTAINER_TYPE_ANNOTATION, "container")]);
         let err = PodRole::of("c3", &orphan).unwrap_err().to_string();
         assert!(err.contains(SANDBOX_ID_ANNOTATION), "{err}");
+        let escaping =
+            annotated(&[(CONTAINER_TYPE_ANNOTATION, "container"), (SANDBOX_ID_ANNOTATION, "../p")]);
+        let err = PodRole::of("c5", &escaping).unwrap_err().to_string();
+        assert!(err.contains(SANDBOX_ID_ANNOTATION) && err.contains("\"../p\""), "{err}");
         let odd = annotated(&[(CONTAINER_TYPE_ANNOTATION, "vm")]);
         assert!(PodRole::of("c4", &odd).unwrap_err().to_string().contains("\"vm\""));
     }

@@ -99,7 +99,12 @@ impl Shim for HuskShim {
     /// `delete`: the shim serving this container died (SIGKILL, OOM); its VM died with it, so
     /// what is left is its directory and mounts on the host.
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
-        let config = Config::load(None).map_err(|err| Error::InvalidArgument(err.to_string()))?.config;
+        // A configuration broken since the pod started must not keep its leftovers: the
+        // defaults name the sandbox directory then.
+        let config = Config::load(None).map(|loaded| loaded.config).unwrap_or_else(|err| {
+            tracing::warn!(container = %self.id, %err, "reading Husk's configuration; cleaning up with the defaults");
+            Config::default()
+        });
         let spec = bundle::load_spec(Path::new(".")).ok();
         let role = spec.as_ref().and_then(|spec| PodRole::of(&self.id, &bundle::annotations(spec)).ok());
         let role = role.unwrap_or_else(|| PodRole::Sandbox { pod_id: self.id.clone() });

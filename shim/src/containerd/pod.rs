@@ -110,9 +110,7 @@ impl Pod {
     /// this container would have been the pod's first).
     pub async fn create(&self, req: &api::CreateTaskRequest) -> Result<u32, ShimError> {
         let id = req.id.as_str();
-        if id.is_empty() {
-            return Err(ShimError::InvalidArgument("id: empty".into()));
-        }
+        bundle::check_id(id)?;
         let bundle_dir = PathBuf::from(&req.bundle);
         let spec = bundle::load_spec(&bundle_dir)?;
         let annotations = bundle::annotations(&spec);
@@ -219,6 +217,9 @@ impl Pod {
             }
         };
         self.watch_oom(&sandbox);
+        if let Some(timeout) = self.config.agent.health_timeout() {
+            sandbox.watch_health(timeout);
+        }
         Ok(sandbox)
     }
 

@@ -6,9 +6,10 @@
 //! the guest console's last lines: "the agent did not answer" is never the whole message.
 
 pub mod dir;
+mod health;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use husk_protocols::agent::CreateSandboxRequest;
@@ -73,6 +74,8 @@ pub struct Sandbox {
     stopper: VmStopper,
     /// Filled by the thread that waits for the VM when it ends.
     exit: Arc<Mutex<Option<VmExit>>>,
+    /// Why the host stopped the VM on its own account (its exit reason only says "stopped").
+    host_reason: OnceLock<String>,
     waiter: Mutex<Option<std::thread::JoinHandle<()>>>,
     network: Option<Arc<PodNetwork>>,
     // Dropped last: the VM must be gone before its directory.
@@ -148,6 +151,7 @@ impl Sandbox {
                 client,
                 stopper,
                 exit,
+                host_reason: OnceLock::new(),
                 waiter: Mutex::new(Some(waiter)),
                 network: config.network.clone(),
                 dir,
@@ -155,7 +159,7 @@ impl Sandbox {
             Err(source) => {
                 stopper.stop();
                 let _ = waiter.join();
-                let vm = describe_exit(&exit);
+                let vm = describe_exit(&exit, None);
                 let console = console_tail(&dir);
                 return Err(SandboxError::Agent { id, source, vm, console });
             }
@@ -223,18 +227,27 @@ impl Sandbox {
     pub fn vm_report(&self) -> String {
         format!(
             "{}\n--- guest console (last lines) ---\n{}",
-            describe_exit(&self.exit),
+            describe_exit(&self.exit, self.host_reason.get()),
             console_tail(&self.dir)
         )
     }
 
     /// Why the VM ended, if it has.
     pub fn end_reason(&self) -> Option<String> {
-        self.exit
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(|ended| ended.reason.to_string())
+        let exit = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
+        exit.as_ref().map(|ended| end_reason(ended, self.host_reason.get()))
+    }
+
+    /// Stops the VM of an agent that does not answer, recording `why` for the pod's reports.
+    fn end_unresponsive(&self, why: &str) {
+        let _ = self.host_reason.set(why.to_owned());
+        tracing::error!(
+            sandbox = %self.id,
+            reason = why,
+            console = %console_tail(&self.dir),
+            "stopping the pod's VM: its agent does not answer"
+        );
+        self.stopper.stop();
     }
 
     /// Whether the VM has ended (on its own, or stopped).
@@ -285,10 +298,17 @@ impl Drop for Sandbox {
     }
 }
 
-fn describe_exit(exit: &Mutex<Option<VmExit>>) -> String {
+fn describe_exit(exit: &Mutex<Option<VmExit>>, host_reason: Option<&String>) -> String {
     match exit.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-        Some(ended) => format!("the VM ended: {}", ended.reason),
+        Some(ended) => format!("the VM ended: {}", end_reason(ended, host_reason)),
         None => "the VM was still running".into(),
+    }
+}
+
+fn end_reason(ended: &VmExit, host_reason: Option<&String>) -> String {
+    match host_reason {
+        Some(why) => format!("{}: {why}", ended.reason),
+        None => ended.reason.to_string(),
     }
 }
 

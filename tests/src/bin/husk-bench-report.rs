@@ -212,9 +212,11 @@ fn strip_plot(figure: &Figure) -> String {
             "<line x1=\"{x:.1}\" y1=\"{axis}\" x2=\"{x:.1}\" y2=\"{}\" stroke=\"black\"/>",
             axis + 4.0
         );
+        // The last label ends at its tick, inside the picture.
+        let anchor = if tick == 4 { "end" } else { "middle" };
         let _ = writeln!(
             svg,
-            "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{value:.1}</text>",
+            "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"{anchor}\">{value:.1}</text>",
             axis + 17.0
         );
     }

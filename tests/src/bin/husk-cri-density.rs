@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use husk_tests::bench::{mem_available_kib, spread, Figure};
-use husk_tests::cri::{connect, pod_config, remove_pod, run_pod, start, Cri, HANDLER};
+use husk_tests::cri::{connect, remove_pods, start_pods_at_once, Cri, HANDLER};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 
 const USAGE: &str = "usage: husk-cri-density [--rounds R] CONTAINERD_SOCKET LOG_DIR N...";
@@ -134,52 +134,13 @@ async fn round(cri: &Cri, logs: &str, handler: &str, n: usize) -> Result<Round> 
     settle().await;
     let before = mem_available_mib()?;
     let started = Instant::now();
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let mut cri = cri.clone();
-            let config = pod_config(&format!("density-{handler}-{n}-{i}"), logs);
-            let handler = handler.to_owned();
-            tokio::spawn(async move {
-                let own = Instant::now();
-                let pod = run_pod(&mut cri, &config, &handler).await?;
-                let started = start(&mut cri, &pod, &config, "main", None, "exec sleep 100000").await;
-                Ok::<_, anyhow::Error>((pod, started.map(|_| own.elapsed().as_secs_f64() * 1000.0)))
-            })
-        })
-        .collect();
-    let mut pods = Vec::new();
-    let mut pod_ms = Vec::new();
-    let mut failure = None;
-    for task in tasks {
-        match task.await.context("a pod task")? {
-            Ok((pod, Ok(ms))) => {
-                pods.push(pod);
-                pod_ms.push(ms);
-            }
-            Ok((pod, Err(err))) => {
-                pods.push(pod);
-                failure.get_or_insert(err);
-            }
-            Err(err) => {
-                failure.get_or_insert(err);
-            }
-        }
-    }
+    let batch = start_pods_at_once(cri, logs, handler, &format!("density-{handler}-{n}"), n).await?;
     let all_ms = started.elapsed().as_secs_f64() * 1000.0;
     let mem_mib = before - mem_available_mib()?;
-    let removals: Vec<_> = pods
-        .into_iter()
-        .map(|pod| {
-            let mut cri = cri.clone();
-            tokio::spawn(async move { remove_pod(&mut cri, pod).await })
-        })
-        .collect();
-    for removal in removals {
-        removal.await.context("a removal task")??;
-    }
-    match failure {
+    remove_pods(cri, batch.pods).await?;
+    match batch.failure {
         Some(err) => Err(err),
-        None => Ok(Round { all_ms, mem_mib, pod_ms }),
+        None => Ok(Round { all_ms, mem_mib, pod_ms: batch.start_ms }),
     }
 }
 

@@ -14,11 +14,15 @@
 //! - `reboot`: the victim reboots the VM (`reboot -f`);
 //! - `panic`: the victim crashes the guest kernel (`vm.panic_on_oom`, then out of memory: the
 //!   guest kernel has no sysrq);
-//! - `vm-oom`: the victim, with no memory limit, allocates until the guest runs out of memory.
+//! - `vm-oom`: the victim, with no memory limit, allocates until the guest runs out of memory;
+//! - `agent-crash`: the victim overwrites the agent's code (PID 1, through `/proc/1/mem`) with
+//!   breakpoints: the agent dies and the guest kernel with it;
+//! - `agent-hang`: the victim freezes the agent (moves PID 1 into a frozen cgroup): the VM runs
+//!   on, the agent answers nothing;
+//! - `shim-kill`: the probe kills the pod's shim (SIGKILL), the VM with it.
 //!
 //! Then it prints the exit codes both containers report (`victim-exit=`, `bystander-exit=`)
 //! and, for `vm-oom`, whether the bystander still answers (`bystander-after=`).
-//! (`--vm-dies` is `--fault reboot`.)
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -43,11 +47,6 @@ async fn main() -> Result<()> {
             return bench(runs.parse().context("RUNS")?, socket, logs).await;
         }
     }
-    if let [flag, socket, logs] = args.as_slice() {
-        if flag == "--vm-dies" {
-            return fault(Fault::Reboot, socket, logs).await;
-        }
-    }
     if let [flag, kind, socket, logs] = args.as_slice() {
         if flag == "--fault" {
             return fault(Fault::parse(kind)?, socket, logs).await;
@@ -56,7 +55,7 @@ async fn main() -> Result<()> {
     let [socket, volume, logs] = args.as_slice() else {
         bail!(
             "usage: husk-cri-pod CONTAINERD_SOCKET VOLUME_DIR LOG_DIR | --bench RUNS CONTAINERD_SOCKET LOG_DIR \
-             | --fault reboot|panic|vm-oom CONTAINERD_SOCKET LOG_DIR"
+             | --fault reboot|panic|vm-oom|agent-crash|agent-hang|shim-kill CONTAINERD_SOCKET LOG_DIR"
         );
     };
     let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
@@ -106,7 +105,23 @@ enum Fault {
     Reboot,
     Panic,
     VmOom,
+    AgentCrash,
+    AgentHang,
+    ShimKill,
 }
+
+/// Every executable mapping of PID 1 (not the kernel's [vdso]) overwritten with int3: the next
+/// instruction any agent thread runs traps, and a fault kills even init.
+const CRASH_THE_AGENT: &str = r#"for range in $(awk '$2 ~ /x/ && $6 !~ /^\[/ { print $1 }' /proc/1/maps); do
+    start=$((0x${range%-*})); end=$((0x${range#*-}))
+    tr '\000' '\314' </dev/zero | dd of=/proc/1/mem bs=4096 seek=$((start / 4096)) count=$(((end - start) / 4096)) conv=notrunc 2>/dev/null
+done"#;
+
+/// PID 1 moved into a cgroup of its own (seen from the guest's root cgroup namespace), which is
+/// then frozen.
+const FREEZE_THE_AGENT: &str = r#"nsenter -t 1 -C -- sh -c 'mkdir -p /tmp/cg && mount -t cgroup2 none /tmp/cg &&
+    mkdir /tmp/cg/frozen-agent && echo 1 > /tmp/cg/frozen-agent/cgroup.procs &&
+    echo 1 > /tmp/cg/frozen-agent/cgroup.freeze'"#;
 
 impl Fault {
     fn parse(kind: &str) -> Result<Fault> {
@@ -114,21 +129,49 @@ impl Fault {
             "reboot" => Fault::Reboot,
             "panic" => Fault::Panic,
             "vm-oom" => Fault::VmOom,
-            _ => bail!("--fault {kind:?}: expected reboot, panic or vm-oom"),
+            "agent-crash" => Fault::AgentCrash,
+            "agent-hang" => Fault::AgentHang,
+            "shim-kill" => Fault::ShimKill,
+            _ => bail!(
+                "--fault {kind:?}: expected reboot, panic, vm-oom, agent-crash, agent-hang or shim-kill"
+            ),
         })
     }
 
-    /// What the victim runs in the pod's guest to cause it.
-    fn command(self) -> &'static [&'static str] {
-        match self {
+    /// What the victim runs in the pod's guest to cause it (none: the probe does it).
+    fn command(self) -> Option<&'static [&'static str]> {
+        Some(match self {
             Fault::Reboot => &["reboot", "-f"],
             Fault::Panic => {
                 &["sh", "-c", "echo 1 > /proc/sys/vm/panic_on_oom && x=a && while :; do x=$x$x; done"]
             }
             // Doubling a shell string until the guest's memory is gone (no cgroup limit).
             Fault::VmOom => &["sh", "-c", "x=a; while :; do x=$x$x; done"],
+            Fault::AgentCrash => &["sh", "-c", CRASH_THE_AGENT],
+            Fault::AgentHang => &["sh", "-c", FREEZE_THE_AGENT],
+            Fault::ShimKill => return None,
+        })
+    }
+}
+
+/// SIGKILLs the Husk shims of the containerd at `socket` (found by the `-address` they were
+/// started with); returns how many.
+fn kill_shims(socket: &str) -> Result<usize> {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").context("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_shim = args.first().is_some_and(|a| a.ends_with(b"containerd-shim-husk-v2"));
+        let ours = args.windows(2).any(|w| w[0] == b"-address" && w[1] == socket.as_bytes());
+        if is_shim && ours {
+            // SAFETY: kill(2) with a pid read from /proc and a valid signal number.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
         }
     }
+    Ok(killed)
 }
 
 /// A fault hits a pod; see the module documentation.
@@ -146,8 +189,11 @@ async fn fault(fault: Fault, socket: &str, logs: &str) -> Result<()> {
         let bystander = start_privileged(&mut cri, &pod, &config, "bystander", node_pid).await?;
         // hostPID: the guest's PID 1 (the agent, /init) is in sight, as the node's is under runc.
         println!("victim-pid1={}", exec(&mut cri, &victim, &["cat", "/proc/1/comm"]).await?.trim());
-        // The exec dies with the VM or the process: its own result does not matter.
-        let _ = exec(&mut cri, &victim, fault.command()).await;
+        match fault.command() {
+            // The exec dies with the VM or the process: its own result does not matter.
+            Some(command) => drop(exec(&mut cri, &victim, command).await),
+            None => println!("shims-killed={}", kill_shims(socket)?),
+        }
         if fault == Fault::VmOom {
             // The guest's OOM killer took the hog (or the victim's sleep); the pod lives on.
             let after = exec(&mut cri, &bystander, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
