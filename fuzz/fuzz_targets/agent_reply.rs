@@ -1,7 +1,7 @@
 //! Fuzz target: the shim's agent client against a hostile guest. A fake VM answers the hybrid
-//! vsock handshake and each ttrpc request with whatever the input says: any handshake line, any
-//! frames (stream id, type, flags, length field, a response with any status and payload bytes),
-//! then hangs up. Every call must return (a value or an error) without a panic, within its
+//! vsock handshake and the client's ttrpc request with whatever the input says: any handshake
+//! line, any frames (stream id, type, flags, length field, a response with any status and
+//! payload bytes), then hangs up. Every call must return (a value or an error) without a panic, within its
 //! deadline; replies the shim turns into containerd messages (stats) are converted too.
 
 #![no_main]
@@ -24,6 +24,8 @@ use tokio::net::{UnixListener, UnixStream};
 const CALL_TIMEOUT: Duration = Duration::from_millis(200);
 const MAX_FRAMES: usize = 8;
 const TTRPC_HEADER: usize = 10;
+/// The stream id of a ttrpc client's first request.
+const FIRST_STREAM: u32 = 1;
 
 #[derive(Debug, Arbitrary)]
 enum Handshake {
@@ -41,7 +43,7 @@ enum Body {
 
 #[derive(Debug, Arbitrary)]
 struct Frame {
-    /// None: the stream id of the request being answered.
+    /// None: the stream id of the client's (first) request.
     stream: Option<u32>,
     /// None: a response.
     kind: Option<u8>,
@@ -100,30 +102,21 @@ fn encode(frame: &Frame, stream: u32) -> Vec<u8> {
     bytes
 }
 
-/// The fake VM's side of one connection: the handshake, one request read, the input's frames.
+/// The fake VM's side of one connection: everything the input says, at once, then it stops
+/// writing and reads what the client sends until the client hangs up. Nothing it writes waits
+/// for the client, so no input can stall the two against each other.
 async fn fake_vm(mut conn: UnixStream, input: &Input) -> std::io::Result<()> {
-    let mut line = Vec::new();
-    while line.len() < 64 {
-        let byte = conn.read_u8().await?;
-        if byte == b'\n' {
-            break;
-        }
-        line.push(byte);
-    }
-    match &input.handshake {
-        Handshake::Accepted => conn.write_all(b"OK 1073741824\n").await?,
-        Handshake::Line(bytes) => conn.write_all(bytes).await?,
-    }
-    let mut header = [0u8; TTRPC_HEADER];
-    conn.read_exact(&mut header).await?;
-    let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-    let stream = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    let mut request = vec![0u8; usize::try_from(length).unwrap_or(0).min(1 << 20)];
-    conn.read_exact(&mut request).await?;
+    let mut reply = match &input.handshake {
+        Handshake::Accepted => b"OK 1073741824\n".to_vec(),
+        Handshake::Line(bytes) => bytes.clone(),
+    };
     for frame in input.frames.iter().take(MAX_FRAMES) {
-        conn.write_all(&encode(frame, stream)).await?;
+        reply.extend(encode(frame, FIRST_STREAM));
     }
-    conn.shutdown().await
+    conn.write_all(&reply).await?;
+    conn.shutdown().await?;
+    let mut sink = Vec::new();
+    conn.read_to_end(&mut sink).await.map(drop)
 }
 
 /// One agent call, chosen by the input, with its reply used as the shim uses it.

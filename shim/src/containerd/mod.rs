@@ -154,7 +154,8 @@ impl Shim for HuskShim {
             }
         };
         tracing::info!(namespace = %self.namespace, id = %self.id, "containerd-shim-husk-v2 serving");
-        let events = EventSink::new(publisher, &self.namespace);
+        // Husk forwards its events itself (see `events`); the crate's publisher only names the address.
+        let events = EventSink::new(&publisher.address, &self.namespace);
         TaskService::new(Arc::new(Pod::new(&self.namespace, config, events, Arc::clone(&self.exit))))
     }
 }

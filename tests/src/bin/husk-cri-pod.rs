@@ -117,11 +117,11 @@ const CRASH_THE_AGENT: &str = r#"for range in $(awk '$2 ~ /x/ && $6 !~ /^\[/ { p
     tr '\000' '\314' </dev/zero | dd of=/proc/1/mem bs=4096 seek=$((start / 4096)) count=$(((end - start) / 4096)) conv=notrunc 2>/dev/null
 done"#;
 
-/// PID 1 moved into a cgroup of its own (seen from the guest's root cgroup namespace), which is
-/// then frozen.
-const FREEZE_THE_AGENT: &str = r#"nsenter -t 1 -C -- sh -c 'mkdir -p /tmp/cg && mount -t cgroup2 none /tmp/cg &&
-    mkdir /tmp/cg/frozen-agent && echo 1 > /tmp/cg/frozen-agent/cgroup.procs &&
-    echo 1 > /tmp/cg/frozen-agent/cgroup.freeze'"#;
+/// PID 1 moved into a cgroup of its own, which is then frozen. (A privileged CRI container of
+/// Husk shares the guest's cgroup namespace: a fresh cgroup2 mount shows the guest's root.)
+const FREEZE_THE_AGENT: &str =
+    "mkdir -p /tmp/cg && mount -t cgroup2 none /tmp/cg && mkdir /tmp/cg/frozen-agent &&
+    echo 1 > /tmp/cg/frozen-agent/cgroup.procs && echo 1 > /tmp/cg/frozen-agent/cgroup.freeze";
 
 impl Fault {
     fn parse(kind: &str) -> Result<Fault> {
@@ -190,8 +190,11 @@ async fn fault(fault: Fault, socket: &str, logs: &str) -> Result<()> {
         // hostPID: the guest's PID 1 (the agent, /init) is in sight, as the node's is under runc.
         println!("victim-pid1={}", exec(&mut cri, &victim, &["cat", "/proc/1/comm"]).await?.trim());
         match fault.command() {
-            // The exec dies with the VM or the process: its own result does not matter.
-            Some(command) => drop(exec(&mut cri, &victim, command).await),
+            // The exec may die with the VM or the process: its result is for diagnosis only.
+            Some(command) => match exec(&mut cri, &victim, command).await {
+                Ok(output) => println!("fault-output={}", output.trim().replace('\n', " | ")),
+                Err(err) => println!("fault-exec-error={}", format!("{err:#}").replace('\n', " | ")),
+            },
             None => println!("shims-killed={}", kill_shims(socket)?),
         }
         if fault == Fault::VmOom {

@@ -4,7 +4,8 @@
 //! containerd's caches and thread pool are then as big as this load makes them) and after the
 //! last, and the growth of each count is printed:
 //! - `fds`: open files of the whole node (/proc/sys/fs/file-nr), and of containerd;
-//! - `threads`, `processes`: of every user-space process;
+//! - `threads`, `processes`: of every user-space process but containerd; `containerd_threads`
+//!   (reported, not held to zero: Go's runtime keeps the OS threads a busier moment started);
 //! - `mounts`: the node's mount table;
 //! - `links`: network interfaces of the node (veths, taps); `netns`: /var/run/netns;
 //! - `sandboxes`: Husk's sandbox directories; `shim_sockets`: /run/containerd/s;
@@ -34,6 +35,7 @@ struct Census {
     fds: i64,
     containerd_fds: i64,
     threads: i64,
+    containerd_threads: i64,
     processes: i64,
     mounts: i64,
     links: i64,
@@ -45,8 +47,9 @@ struct Census {
 
 impl Census {
     fn take(containerd_config: &Path) -> Result<Census> {
-        let (threads, processes, containerd) = user_processes(containerd_config)?;
+        let (all_threads, processes, containerd) = user_processes(containerd_config)?;
         let containerd = containerd.context("no containerd process with the configuration of this socket")?;
+        let containerd_threads = entries(&format!("/proc/{containerd}/task"));
         let file_nr = std::fs::read_to_string("/proc/sys/fs/file-nr").context("/proc/sys/fs/file-nr")?;
         let meminfo = |key: &str| -> Result<i64> {
             let text = std::fs::read_to_string("/proc/meminfo").context("/proc/meminfo")?;
@@ -59,8 +62,9 @@ impl Census {
         Ok(Census {
             fds: file_nr.split_whitespace().next().and_then(|n| n.parse().ok()).context("file-nr")?,
             containerd_fds: entries(&format!("/proc/{containerd}/fd")),
-            threads,
-            processes,
+            threads: all_threads - containerd_threads,
+            containerd_threads,
+            processes: processes - 1,
             mounts: std::fs::read_to_string("/proc/self/mountinfo").context("mountinfo")?.lines().count()
                 as i64,
             links: entries("/sys/class/net"),
@@ -71,11 +75,12 @@ impl Census {
         })
     }
 
-    fn figures(&self) -> [(&'static str, i64); 10] {
+    fn figures(&self) -> [(&'static str, i64); 11] {
         [
             ("fds", self.fds),
             ("containerd_fds", self.containerd_fds),
             ("threads", self.threads),
+            ("containerd_threads", self.containerd_threads),
             ("processes", self.processes),
             ("mounts", self.mounts),
             ("links", self.links),
@@ -171,7 +176,11 @@ async fn main() -> Result<()> {
     for ((name, was), (_, is)) in before.figures().into_iter().zip(after.figures()) {
         let growth = is - was;
         println!("soak_growth {name}={growth} (after the warm-up {was}, at the end {is})");
-        let slack = if name == "used_mib" { MEMORY_SLACK_MIB } else { 0 };
+        let slack = match name {
+            "used_mib" => MEMORY_SLACK_MIB,
+            "containerd_threads" => i64::MAX,
+            _ => 0,
+        };
         if growth > slack {
             leaks.push(format!("{name} +{growth}"));
         }
