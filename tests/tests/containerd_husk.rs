@@ -354,11 +354,12 @@ struct BadInput {
 }
 
 impl BadInput {
-    fn image(&self) -> &'static str {
+    /// `ctr run`'s arguments after the flags for container `id`.
+    fn target(&self, id: &str) -> String {
         if self.flags.contains("--config") {
-            ""
+            id.to_owned()
         } else {
-            IMAGE
+            format!("{IMAGE} {id} true")
         }
     }
 }
@@ -393,11 +394,11 @@ const BAD_INPUTS: &[BadInput] = &[
         label: "missing-mount-source",
         setup: "",
         flags: "--mount type=bind,src=/nonexistent/husk-volume,dst=/data,options=rbind:ro",
-        says: &["/nonexistent/husk-volume"],
+        says: &["sharing /nonexistent/husk-volume with the guest", "No such file or directory"],
     },
     BadInput {
         label: "spec-without-args",
-        setup: "mkdir -p /tmp/husk-bad-root && printf '%s' '{\"ociVersion\":\"1.1.0\",\"process\":{\"user\":{\"uid\":0,\"gid\":0},\"args\":[],\"cwd\":\"/\"},\"root\":{\"path\":\"/tmp/husk-bad-root\"},\"linux\":{\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"mount\"}]}}' > /tmp/husk-bad-spec.json",
+        setup: "mkdir -p /tmp/husk-bad-root && printf '%s' '{\"ociVersion\":\"1.1.0\",\"process\":{\"user\":{\"uid\":0,\"gid\":0},\"args\":[],\"cwd\":\"/\"},\"root\":{\"path\":\"/tmp/husk-bad-root\"},\"linux\":{\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"mount\"},{\"type\":\"network\"}]}}' > /tmp/husk-bad-spec.json",
         flags: "--config /tmp/husk-bad-spec.json",
         says: &["oci_spec: process.args is empty"],
     },
@@ -427,13 +428,13 @@ fn malformed_annotations_specs_and_configurations_are_refused_by_name_and_leave_
     for (i, bad) in BAD_INPUTS.iter().enumerate() {
         steps.push_str(&format!(
             "{setup}
-$husk --rm {flags} {image} bad{i} true > /tmp/husk-bad-out 2>&1; echo \"{label}-status=$?\"
+$husk --rm {flags} {target} > /tmp/husk-bad-out 2>&1; echo \"{label}-status=$?\"
 echo \"{label}-said: $(tr '\\n' ' ' < /tmp/husk-bad-out)\"
 cp /tmp/husk-good.toml \"$HUSK_CONFIG\"; ctr container rm bad{i} >/dev/null 2>&1
 ",
             setup = bad.setup,
             flags = bad.flags,
-            image = bad.image(),
+            target = bad.target(&format!("bad{i}")),
             label = bad.label,
         ));
     }

@@ -145,14 +145,11 @@ impl Shim for HuskShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         init_logging(self.debug);
-        let config = match Config::load(None) {
-            Ok(loaded) => loaded.config,
-            Err(err) => {
-                // Create reports it for each container, naming the file; serve with the defaults.
-                tracing::error!(%err, "reading Husk's configuration; using the defaults");
-                Config::default()
-            }
-        };
+        // A bad configuration fails every create, naming the file and key (Pod::create).
+        let config = Config::load(None).map(|loaded| loaded.config);
+        if let Err(err) = &config {
+            tracing::error!(%err, "reading Husk's configuration: every create will fail");
+        }
         tracing::info!(namespace = %self.namespace, id = %self.id, "containerd-shim-husk-v2 serving");
         // Husk forwards its events itself (see `events`); the crate's publisher only names the address.
         let events = EventSink::new(&publisher.address, &self.namespace);

@@ -31,7 +31,7 @@ use super::events::EventSink;
 use super::metrics;
 use super::process::{Exit, Process, Status};
 use crate::agent_client::AgentError;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::guest_image::{Check, GuestImage};
 use crate::network::PodNetwork;
 use crate::sandbox::{Sandbox, SandboxConfig};
@@ -47,6 +47,9 @@ const LOST_STATUS: u32 = 255;
 pub struct Pod {
     namespace: String,
     config: Config,
+    /// Why the configuration could not be read (then `config` is the defaults, and every create
+    /// fails with this).
+    config_error: Option<String>,
     events: Arc<EventSink>,
     exit: Arc<ExitSignal>,
     state: Mutex<State>,
@@ -94,10 +97,20 @@ impl Container {
 }
 
 impl Pod {
-    pub fn new(namespace: &str, config: Config, events: EventSink, exit: Arc<ExitSignal>) -> Pod {
+    pub fn new(
+        namespace: &str,
+        config: Result<Config, ConfigError>,
+        events: EventSink,
+        exit: Arc<ExitSignal>,
+    ) -> Pod {
+        let (config, config_error) = match config {
+            Ok(config) => (config, None),
+            Err(err) => (Config::default(), Some(err.to_string())),
+        };
         Pod {
             namespace: namespace.to_owned(),
             config,
+            config_error,
             events: Arc::new(events),
             exit,
             state: Mutex::new(State::default()),
@@ -111,6 +124,9 @@ impl Pod {
     pub async fn create(&self, req: &api::CreateTaskRequest) -> Result<u32, ShimError> {
         let id = req.id.as_str();
         bundle::check_id(id)?;
+        if let Some(err) = &self.config_error {
+            return Err(ShimError::InvalidArgument(format!("Husk's configuration: {err}")));
+        }
         let bundle_dir = PathBuf::from(&req.bundle);
         let spec = bundle::load_spec(&bundle_dir)?;
         let annotations = bundle::annotations(&spec);

@@ -18,6 +18,8 @@ pub enum SandboxDirError {
     Exists { id: String, path: PathBuf },
     #[error("sharing {} with the guest: {source}", from.display())]
     Bind { from: PathBuf, source: nix::Error },
+    #[error("sharing {} with the guest: {source}", from.display())]
+    Source { from: PathBuf, source: std::io::Error },
     #[error("mounting {fs_type} {source_path:?} at {}: {reason}", target.display())]
     Mount { fs_type: String, source_path: String, target: PathBuf, reason: String },
     #[error("{name:?}: not a plain name inside the shared directory")]
@@ -85,7 +87,7 @@ impl SandboxDir {
     /// components (`<container>/mounts/0`) but no `..`.
     pub fn share(&self, from: &Path, name: &str, read_only: bool) -> Result<PathBuf, SandboxDirError> {
         let is_dir = std::fs::metadata(from)
-            .map_err(|source| SandboxDirError::Create { path: from.to_path_buf(), source })?
+            .map_err(|source| SandboxDirError::Source { from: from.to_path_buf(), source })?
             .is_dir();
         let target = self.mount_point(name, is_dir)?;
         let bind_error = |source| SandboxDirError::Bind { from: from.to_path_buf(), source };
