@@ -160,10 +160,12 @@ echo \"host-boot-id=$(cat /proc/sys/kernel/random/boot_id)\"",
 
 /// `husk-cri-pod --fault FAULT` against a CRI pod, after the shell steps `before` and followed by
 /// `after`; also reports the pod network namespaces left (`netns-left=`). Accepts any of `left`.
+/// The probe is bounded (10 min) so that a wedged pod fails with containerd's log, not with the
+/// test host killed at the test's budget.
 fn with_cri_fault(name: &str, fault: &str, before: &str, after: &str, left: &[&str]) -> String {
     let steps = format!(
         "{before}
-logs=$(mktemp -d); {probe} --fault {fault} \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
+logs=$(mktemp -d); timeout 600 {probe} --fault {fault} \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
 {after}
 echo \"netns-left=$(ls /var/run/netns 2>/dev/null | wc -l)\"",
         probe = target_bin("husk-cri-pod").display()
@@ -258,7 +260,9 @@ fn a_soak_of_pods_started_and_removed_in_rounds_leaves_the_node_as_it_was() {
     let growth: Vec<&str> = text.lines().filter(|l| l.starts_with("soak_growth ")).collect();
     assert_eq!(growth.len(), 11, "every count is reported: {text}");
     for line in growth.iter().filter(|l| !l.contains("used_mib=") && !l.contains("containerd_threads=")) {
-        assert!(line.contains("=0 "), "no growth: {line}");
+        // Below zero is fine: the warm-up's count can still hold files the kernel frees late.
+        let value = line.split('=').nth(1).and_then(|v| v.split_whitespace().next()?.parse::<i64>().ok());
+        assert!(value.is_some_and(|growth| growth <= 0), "no growth: {line}");
     }
 }
 

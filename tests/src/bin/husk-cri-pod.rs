@@ -99,6 +99,9 @@ async fn exercise(cri: &mut Cri, pod: &str, sandbox_config: &PodSandboxConfig, v
     Ok(())
 }
 
+/// How long the exec that causes a fault may take to end (with the VM, or on its own).
+const FAULT_EXEC_LIMIT: Duration = Duration::from_secs(120);
+
 /// What `--fault` does to the pod; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -191,10 +194,13 @@ async fn fault(fault: Fault, socket: &str, logs: &str) -> Result<()> {
         println!("victim-pid1={}", exec(&mut cri, &victim, &["cat", "/proc/1/comm"]).await?.trim());
         match fault.command() {
             // The exec may die with the VM or the process: its result is for diagnosis only.
-            Some(command) => match exec(&mut cri, &victim, command).await {
-                Ok(output) => println!("fault-output={}", output.trim().replace('\n', " | ")),
-                Err(err) => println!("fault-exec-error={}", format!("{err:#}").replace('\n', " | ")),
-            },
+            Some(command) => {
+                match tokio::time::timeout(FAULT_EXEC_LIMIT, exec(&mut cri, &victim, command)).await {
+                    Ok(Ok(output)) => println!("fault-output={}", output.trim().replace('\n', " | ")),
+                    Ok(Err(err)) => println!("fault-exec-error={}", format!("{err:#}").replace('\n', " | ")),
+                    Err(_) => println!("fault-exec-error=no answer within {FAULT_EXEC_LIMIT:?}"),
+                }
+            }
             None => println!("shims-killed={}", kill_shims(socket)?),
         }
         if fault == Fault::VmOom {
