@@ -3,7 +3,8 @@
 //! removed again, until TOTAL have run. The node is counted after the first round (the warm-up:
 //! containerd's caches and thread pool are then as big as this load makes them) and after the
 //! last, and the growth of each count is printed:
-//! - `fds`: open files of the whole node (/proc/sys/fs/file-nr), and of containerd;
+//! - `fds`: open files of every user-space process (summed over /proc/PID/fd: the kernel's
+//!   file-nr is a per-CPU counter, off by up to its batch size), and of containerd;
 //! - `threads`, `processes`: of every user-space process but containerd; `containerd_threads`
 //!   (reported, not held to zero: Go's runtime keeps the OS threads a busier moment started);
 //! - `mounts`: the node's mount table;
@@ -48,10 +49,9 @@ struct Census {
 
 impl Census {
     fn take(containerd_config: &Path) -> Result<Census> {
-        let (all_threads, processes, containerd) = user_processes(containerd_config)?;
+        let (all_threads, processes, fds, containerd) = user_processes(containerd_config)?;
         let containerd = containerd.context("no containerd process with the configuration of this socket")?;
         let containerd_threads = entries(&format!("/proc/{containerd}/task"));
-        let file_nr = std::fs::read_to_string("/proc/sys/fs/file-nr").context("/proc/sys/fs/file-nr")?;
         let meminfo = |key: &str| -> Result<i64> {
             let text = std::fs::read_to_string("/proc/meminfo").context("/proc/meminfo")?;
             text.lines()
@@ -61,7 +61,7 @@ impl Census {
         };
         let available = i64::try_from(mem_available_kib()?).unwrap_or(i64::MAX);
         Ok(Census {
-            fds: file_nr.split_whitespace().next().and_then(|n| n.parse().ok()).context("file-nr")?,
+            fds,
             containerd_fds: entries(&format!("/proc/{containerd}/fd")),
             threads: all_threads - containerd_threads,
             containerd_threads,
@@ -113,10 +113,10 @@ fn entries(dir: &str) -> i64 {
     std::fs::read_dir(dir).map_or(0, |d| d.count() as i64)
 }
 
-/// Threads and processes of user space (a kernel thread has an empty cmdline), and the pid of
-/// the containerd started with `config`.
-fn user_processes(config: &Path) -> Result<(i64, i64, Option<u32>)> {
-    let (mut threads, mut processes, mut containerd) = (0, 0, None);
+/// Threads, processes and open files of user space (a kernel thread has an empty cmdline), and
+/// the pid of the containerd started with `config`.
+fn user_processes(config: &Path) -> Result<(i64, i64, i64, Option<u32>)> {
+    let (mut threads, mut processes, mut fds, mut containerd) = (0, 0, 0, None);
     for entry in std::fs::read_dir("/proc").context("/proc")?.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
@@ -125,6 +125,7 @@ fn user_processes(config: &Path) -> Result<(i64, i64, Option<u32>)> {
         }
         processes += 1;
         threads += entries(&format!("/proc/{pid}/task"));
+        fds += entries(&format!("/proc/{pid}/fd"));
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
         if args.first().is_some_and(|a| a.ends_with(b"containerd"))
             && args.contains(&config.as_os_str().as_encoded_bytes())
@@ -132,7 +133,7 @@ fn user_processes(config: &Path) -> Result<(i64, i64, Option<u32>)> {
             containerd = Some(pid);
         }
     }
-    Ok((threads, processes, containerd))
+    Ok((threads, processes, fds, containerd))
 }
 
 /// Waits until no Husk shim runs and the page cache is dropped, then counts.
