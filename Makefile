@@ -108,13 +108,7 @@ bench: build guest-image testhost containerd
 SOAK_CONCURRENT ?= 20
 SOAK_TOTAL ?= 200
 soak: build guest-image testhost containerd
-	scripts/busybox-oci-image build/soak-busybox.tar >/dev/null
-	scripts/busybox-oci-image build/soak-pause.tar docker.io/library/pause:husk '["sleep","2147483647"]' >/dev/null
-	tests/vm-host-run --timeout 7200 --mem 8192 --with /usr/sbin/runc --with /usr/lib/cni/bridge \
-		--with /usr/lib/cni/host-local --with /usr/lib/cni/loopback --with /usr/bin/ip -- \
-		tests/containerd-env --cri build/containerd -- sh -c \
-		'ctr -n k8s.io images import build/soak-busybox.tar >/dev/null && ctr -n k8s.io images import build/soak-pause.tar >/dev/null && \
-		 logs=$$(mktemp -d) && target/debug/husk-cri-soak "$$CONTAINERD_ADDRESS" $$logs $(SOAK_CONCURRENT) $(SOAK_TOTAL)'
+	scripts/soak $(SOAK_CONCURRENT) $(SOAK_TOTAL)
 
 clean:
 	$(CARGO) clean

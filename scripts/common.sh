@@ -27,6 +27,20 @@ vm_host() {
     esac
 }
 
+# What CRI pods need on the VM host besides Husk (tests/vm-host-run options): runc for the
+# baselines, the CNI plugins of tests/containerd-env's network, iproute2 for leftover checks.
+CRI_VM_HOST_FILES=(--with /usr/sbin/runc --with /usr/lib/cni/bridge --with /usr/lib/cni/host-local
+                   --with /usr/lib/cni/loopback --with /usr/bin/ip --with /usr/sbin/tc)
+
+# cri_images PREFIX: builds the offline busybox and pause images as PREFIX-busybox.tar and
+# PREFIX-pause.tar, and prints the shell command that imports both into CRI's namespace.
+cri_images() {
+    # Chained, so a failed build fails the command substitution the caller assigns from.
+    "$HUSK_ROOT/scripts/busybox-oci-image" "$1-busybox.tar" >/dev/null &&
+        "$HUSK_ROOT/scripts/busybox-oci-image" "$1-pause.tar" docker.io/library/pause:husk '["sleep","2147483647"]' >/dev/null &&
+        echo "ctr -n k8s.io images import $1-busybox.tar >/dev/null && ctr -n k8s.io images import $1-pause.tar >/dev/null"
+}
+
 # inputs_hash FILE|-STRING... : sha256 over the named files' contents and any
 # literal strings (prefixed with '=') such as package versions.
 inputs_hash() {

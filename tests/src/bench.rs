@@ -128,13 +128,18 @@ pub fn vm_host_description() -> &'static str {
 
 /// The node's `MemAvailable` in KiB (what the memory benchmarks compare before and after).
 pub fn mem_available_kib() -> anyhow::Result<u64> {
+    meminfo_kib("MemAvailable")
+}
+
+/// One figure of /proc/meminfo (`key` as `MemTotal`), in KiB.
+pub fn meminfo_kib(key: &str) -> anyhow::Result<u64> {
     use anyhow::Context;
     let meminfo = std::fs::read_to_string("/proc/meminfo").context("/proc/meminfo")?;
     meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("MemAvailable in /proc/meminfo")
+        .with_context(|| format!("{key} in /proc/meminfo"))
 }
 
 #[cfg(test)]

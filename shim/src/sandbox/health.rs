@@ -27,22 +27,21 @@ impl Sandbox {
 
 async fn watch(sandbox: Weak<Sandbox>, timeout: Duration) {
     let interval = (timeout / CHECKS_PER_TIMEOUT).max(Duration::from_millis(100));
-    loop {
+    let failure = loop {
         tokio::time::sleep(interval).await;
         // No strong reference is held while waiting: a pod being deleted must not wait for this.
         let Some(client) = running(&sandbox).map(|s| s.client().clone()) else { return };
-        let failure = match tokio::time::timeout(timeout, client.check()).await {
+        match tokio::time::timeout(timeout, client.check()).await {
             // A refusal is an answer too.
-            Ok(Ok(_) | Err(AgentError::Refused { .. } | AgentError::ApiMismatch { .. })) => continue,
-            Ok(Err(err)) => format!("the agent's health check failed: {err}"),
-            Err(_) => format!("the agent answered no health check within {timeout:?}"),
-        };
-        let Some(sandbox) = running(&sandbox) else { return };
-        // A VM that is ending on its own is reported by its own path.
-        if !sandbox.ended_within(END_GRACE).await {
-            sandbox.end_unresponsive(&failure);
+            Ok(Ok(_) | Err(AgentError::Refused { .. } | AgentError::ApiMismatch { .. })) => {}
+            Ok(Err(err)) => break format!("the agent's health check failed: {err}"),
+            Err(_) => break format!("the agent answered no health check within {timeout:?}"),
         }
-        return;
+    };
+    let Some(sandbox) = running(&sandbox) else { return };
+    // A VM that is ending on its own is reported by its own path.
+    if !sandbox.ended_within(END_GRACE).await {
+        sandbox.end_unresponsive(&failure);
     }
 }
 

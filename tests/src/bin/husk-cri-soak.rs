@@ -14,14 +14,14 @@
 //!
 //! Every count must come back to where it was (growth 0; the last count is retaken for up to
 //! [`SETTLE`] while any looks grown, as the kernel frees closed files late); memory may move by
-//! at most [`MEMORY_SLACK_MIB`] (allocator and page-table noise). Exits non-zero otherwise, or when a pod
-//! fails to start or be removed.
+//! at most [`MEMORY_SLACK_MIB`] (allocator and page-table noise). Exits non-zero otherwise, or
+//! when a pod fails to start or be removed.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use husk_tests::bench::mem_available_kib;
+use husk_tests::bench::{mem_available_kib, meminfo_kib};
 use husk_tests::cri::{connect, remove_pods, start_pods_at_once, Cri, HANDLER};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 
@@ -52,14 +52,7 @@ impl Census {
         let (all_threads, processes, fds, containerd) = user_processes(containerd_config)?;
         let containerd = containerd.context("no containerd process with the configuration of this socket")?;
         let containerd_threads = entries(&format!("/proc/{containerd}/task"));
-        let meminfo = |key: &str| -> Result<i64> {
-            let text = std::fs::read_to_string("/proc/meminfo").context("/proc/meminfo")?;
-            text.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .with_context(|| format!("{key} in /proc/meminfo"))
-        };
-        let available = i64::try_from(mem_available_kib()?).unwrap_or(i64::MAX);
+        let used_kib = meminfo_kib("MemTotal")?.saturating_sub(mem_available_kib()?);
         Ok(Census {
             fds,
             containerd_fds: entries(&format!("/proc/{containerd}/fd")),
@@ -72,7 +65,7 @@ impl Census {
             netns: entries("/var/run/netns"),
             sandboxes: entries("/run/husk/sandboxes"),
             shim_sockets: entries("/run/containerd/s"),
-            used_mib: (meminfo("MemTotal:")? - available) / 1024,
+            used_mib: i64::try_from(used_kib / 1024).unwrap_or(i64::MAX),
         })
     }
 
