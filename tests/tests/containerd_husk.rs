@@ -16,20 +16,11 @@ const BUDGET: Duration = Duration::from_secs(900);
 /// Nothing of a pod is left: no shim, sandbox directory, /run/husk mount or shim socket.
 const NOTHING_LEFT: &str = "left: shims=0 sandboxes=0 mounts=0 sockets=0";
 
-/// KNOWN BUG: after the VM of a CRI pod dies, the pod shim's socket in /run/containerd/s stays
-/// behind although the shim is gone; everything else must be gone.
-const LEAKING_THE_SOCKET: &str = "left: shims=0 sandboxes=0 mounts=0 sockets=1";
-
 /// Runs `steps` (POSIX sh, with `$husk` = `ctr run --runtime io.containerd.husk.v2`) beside a
 /// private containerd that has the busybox image (with `cri`: its CRI plugin too, and the
 /// busybox and pause images in CRI's namespace), then waits for the pod shims to go and asserts
 /// that what is left of them is [`NOTHING_LEFT`].
 fn with_containerd(name: &str, cri: bool, steps: &str) -> String {
-    with_containerd_leaving(name, cri, steps, &[NOTHING_LEFT])
-}
-
-/// [`with_containerd`], accepting any of the `left` reports.
-fn with_containerd_leaving(name: &str, cri: bool, steps: &str, left: &[&str]) -> String {
     let (image, pause) = (ImageTar::busybox(name), cri.then(|| ImageTar::pause(name)));
     let mut images = vec![&image];
     images.extend(pause.as_ref());
@@ -38,13 +29,14 @@ fn with_containerd_leaving(name: &str, cri: bool, steps: &str, left: &[&str]) ->
         "{imports} || exit 1
 husk='ctr run --runtime io.containerd.husk.v2'
 {steps}
-i=0; while ps -o comm | grep -q containerd-shim-h && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
-echo \"left: shims=$(ps -o comm | grep -c containerd-shim-h) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) sockets=$(ls /run/containerd/s 2>/dev/null | wc -l)\"",
+shims() {{ ls -l /proc/[0-9]*/exe 2>/dev/null | grep -c '/containerd-shim-husk-v2$'; }}
+i=0; while [ \"$(shims)\" != 0 ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
+echo \"left: shims=$(shims) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) sockets=$(ls /run/containerd/s 2>/dev/null | wc -l)\"",
     );
     let output = run_beside_containerd(cri, BUDGET, &["sh", "-c", &script]);
     let text = combined(&output);
     assert!(output.status.success(), "{}", describe(&output));
-    assert!(left.iter().any(|report| text.contains(report)), "nothing left behind: {text}");
+    assert!(text.contains(NOTHING_LEFT), "nothing left behind: {text}");
     text
 }
 
@@ -159,10 +151,10 @@ echo \"host-boot-id=$(cat /proc/sys/kernel/random/boot_id)\"",
 }
 
 /// `husk-cri-pod --fault FAULT` against a CRI pod, after the shell steps `before` and followed by
-/// `after`; also reports the pod network namespaces left (`netns-left=`). Accepts any of `left`.
+/// `after`; also reports the pod network namespaces left (`netns-left=`).
 /// The probe is bounded (10 min) so that a wedged pod fails with containerd's log, not with the
 /// test host killed at the test's budget.
-fn with_cri_fault(name: &str, fault: &str, before: &str, after: &str, left: &[&str]) -> String {
+fn with_cri_fault(name: &str, fault: &str, before: &str, after: &str) -> String {
     let steps = format!(
         "{before}
 logs=$(mktemp -d); timeout 600 {probe} --fault {fault} \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
@@ -170,7 +162,7 @@ logs=$(mktemp -d); timeout 600 {probe} --fault {fault} \"$CONTAINERD_ADDRESS\" $
 echo \"netns-left=$(ls /var/run/netns 2>/dev/null | wc -l)\"",
         probe = target_bin("husk-cri-pod").display()
     );
-    let text = with_containerd_leaving(name, true, &steps, left);
+    let text = with_containerd(name, true, &steps);
     assert!(text.contains("cri-status=0") && text.contains("pod-removed"), "{text}");
     assert!(text.contains("netns-left=0"), "{text}");
     text
@@ -184,7 +176,7 @@ fn when_a_pods_vm_dies_every_task_exits_with_an_error_and_the_console_is_logged(
     let after = format!(
         "echo \"lost=$(grep -c 'lost the process' $CONTAINERD_LOG) console=$(grep -c 'guest console' $CONTAINERD_LOG)\"\n{VM_END}"
     );
-    let text = with_cri_fault("vm-dies", "reboot", "", &after, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
+    let text = with_cri_fault("vm-dies", "reboot", "", &after);
     assert!(text.contains("victim-pid1=init"), "a hostPID pod shares the VM's PID namespace: {text}");
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(
@@ -198,7 +190,7 @@ fn when_a_pods_vm_dies_every_task_exits_with_an_error_and_the_console_is_logged(
 fn a_guest_kernel_panic_ends_the_pods_tasks_with_the_panic_in_the_shims_log() {
     let after =
         format!("{VM_END}\necho \"panic-in-log=$(grep -c 'panic_on_oom is enabled' $CONTAINERD_LOG)\"");
-    let text = with_cri_fault("vm-panics", "panic", "", &after, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
+    let text = with_cri_fault("vm-panics", "panic", "", &after);
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(text.contains("the VM ended: guest kernel panicked"), "{text}");
     assert!(!text.contains("panic-in-log=0"), "the console's panic reached the shim's log: {text}");
@@ -207,7 +199,7 @@ fn a_guest_kernel_panic_ends_the_pods_tasks_with_the_panic_in_the_shims_log() {
 #[test]
 fn a_crashed_agent_ends_the_pods_tasks_and_the_guest_kernel_names_it() {
     let after = format!("{VM_END}\necho \"init-killed=$(grep -c 'Attempted to kill init' $CONTAINERD_LOG)\"");
-    let text = with_cri_fault("agent-crash", "agent-crash", "", &after, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
+    let text = with_cri_fault("agent-crash", "agent-crash", "", &after);
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(text.contains("the VM ended: guest kernel panicked"), "{text}");
     assert!(
@@ -223,7 +215,7 @@ fn a_hung_agent_fails_its_health_check_and_the_pods_tasks_exit_with_that_reason(
     let after =
         "echo \"hung-reported=$(grep -c 'the agent answered no health check within 10s' $CONTAINERD_LOG)\"
 echo \"console-logged=$(grep 'its agent does not answer' $CONTAINERD_LOG | grep -c 'console=')\"";
-    let text = with_cri_fault("agent-hang", "agent-hang", before, after, &[NOTHING_LEFT, LEAKING_THE_SOCKET]);
+    let text = with_cri_fault("agent-hang", "agent-hang", before, after);
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(!text.contains("hung-reported=0") && text.contains("hung-reported="), "{text}");
     assert!(!text.contains("console-logged=0"), "the console's tail is logged with it: {text}");
@@ -231,14 +223,14 @@ echo \"console-logged=$(grep 'its agent does not answer' $CONTAINERD_LOG | grep 
 
 #[test]
 fn a_guest_out_of_memory_kills_the_hog_and_the_pod_keeps_serving() {
-    let text = with_cri_fault("vm-oom", "vm-oom", "", "", &[NOTHING_LEFT]);
+    let text = with_cri_fault("vm-oom", "vm-oom", "", "");
     assert!(text.contains("bystander-after=answers"), "the pod's VM and agent survive: {text}");
     assert!(!text.contains("guest-oom-kills=0\n") && text.contains("guest-oom-kills="), "{text}");
 }
 
 #[test]
 fn a_killed_cri_pod_shim_is_cleaned_up_and_its_tasks_report_the_kill() {
-    let text = with_cri_fault("shim-kill", "shim-kill", "", "", &[NOTHING_LEFT]);
+    let text = with_cri_fault("shim-kill", "shim-kill", "", "");
     assert!(text.contains("shims-killed=1"), "{text}");
     // CRI reports the exit of a task whose shim died as 255 (unknown).
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");

@@ -96,9 +96,20 @@ impl Shim for HuskShim {
         Ok(address)
     }
 
-    /// `delete`: the shim serving this container died (SIGKILL, OOM); its VM died with it, so
-    /// what is left is its directory and mounts on the host.
+    /// `delete`: containerd runs it after each task's delete, and when the shim serving this
+    /// container died (SIGKILL, OOM). A dead shim's VM died with it, so what is left is its
+    /// directory and mounts on the host; a shim still serving the pod's other containers owns
+    /// them and removes them itself.
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
+        let response = api::DeleteResponse {
+            exit_status: KILLED_STATUS,
+            exited_at: Some(Timestamp::now()).into(),
+            ..Default::default()
+        };
+        let socket = ShimSocket::of_bundle().await;
+        if socket == ShimSocket::Serving {
+            return Ok(response);
+        }
         // A configuration broken since the pod started must not keep its leftovers: the
         // defaults name the sandbox directory then.
         let config = Config::load(None).map(|loaded| loaded.config).unwrap_or_else(|err| {
@@ -122,12 +133,12 @@ impl Shim for HuskShim {
                 }
             }
         }
-        remove_stale_socket().await;
-        Ok(api::DeleteResponse {
-            exit_status: KILLED_STATUS,
-            exited_at: Some(Timestamp::now()).into(),
-            ..Default::default()
-        })
+        if let ShimSocket::Dead(path) = socket {
+            if let Err(err) = tokio::fs::remove_file(&path).await {
+                tracing::debug!(path, %err, "removing a dead shim's socket");
+            }
+        }
+        Ok(response)
     }
 
     async fn wait(&mut self) {
@@ -157,14 +168,24 @@ impl Shim for HuskShim {
     }
 }
 
-/// Removes the shim socket named in the bundle's `address` file when no shim serves it any more
-/// (a killed shim could not; a live one, still serving other containers of the pod, keeps it).
-async fn remove_stale_socket() {
-    let Ok(address) = tokio::fs::read_to_string("address").await else { return };
-    let path = address.trim().trim_start_matches("unix://");
-    if tokio::net::UnixStream::connect(path).await.is_err() {
-        if let Err(err) = tokio::fs::remove_file(path).await {
-            tracing::debug!(path, %err, "removing a dead shim's socket");
+/// The shim socket named in the bundle's `address` file.
+#[derive(Debug, PartialEq)]
+enum ShimSocket {
+    /// A shim answers there.
+    Serving,
+    /// Nobody answers: its shim died without removing it.
+    Dead(String),
+    /// The bundle names none.
+    Unknown,
+}
+
+impl ShimSocket {
+    async fn of_bundle() -> ShimSocket {
+        let Ok(address) = tokio::fs::read_to_string("address").await else { return ShimSocket::Unknown };
+        let path = address.trim().trim_start_matches("unix://");
+        match tokio::net::UnixStream::connect(path).await {
+            Ok(_) => ShimSocket::Serving,
+            Err(_) => ShimSocket::Dead(path.to_owned()),
         }
     }
 }

@@ -68,6 +68,10 @@ struct State {
     /// Why the pod's VM ended on its own, once its last container is gone (a container created
     /// for the pod afterwards is refused with it).
     lost_vm: Option<String>,
+    /// containerd asked the shim to exit while containers were left: under CRI the pod's
+    /// sandbox container is deleted (and the shim shut down) before its members when the VM
+    /// dies, and no later Shutdown comes for the members, so the last delete ends the shim.
+    shutdown_asked: bool,
 }
 
 #[derive(Debug)]
@@ -410,6 +414,7 @@ impl Pod {
                 sandbox.shutdown().await;
             }
         }
+        let exit_shim = state.containers.is_empty() && state.shutdown_asked;
         drop(state);
         let response = self.delete_response(exit);
         let event = TaskDelete {
@@ -420,6 +425,13 @@ impl Pod {
             ..Default::default()
         };
         self.events.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event)).await;
+        if exit_shim {
+            tracing::info!(
+                container = id,
+                "last container deleted after containerd's shutdown: the shim exits"
+            );
+            self.exit.signal();
+        }
         Ok(response)
     }
 
@@ -546,9 +558,11 @@ impl Pod {
         Ok(())
     }
 
-    /// Shutdown: the shim exits once no container is left.
+    /// Shutdown: the shim exits now if no container is left, otherwise when its last one is
+    /// deleted.
     pub async fn shutdown(&self) {
-        let state = self.state.lock().await;
+        let mut state = self.state.lock().await;
+        state.shutdown_asked = true;
         if state.containers.is_empty() {
             self.exit.signal();
         }

@@ -147,8 +147,9 @@ async fn settled_census(containerd_config: &Path) -> Result<Census> {
 fn shims_running() -> bool {
     let Ok(dir) = std::fs::read_dir("/proc") else { return false };
     dir.flatten().any(|entry| {
-        std::fs::read_to_string(entry.path().join("comm"))
-            .is_ok_and(|comm| comm.trim() == "containerd-shim-h")
+        // By the executable: a process name (`comm`) keeps only 15 bytes, `containerd-shim`.
+        std::fs::read_link(entry.path().join("exe"))
+            .is_ok_and(|exe| exe.file_name().is_some_and(|name| name == "containerd-shim-husk-v2"))
     })
 }
 
