@@ -4,6 +4,7 @@
 //! Everything the agent sends is untrusted: the handshake reply is read byte by byte up to a bounded
 //! length (never past its newline, so no ttrpc bytes are swallowed), and every call has a deadline.
 
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +23,10 @@ use tokio::net::UnixStream;
 
 /// Longest hybrid vsock reply line accepted (`OK 4294967295\n` is 14 bytes).
 const MAX_HANDSHAKE_REPLY: usize = 32;
+/// How often a hybrid vsock `CONNECT` the VMM closed unanswered is tried: a guest starved of CPU
+/// (many VMs on few cores) may miss the VMM's connect deadline while its agent listens.
+const HANDSHAKE_ATTEMPTS: u32 = 5;
+const HANDSHAKE_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// Where the agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -381,15 +386,32 @@ async fn open_stream(address: &AgentAddress) -> Result<UnixStream, AgentError> {
     match address {
         AgentAddress::Unix(path) => UnixStream::connect(path).await.map_err(connect_error),
         AgentAddress::HybridVsock { socket, port } => {
-            let mut stream = UnixStream::connect(socket).await.map_err(connect_error)?;
-            stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(connect_error)?;
-            let reply = read_reply_line(&mut stream).await.map_err(connect_error)?;
+            let mut attempt = 1;
+            let (stream, reply) = loop {
+                match hybrid_handshake(socket, *port).await {
+                    Ok(answered) => break answered,
+                    Err(err) if err.kind() == ErrorKind::UnexpectedEof && attempt < HANDSHAKE_ATTEMPTS => {
+                        attempt += 1;
+                        tokio::time::sleep(HANDSHAKE_RETRY_PAUSE).await;
+                    }
+                    Err(err) => return Err(connect_error(err)),
+                }
+            };
             if !is_ok_reply(&reply) {
                 return Err(AgentError::HandshakeRefused { address: address.clone(), port: *port, reply });
             }
             Ok(stream)
         }
     }
+}
+
+/// `CONNECT port` on the VM's vsock socket; the stream and the VMM's reply line. The VMM closes
+/// the stream without a reply when the guest reset the connection or did not answer it in time.
+async fn hybrid_handshake(socket: &Path, port: u32) -> std::io::Result<(UnixStream, String)> {
+    let mut stream = UnixStream::connect(socket).await?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    let reply = read_reply_line(&mut stream).await?;
+    Ok((stream, reply))
 }
 
 /// Reads one line (without its newline), at most [`MAX_HANDSHAKE_REPLY`] bytes, not a byte more.
@@ -452,5 +474,47 @@ mod tests {
         let err = AgentClient::connect(AgentAddress::vm(&socket), Duration::from_secs(5)).await.unwrap_err();
         let AgentError::HandshakeRefused { reply, .. } = &err else { panic!("{err}") };
         assert_eq!(reply.len(), MAX_HANDSHAKE_REPLY, "the reply is cut at the bound");
+    }
+
+    /// A fake VMM that closes the first `unanswered` connections after their `CONNECT` line (as
+    /// for a guest that missed the connect deadline) and accepts the rest; returns its count of
+    /// connections.
+    fn vmm_closing_first(socket: &Path, unanswered: u32) -> tokio::task::JoinHandle<u32> {
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            while let Ok(Ok((mut peer, _))) =
+                tokio::time::timeout(Duration::from_secs(2), listener.accept()).await
+            {
+                seen += 1;
+                let mut request = [0u8; 13];
+                peer.read_exact(&mut request).await.unwrap();
+                if seen > unanswered {
+                    peer.write_all(b"OK 1073741824\n").await.unwrap();
+                    return seen;
+                }
+            }
+            seen
+        })
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connect_the_vmm_closed_unanswered_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vsock.sock");
+        let vmm = vmm_closing_first(&socket, 2);
+        open_stream(&AgentAddress::vm(&socket)).await.unwrap();
+        assert_eq!(vmm.await.unwrap(), 3);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_port_that_is_always_closed_fails_after_the_attempts_naming_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vsock.sock");
+        let vmm = vmm_closing_first(&socket, u32::MAX);
+        let err = open_stream(&AgentAddress::vm(&socket)).await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, AgentError::Connect { .. }) && text.contains("vsock port 1024"), "{text}");
+        assert_eq!(vmm.await.unwrap(), HANDSHAKE_ATTEMPTS);
     }
 }

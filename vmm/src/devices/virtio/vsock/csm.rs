@@ -19,7 +19,9 @@ pub const TX_BUF_SIZE: u32 = 256 * 1024;
 const CREDIT_UPDATE_THRESHOLD: u32 = TX_BUF_SIZE / 4;
 /// How long a host-initiated connection waits for the guest's RESPONSE before it is reset (the
 /// guest has no listener there, or is too busy to answer; the host client sees the socket close).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Generous: a guest with a listener that is starved of CPU (many VMs on few cores: 20 pods
+/// starting at once in the test host missed 2 s) must not look like one without.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,9 +154,10 @@ impl<S: Read + Write + HalfClose> Connection<S> {
     /// Resets the connection if the guest did not answer our REQUEST by `now`; true if it did so.
     pub fn expire_connect(&mut self, now: Instant) -> bool {
         if self.connect_deadline().is_some_and(|deadline| now >= deadline) {
-            tracing::debug!(
+            tracing::warn!(
                 peer_port = self.peer_port,
-                "vsock: the guest did not answer the connection request"
+                timeout = ?CONNECT_TIMEOUT,
+                "vsock: the guest did not answer the connection request; reset"
             );
             self.kill();
             return true;
