@@ -29,7 +29,8 @@ fn with_containerd(name: &str, cri: bool, steps: &str) -> String {
         "{imports} || exit 1
 husk='ctr run --runtime io.containerd.husk.v2'
 {steps}
-shims() {{ ls -l /proc/[0-9]*/exe 2>/dev/null | grep -c '/containerd-shim-husk-v2$'; }}
+# [c]: the pattern must not match this script's own command line (a step kills shims by it).
+shims() {{ ls -l /proc/[0-9]*/exe 2>/dev/null | grep -c '/[c]ontainerd-shim-husk-v2$'; }}
 i=0; while [ \"$(shims)\" != 0 ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 echo \"left: shims=$(shims) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) sockets=$(ls /run/containerd/s 2>/dev/null | wc -l)\"",
     );
