@@ -334,7 +334,7 @@ impl AgentClient {
     pub async fn open_stdio(&self, token: &str, stream: StdioStream) -> Result<UnixStream, AgentError> {
         let address = self.address.stdio();
         let mut connection =
-            tokio::time::timeout(self.timeout, open_stream(&address)).await.map_err(|_| {
+            tokio::time::timeout(self.timeout, open_stream_patiently(&address)).await.map_err(|_| {
                 AgentError::Timeout { address: address.clone(), what: "stdio connect", timeout: self.timeout }
             })??;
         let hello = StdioHello { token: token.to_owned(), stream }.render();
@@ -386,21 +386,29 @@ async fn open_stream(address: &AgentAddress) -> Result<UnixStream, AgentError> {
     match address {
         AgentAddress::Unix(path) => UnixStream::connect(path).await.map_err(connect_error),
         AgentAddress::HybridVsock { socket, port } => {
-            let mut attempt = 1;
-            let (stream, reply) = loop {
-                match hybrid_handshake(socket, *port).await {
-                    Ok(answered) => break answered,
-                    Err(err) if err.kind() == ErrorKind::UnexpectedEof && attempt < HANDSHAKE_ATTEMPTS => {
-                        attempt += 1;
-                        tokio::time::sleep(HANDSHAKE_RETRY_PAUSE).await;
-                    }
-                    Err(err) => return Err(connect_error(err)),
-                }
-            };
+            let (stream, reply) = hybrid_handshake(socket, *port).await.map_err(connect_error)?;
             if !is_ok_reply(&reply) {
                 return Err(AgentError::HandshakeRefused { address: address.clone(), port: *port, reply });
             }
             Ok(stream)
+        }
+    }
+}
+
+/// [`open_stream`], tried again while the VMM closes the `CONNECT` unanswered, at most
+/// [`HANDSHAKE_ATTEMPTS`] times. (The agent's own connection needs no such retry: it is opened
+/// by [`AgentClient::connect_when_ready`], which retries any failure.)
+async fn open_stream_patiently(address: &AgentAddress) -> Result<UnixStream, AgentError> {
+    let mut attempt = 1;
+    loop {
+        match open_stream(address).await {
+            Err(AgentError::Connect { source, .. })
+                if source.kind() == ErrorKind::UnexpectedEof && attempt < HANDSHAKE_ATTEMPTS =>
+            {
+                attempt += 1;
+                tokio::time::sleep(HANDSHAKE_RETRY_PAUSE).await;
+            }
+            done => return done,
         }
     }
 }
@@ -503,7 +511,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vsock.sock");
         let vmm = vmm_closing_first(&socket, 2);
-        open_stream(&AgentAddress::vm(&socket)).await.unwrap();
+        open_stream_patiently(&AgentAddress::vm(&socket)).await.unwrap();
         assert_eq!(vmm.await.unwrap(), 3);
     }
 
@@ -512,7 +520,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vsock.sock");
         let vmm = vmm_closing_first(&socket, u32::MAX);
-        let err = open_stream(&AgentAddress::vm(&socket)).await.unwrap_err();
+        let err = open_stream_patiently(&AgentAddress::vm(&socket)).await.unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, AgentError::Connect { .. }) && text.contains("vsock port 1024"), "{text}");
         assert_eq!(vmm.await.unwrap(), HANDSHAKE_ATTEMPTS);
