@@ -386,7 +386,9 @@ async fn open_stream(address: &AgentAddress) -> Result<UnixStream, AgentError> {
     match address {
         AgentAddress::Unix(path) => UnixStream::connect(path).await.map_err(connect_error),
         AgentAddress::HybridVsock { socket, port } => {
-            let (stream, reply) = hybrid_handshake(socket, *port).await.map_err(connect_error)?;
+            let mut stream = UnixStream::connect(socket).await.map_err(connect_error)?;
+            stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(connect_error)?;
+            let reply = read_reply_line(&mut stream).await.map_err(connect_error)?;
             if !is_ok_reply(&reply) {
                 return Err(AgentError::HandshakeRefused { address: address.clone(), port: *port, reply });
             }
@@ -395,8 +397,8 @@ async fn open_stream(address: &AgentAddress) -> Result<UnixStream, AgentError> {
     }
 }
 
-/// [`open_stream`], tried again while the VMM closes the `CONNECT` unanswered, at most
-/// [`HANDSHAKE_ATTEMPTS`] times. (The agent's own connection needs no such retry: it is opened
+/// [`open_stream`], tried again while the VMM closes the `CONNECT` unanswered (it does when the
+/// guest reset the connection or did not answer it in time), at most [`HANDSHAKE_ATTEMPTS`] times. (The agent's own connection needs no such retry: it is opened
 /// by [`AgentClient::connect_when_ready`], which retries any failure.)
 async fn open_stream_patiently(address: &AgentAddress) -> Result<UnixStream, AgentError> {
     let mut attempt = 1;
@@ -411,15 +413,6 @@ async fn open_stream_patiently(address: &AgentAddress) -> Result<UnixStream, Age
             done => return done,
         }
     }
-}
-
-/// `CONNECT port` on the VM's vsock socket; the stream and the VMM's reply line. The VMM closes
-/// the stream without a reply when the guest reset the connection or did not answer it in time.
-async fn hybrid_handshake(socket: &Path, port: u32) -> std::io::Result<(UnixStream, String)> {
-    let mut stream = UnixStream::connect(socket).await?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
-    let reply = read_reply_line(&mut stream).await?;
-    Ok((stream, reply))
 }
 
 /// Reads one line (without its newline), at most [`MAX_HANDSHAKE_REPLY`] bytes, not a byte more.
