@@ -91,7 +91,11 @@ fn a_wedged_test_host_is_detected_and_the_command_rerun_then_given_up_on() {
     let elapsed = started.elapsed();
     assert_eq!(output.status.code(), Some(124), "{}", describe(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("none within 1s of boot") && stderr.contains("giving up"), "{}", describe(&output));
+    assert!(
+        stderr.contains("none within 1s of boot") && stderr.contains("giving up"),
+        "{}",
+        describe(&output)
+    );
     assert!(elapsed < Duration::from_secs(120), "detected long before the timeout: took {elapsed:?}");
 }
 
