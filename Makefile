@@ -13,7 +13,7 @@ AGENT_BIN := target/$(GUEST_TARGET)/guest/husk-agent
 AGENT_ENV := RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build agent guest-image testhost containerd lint fuzz test demo demo-run install bench soak clean
+.PHONY: all deps build build-tests agent guest-image testhost containerd lint fuzz test demo demo-run install bench soak clean
 
 all: build guest-image
 
@@ -24,6 +24,11 @@ deps:
 ## build: host binaries (husk, husk-vmm, ...) in target/debug
 build:
 	$(CARGO) build --workspace --locked
+
+## build-tests: the host binaries and every test target in one build (built apart, `cargo test`
+## would compile the crates whose features its dev-dependencies unify a second time)
+build-tests:
+	$(CARGO) build --workspace --all-targets --locked
 
 ## agent: the static guest agent
 agent:
@@ -53,7 +58,7 @@ fuzz:
 
 ## test: everything CI runs: lint, unit tests, guest image checks and VM tests (in the test host
 ## where this machine's KVM cannot run guests)
-test: lint build guest-image testhost containerd
+test: lint build-tests guest-image testhost containerd
 	fuzz/run --build-only
 	$(CARGO) test --workspace --locked -- --test-threads=2
 

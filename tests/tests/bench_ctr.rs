@@ -1,5 +1,5 @@
 //! The containerd benchmarks run `ctr run` (and CRI pods) with Husk and with runc on one private
-//! containerd and print each named figure beside its runc baseline (one or two runs, debug
+//! containerd and print each named figure beside its runc baseline (one run each, debug
 //! binaries: this checks the benchmarks work, not the numbers; `make bench` measures).
 
 // Test code: a failed expectation is a test failure.
@@ -16,7 +16,7 @@ const BUDGET: Duration = Duration::from_secs(900);
 fn the_containerd_benchmark_prints_each_figure_beside_runc() {
     let image = ImageTar::busybox("bench");
     let bench = target_bin("husk-bench-ctr");
-    let args = [bench.to_str().unwrap(), "--runs", "2", image.path().to_str().unwrap()];
+    let args = [bench.to_str().unwrap(), "--runs", "1", image.path().to_str().unwrap()];
     let output = run_beside_containerd(false, BUDGET, &args);
     assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -51,12 +51,12 @@ logs=$(mktemp -d); {probe} --bench 1 \"$CONTAINERD_ADDRESS\" $logs; status=$?; r
 
 #[test]
 fn the_pod_network_benchmark_prints_throughput_and_round_trip_beside_runc() {
-    // 8 MiB per transfer (make bench moves 32): the figures' shape is what this checks, and the
+    // 4 MiB per transfer (make bench moves 32): the figures' shape is what this checks, and the
     // emulated test host is slow and fault-prone under long transfers (docs/performance.md).
     let (busybox, pause) = (ImageTar::busybox("netbench"), ImageTar::pause("netbench"));
     let script = format!(
         "{imports} || exit 1
-logs=$(mktemp -d); {probe} --bench \"$CONTAINERD_ADDRESS\" $logs 8; status=$?; rm -rf $logs; exit $status",
+logs=$(mktemp -d); {probe} --bench \"$CONTAINERD_ADDRESS\" $logs 4; status=$?; rm -rf $logs; exit $status",
         imports = import_command(&[&busybox, &pause], true),
         probe = target_bin("husk-cri-net").display()
     );

@@ -238,7 +238,7 @@ fn a_killed_cri_pod_shim_is_cleaned_up_and_its_tasks_report_the_kill() {
 }
 
 /// The test suite's soak: pods at once, pods in all (`make soak` runs 20 and 200).
-const SOAK: (usize, usize) = (4, 16);
+const SOAK: (usize, usize) = (4, 12);
 
 #[test]
 fn a_soak_of_pods_started_and_removed_in_rounds_leaves_the_node_as_it_was() {

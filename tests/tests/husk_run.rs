@@ -26,10 +26,9 @@ fn husk_run_runs_a_command_in_a_microvm_and_returns_its_status() {
     let script = format!(
         "husk={husk}; rootfs={rootfs}
 $husk run $rootfs -- echo hi; echo \"echo-status=$?\"
-$husk run $rootfs -- sh -c 'echo to-stderr >&2; exit 3'; echo \"exit-status=$?\"
+$husk run $rootfs -- sh -c 'echo host=$(hostname) pid=$$ cpus=$(grep -c ^processor /proc/cpuinfo); echo to-stderr >&2; exit 3'; echo \"exit-status=$?\"
 echo piped-in | $husk run -i $rootfs -- cat; echo \"cat-status=$?\"
 echo typed | $husk run -i -t $rootfs -- sh -c 'read line; echo tty=$(tty) got=$line'; echo \"tty-status=$?\"
-$husk run $rootfs -- sh -c 'echo host=$(hostname) pid=$$ cpus=$(grep -c ^processor /proc/cpuinfo)'
 $husk run {missing} -- true; echo \"missing-status=$?\"
 $husk run $rootfs; echo \"no-command-status=$?\"
 echo \"left=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk /proc/self/mountinfo)\"",
