@@ -13,7 +13,7 @@ AGENT_BIN := target/$(GUEST_TARGET)/guest/husk-agent
 AGENT_ENV := RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build build-tests agent guest-image testhost containerd lint fuzz test demo demo-run install bench soak clean
+.PHONY: all deps build build-tests agent guest-image testhost containerd lint fuzz test flaky demo demo-run install bench soak clean
 
 all: build guest-image
 
@@ -61,6 +61,15 @@ fuzz:
 test: lint build-tests guest-image testhost containerd
 	fuzz/run --build-only
 	$(CARGO) test --workspace --locked -- --test-threads=2
+
+## flaky: the tests of every VM test binary (tests/tests/*.rs) K times (default 3) on one build,
+## one test at a time; prints per test its passes, failures and times, and per test binary its
+## time per round (build/flaky/report.md; failures' output beside it). FILTER picks binaries.
+K ?= 3
+FILTER ?=
+flaky: build-tests guest-image testhost containerd
+	fuzz/run --build-only
+	scripts/flaky $(K) $(FILTER)
 
 GUEST := --kernel build/guest/vmlinux --initrd build/guest/initramfs.cpio
 

@@ -202,14 +202,38 @@ pub async fn create_and_start(
     Ok(id)
 }
 
-/// ExecSync: the command's stdout (a non-zero exit is an error).
+/// The longest any CRI call may take, below the 900 s a VM test gives its whole test host.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long [`exec`] lets a command run in the container (CRI's ExecSync timeout).
+pub const EXEC_TIMEOUT_S: u64 = 60;
+/// How much longer than its ExecSync timeout a call may take before the client gives up on it:
+/// containerd kills the command at the timeout but then waits for its stdio, which a child that
+/// outlived it can hold open for good.
+const EXEC_GRACE: Duration = Duration::from_secs(15);
+
+/// ExecSync: the command's stdout (a non-zero exit is an error), within [`EXEC_TIMEOUT_S`].
 pub async fn exec(cri: &mut Cri, id: &str, cmd: &[&str]) -> Result<String> {
+    exec_within(cri, id, cmd, EXEC_TIMEOUT_S).await
+}
+
+/// [`exec`] with a timeout of `timeout_s` seconds; a call that has not returned
+/// [`EXEC_GRACE`] after that is abandoned with an error naming the command.
+pub async fn exec_within(cri: &mut Cri, id: &str, cmd: &[&str], timeout_s: u64) -> Result<String> {
     let request = ExecSyncRequest {
         container_id: id.into(),
         cmd: cmd.iter().map(|s| s.to_string()).collect(),
-        timeout: 60,
+        timeout: timeout_s as i64,
     };
-    let reply = cri.exec_sync(request).await.with_context(|| format!("ExecSync {cmd:?}"))?.into_inner();
+    let limit = Duration::from_secs(timeout_s) + EXEC_GRACE;
+    let reply = tokio::time::timeout(limit, cri.exec_sync(request))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "ExecSync {cmd:?} in {id}: no reply within {limit:?} (its timeout was {timeout_s} s)"
+            )
+        })?
+        .with_context(|| format!("ExecSync {cmd:?}"))?
+        .into_inner();
     if reply.exit_code != 0 {
         bail!("{cmd:?} exited {}: {}", reply.exit_code, String::from_utf8_lossy(&reply.stderr));
     }
@@ -218,7 +242,8 @@ pub async fn exec(cri: &mut Cri, id: &str, cmd: &[&str]) -> Result<String> {
 
 /// A CRI client channel over containerd's unix socket.
 pub async fn connect(socket: PathBuf) -> Result<Channel> {
-    let endpoint = Endpoint::try_from("http://[::]:50051")?;
+    // Every call has a deadline (those with their own, shorter ones say more when they expire).
+    let endpoint = Endpoint::try_from("http://[::]:50051")?.timeout(CALL_TIMEOUT);
     let channel =
         endpoint
             .connect_with_connector(tower::service_fn(move |_: Uri| {

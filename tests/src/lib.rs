@@ -10,6 +10,7 @@ pub mod containerd;
 pub mod cpio;
 pub mod cri;
 pub mod debug_console_vm;
+pub mod diagnostics;
 pub mod elf;
 pub mod host_agent;
 

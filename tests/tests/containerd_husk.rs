@@ -328,6 +328,8 @@ echo \"taps-left=$(/usr/bin/ip -o link | grep -c _husk)\"; echo \"ingress-left=$
     for transfer in ["husk-to-husk", "husk-to-runc", "runc-to-husk"] {
         assert_eq!(value(transfer), "intact", "{transfer}: {text}");
     }
+    // SIGUSR1 made both Husk pods' shims dump their VM's rings, each NIC counting traffic.
+    assert_eq!(value("virtio-dump-nics-moving"), "2", "{text}");
     for leftover in ["netns-left", "veths-left", "taps-left", "ingress-left"] {
         assert_eq!(value(leftover), "0", "{leftover}: {text}");
     }

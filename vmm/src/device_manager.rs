@@ -67,10 +67,19 @@ pub fn cmdline_with_devices(cmdline: &str, count: usize) -> String {
     }
 }
 
-/// The virtio devices on a new MMIO bus, each with its irqfd and one ioeventfd per queue.
-pub fn virtio_devices(vm: &Vm, configs: &[DeviceConfig], seccomp: bool) -> Result<Bus, VmError> {
+/// The virtio transports of a VM, in slot order (for [`crate::VmInspector`]).
+pub type Transports = Vec<Arc<Mutex<MmioTransport>>>;
+
+/// The virtio devices on a new MMIO bus, each with its irqfd and one ioeventfd per queue; the
+/// transports are also returned apart, for inspection.
+pub fn virtio_devices(
+    vm: &Vm,
+    configs: &[DeviceConfig],
+    seccomp: bool,
+) -> Result<(Bus, Transports), VmError> {
     let io = |what| move |cause| VmError::Io { what, cause };
     let mut bus = Bus::default();
+    let mut transports = Transports::new();
     for (index, config) in configs.iter().enumerate() {
         let (base, gsi) = virtio_slot(index);
         let device: Box<dyn VirtioDevice> = match config {
@@ -97,9 +106,11 @@ pub fn virtio_devices(vm: &Vm, configs: &[DeviceConfig], seccomp: bool) -> Resul
         let transport =
             MmioTransport::new(device, vm.memory().clone(), Arc::new(Interrupt::new(irq)), queue_events)
                 .with_seccomp(seccomp);
-        bus.insert(base, MMIO_WINDOW, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(base, MMIO_WINDOW, transport.clone())?;
+        transports.push(transport);
     }
-    Ok(bus)
+    Ok((bus, transports))
 }
 
 /// COM1, the i8042 and the guest event port on a new I/O-port bus.

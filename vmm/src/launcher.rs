@@ -27,6 +27,7 @@ pub fn start() -> io::Result<()> {
     }
     let (requests, incoming) = channel::<Request>();
     std::thread::Builder::new().name("vmm-launcher".into()).spawn(move || {
+        mask_process_signals();
         for Request { name, body, started } in incoming {
             let _ = started.send(std::thread::Builder::new().name(name).spawn(body));
         }
@@ -39,6 +40,10 @@ pub fn start() -> io::Result<()> {
 /// Starts a thread named `name` running `body`: through the launcher when it runs, directly
 /// otherwise (unit tests, which filter nothing).
 pub fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    let body = move || {
+        mask_process_signals();
+        body()
+    };
     let Some(launcher) = LAUNCHER.get() else {
         return std::thread::Builder::new().name(name.to_owned()).spawn(body);
     };
@@ -49,6 +54,32 @@ pub fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<Joi
         return Err(io::Error::other("the VMM's thread launcher has stopped"));
     }
     handle.recv().map_err(|_| io::Error::other("the VMM's thread launcher has stopped"))?
+}
+
+/// Blocks, on the calling thread, every signal but the vCPU kick and the faults the kernel sends
+/// to the thread that caused them (`SIGSYS` from a filter, `SIGSEGV`...). Every thread the VMM
+/// starts calls it first: a process-directed signal (the embedding shim's SIGUSR1, SIGTERM,
+/// SIGCHLD) then goes to one of the process's own threads, never runs its handler on a thread
+/// whose seccomp filter forbids what the handler does, and never interrupts a device mid-request.
+pub fn mask_process_signals() {
+    // SAFETY: sigset_t is plain data that sigfillset initialises; the calls only write to `set`
+    // and to this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for kept in [
+            crate::vcpu::kick_signal(),
+            libc::SIGSYS,
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+        ] {
+            libc::sigdelset(&mut set, kept);
+        }
+        // Cannot fail with SIG_BLOCK and a valid set.
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
 }
 
 /// [`spawn`] a thread that runs `setup` first and then `run` with what it made; returns once

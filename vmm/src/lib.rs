@@ -30,15 +30,18 @@ use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuFd};
 
 use crate::boot::{cpuid, mptable, regs, BootError};
+use crate::device_manager::Transports;
 pub use crate::device_manager::{DeviceConfig, MAX_VIRTIO_DEVICES};
 use crate::devices::legacy::{Console, GuestTimestamps};
+pub use crate::devices::virtio::inspect::DeviceState;
+use crate::devices::virtio::MmioTransport;
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
 pub use crate::exit::ExitReason;
@@ -155,6 +158,24 @@ impl VmStopper {
     }
 }
 
+/// Reads the state of a running VM's virtio devices from any thread (for diagnosing a stalled
+/// device; see [`devices::virtio::inspect`]). It does not keep the devices alive: once the VM is
+/// gone it reads nothing.
+#[derive(Debug, Clone)]
+pub struct VmInspector(Weak<Transports>);
+
+impl VmInspector {
+    /// Each virtio device's transport, queues and counters, in slot order; `None` once the VM
+    /// has been torn down.
+    pub fn virtio_state(&self) -> Option<Vec<DeviceState>> {
+        let transports = self.0.upgrade()?;
+        let state = |transport: &Arc<Mutex<MmioTransport>>| {
+            transport.lock().unwrap_or_else(PoisonError::into_inner).state()
+        };
+        Some(transports.iter().map(state).collect())
+    }
+}
+
 /// A running VM. Dropping it stops the VM and joins its threads.
 #[derive(Debug)]
 pub struct VmHandle {
@@ -166,6 +187,7 @@ pub struct VmHandle {
     console: Console,
     timestamps: Arc<GuestTimestamps>,
     setup_started: Instant,
+    transports: Arc<Transports>,
     /// The devices, kept here so that they go on this handle's thread once the vCPU threads are
     /// joined (a vCPU thread under its filter may not do what a device's teardown does).
     _devices: [Arc<Bus>; 2],
@@ -203,9 +225,10 @@ impl VmHandle {
             launcher::start().map_err(|cause| VmError::Io { what: "starting the thread launcher", cause })?;
             seccomp::install_reporter()?;
         }
+        let (mmio, transports) = device_manager::virtio_devices(&vm, &config.devices, config.seccomp)?;
         let shared = VcpuShared {
             pio: Arc::new(pio),
-            mmio: Arc::new(device_manager::virtio_devices(&vm, &config.devices, config.seccomp)?),
+            mmio: Arc::new(mmio),
             exit: notifier.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             timestamps: timestamps.clone(),
@@ -225,6 +248,7 @@ impl VmHandle {
             input_thread: None,
             timestamps,
             setup_started,
+            transports: Arc::new(transports),
             _devices: [shared.pio.clone(), shared.mmio.clone()],
             vm,
         };
@@ -249,6 +273,11 @@ impl VmHandle {
     /// A handle that stops this VM from another thread.
     pub fn stopper(&self) -> VmStopper {
         VmStopper(self.notifier.clone())
+    }
+
+    /// A handle that reads this VM's device state from another thread.
+    pub fn inspector(&self) -> VmInspector {
+        VmInspector(Arc::downgrade(&self.transports))
     }
 
     /// Boot timings so far.

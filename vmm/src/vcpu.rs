@@ -49,7 +49,10 @@ pub fn install_kick_handler() -> io::Result<()> {
 
 /// Starts vCPU `index` on its own thread.
 pub fn spawn(index: u8, vcpu: VcpuFd, shared: VcpuShared) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || run(index, vcpu, &shared))
+    std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
+        crate::launcher::mask_process_signals();
+        run(index, vcpu, &shared)
+    })
 }
 
 /// Reports a vCPU thread that unwinds, so `VmHandle::wait` does not wait forever for an exit.

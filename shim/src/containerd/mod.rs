@@ -164,8 +164,32 @@ impl Shim for HuskShim {
         tracing::info!(namespace = %self.namespace, id = %self.id, "containerd-shim-husk-v2 serving");
         // Husk forwards its events itself (see `events`); the crate's publisher only names the address.
         let events = EventSink::new(&publisher.address, &self.namespace);
-        TaskService::new(Arc::new(Pod::new(&self.namespace, config, events, Arc::clone(&self.exit))))
+        let pod = Arc::new(Pod::new(&self.namespace, config, events, Arc::clone(&self.exit)));
+        log_virtio_state_on_sigusr1(&pod);
+        TaskService::new(pod)
     }
+}
+
+/// SIGUSR1 makes the serving shim log its VM's virtio rings and counters into containerd's log
+/// (as containerd itself dumps its goroutines on SIGUSR1): what a test or an operator looks at
+/// when a pod's network or share stops moving. Only the serving process listens (`start` and
+/// `delete` never get here).
+fn log_virtio_state_on_sigusr1(pod: &Arc<Pod>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut signals = match signal(SignalKind::user_defined1()) {
+        Ok(signals) => signals,
+        Err(err) => {
+            tracing::warn!(%err, "cannot listen for SIGUSR1: no virtio state dumps");
+            return;
+        }
+    };
+    let pod = Arc::downgrade(pod);
+    tokio::spawn(async move {
+        while signals.recv().await.is_some() {
+            let Some(pod) = pod.upgrade() else { return };
+            pod.log_virtio_state();
+        }
+    });
 }
 
 /// The shim socket named in the bundle's `address` file.

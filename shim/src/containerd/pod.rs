@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, PoisonError, Weak};
 use std::time::Duration;
 
 use containerd_shim::asynchronous::io::Stdio;
@@ -35,6 +35,7 @@ use crate::config::{Config, ConfigError};
 use crate::guest_image::{Check, GuestImage};
 use crate::network::PodNetwork;
 use crate::sandbox::{Sandbox, SandboxConfig};
+use husk_vmm::VmInspector;
 
 /// How long output may still flow into a log file or logging program after the exit.
 const LOG_DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -55,6 +56,9 @@ pub struct Pod {
     state: Mutex<State>,
     /// Names the stdio streams of each process (unique in the pod).
     next_token: AtomicU64,
+    /// The pod VM's devices, read by [`Pod::log_virtio_state`] without the state lock (which an
+    /// agent call that hangs may hold).
+    inspector: std::sync::Mutex<Option<(String, VmInspector)>>,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +123,7 @@ impl Pod {
             exit,
             state: Mutex::new(State::default()),
             next_token: AtomicU64::new(1),
+            inspector: std::sync::Mutex::new(None),
         }
     }
 
@@ -237,6 +242,8 @@ impl Pod {
             }
         };
         self.watch_oom(&sandbox);
+        *self.inspector.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((sandbox.id().to_owned(), sandbox.inspector()));
         if let Some(timeout) = self.config.agent.health_timeout() {
             sandbox.watch_health(timeout);
         }
@@ -570,6 +577,24 @@ impl Pod {
 
     /// The pid containerd knows the tasks by: the shim's own (the guest's pids mean nothing on
     /// the host; a pid there must be a live process for containerd's checks).
+    /// Logs each virtio device of the pod's VM (rings, interrupts, counters), one line per device,
+    /// then `virtio state dumped`: what the shim answers SIGUSR1 with, to explain a stalled pod.
+    pub fn log_virtio_state(&self) {
+        let inspector = self.inspector.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let Some((sandbox, inspector)) = inspector else {
+            tracing::info!("virtio state dumped: this shim has not booted a VM");
+            return;
+        };
+        let Some(devices) = inspector.virtio_state() else {
+            tracing::info!(sandbox = %sandbox, "virtio state dumped: the VM is gone");
+            return;
+        };
+        for (slot, device) in devices.iter().enumerate() {
+            tracing::info!(sandbox = %sandbox, slot, state = %device, "virtio state");
+        }
+        tracing::info!(sandbox = %sandbox, devices = devices.len(), "virtio state dumped");
+    }
+
     pub fn pid(&self) -> u32 {
         std::process::id()
     }

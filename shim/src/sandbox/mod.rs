@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use husk_protocols::agent::CreateSandboxRequest;
 use husk_vmm::devices::legacy::Console;
 use husk_vmm::devices::virtio::vsock::HostPorts;
-use husk_vmm::{DeviceConfig, VmConfig, VmExit, VmHandle, VmStopper, DEFAULT_CMDLINE};
+use husk_vmm::{DeviceConfig, VmConfig, VmExit, VmHandle, VmInspector, VmStopper, DEFAULT_CMDLINE};
 
 pub use self::dir::{SandboxDir, SandboxDirError};
 use crate::agent_client::{AgentAddress, AgentClient, AgentError};
@@ -72,6 +72,7 @@ pub struct Sandbox {
     id: String,
     client: AgentClient,
     stopper: VmStopper,
+    inspector: VmInspector,
     /// Filled by the thread that waits for the VM when it ends.
     exit: Arc<Mutex<Option<VmExit>>>,
     /// Why the host stopped the VM on its own account (its exit reason only says "stopped").
@@ -130,6 +131,7 @@ impl Sandbox {
         let handle =
             VmHandle::start(vm_config).map_err(|source| SandboxError::Vm { id: id.clone(), source })?;
         let stopper = handle.stopper();
+        let inspector = handle.inspector();
         let exit = Arc::new(Mutex::new(None));
         let recorded = Arc::clone(&exit);
         let sandbox_id = id.clone();
@@ -150,6 +152,7 @@ impl Sandbox {
                 id: id.clone(),
                 client,
                 stopper,
+                inspector,
                 exit,
                 host_reason: OnceLock::new(),
                 waiter: Mutex::new(Some(waiter)),
@@ -230,6 +233,11 @@ impl Sandbox {
             describe_exit(&self.exit, self.host_reason.get()),
             console_tail(&self.dir)
         )
+    }
+
+    /// Reads the VM's virtio devices (rings, interrupts, counters) from another thread.
+    pub fn inspector(&self) -> VmInspector {
+        self.inspector.clone()
     }
 
     /// Why the VM ended, if it has.

@@ -16,7 +16,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use husk_tests::bench::Figure;
-use husk_tests::cri::{connect, exec, pod_config, pod_ip, remove_pod, run_pod, start, Cri, HANDLER};
+use husk_tests::cri::{
+    connect, exec, exec_within, pod_config, pod_ip, remove_pod, run_pod, start, Cri, HANDLER,
+};
+use husk_tests::diagnostics;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 
 /// Serves /www on port 8080 with a random file and its digest.
@@ -106,31 +109,56 @@ async fn reach(cri: &mut Cri, logs: &str, pods: &mut Vec<String>) -> Result<()> 
         }
         println!("{from}-to-{to}={}", outcome?);
     }
+    // What a stalled transfer's report starts with: each Husk shim's dump of its VM's rings.
+    if let Some(log) = std::env::var_os("CONTAINERD_LOG") {
+        let dump = diagnostics::shim_virtio_state(std::path::Path::new(&log), DUMP_DEADLINE);
+        println!("virtio-dump-nics-moving={}", nics_moving(&dump));
+    }
     Ok(())
 }
 
-/// What the guests and the node say about the pod network, for a failed transfer.
+/// The virtio-net devices of a virtio state dump that have both received and sent packets.
+fn nics_moving(dump: &str) -> usize {
+    let counter = |line: &str, name: &str| -> u64 {
+        let key = format!(" {name}=");
+        line.split(key.as_str())
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    dump.lines()
+        .filter(|line| line.contains("net rx_packets="))
+        .filter(|line| counter(line, "rx_packets") > 0 && counter(line, "tx_packets") > 0)
+        .count()
+}
+
+/// What the VMs, the guests and the node say about the pod network, for a failed transfer: each
+/// shim's virtio rings and counters, each Husk guest's interfaces, interrupts and TCP sockets, the
+/// node's links and tc statistics, then the shims' dumps again (what moved in between).
 async fn diagnose(cri: &mut Cri, husk_containers: &[&str]) {
+    let log = std::env::var_os("CONTAINERD_LOG").map(PathBuf::from);
+    let dump = |when: &str| match &log {
+        Some(log) => {
+            println!("--- virtio state ({when}): {}", diagnostics::shim_virtio_state(log, DUMP_DEADLINE))
+        }
+        None => println!("--- virtio state ({when}): CONTAINERD_LOG is not set"),
+    };
+    dump("first");
     for id in husk_containers {
-        let script = "ip addr; ip route; ip neigh; cat /proc/net/dev";
-        match exec(cri, id, &["sh", "-c", script]).await {
+        let script = "ip addr; ip route; ip neigh; cat /proc/net/dev; cat /proc/interrupts;             netstat -tn; grep -A1 '^Tcp:' /proc/net/snmp; grep -A1 '^TcpExt:' /proc/net/netstat";
+        match exec_within(cri, id, &["sh", "-c", script], DIAGNOSE_EXEC_S).await {
             Ok(text) => println!("--- guest of {}:\n{text}", &id[..12]),
             Err(err) => println!("--- guest of {}: {err:#}", &id[..12]),
         }
     }
-    // Absolute paths: busybox sh runs its own `ip` and `tc` applets before any on PATH.
-    let node = "/usr/bin/ip -br addr; /usr/bin/ip -s link; for ns in $(ls /var/run/netns); do ns=$(basename $ns); echo \"netns $ns:\"; \
-        n=/var/run/netns/$ns; nsenter --net=$n /usr/bin/ip -s link; nsenter --net=$n /usr/bin/ip addr; \
-        nsenter --net=$n /usr/sbin/tc -s filter show dev eth0 ingress; nsenter --net=$n /usr/sbin/tc -s qdisc; done; \
-        for log in /run/husk/sandboxes/*/console.log; do echo \"--- $log\"; tail -60 $log; done";
-    if let Ok(out) = std::process::Command::new("sh").args(["-c", node]).output() {
-        println!(
-            "--- node:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    println!("--- node:\n{}", diagnostics::node_network_state());
+    dump("again");
 }
+
+/// How long a shim may take to dump its virtio state after SIGUSR1.
+const DUMP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long one diagnostic command in a guest may run.
+const DIAGNOSE_EXEC_S: u64 = 20;
 
 /// How long a server pod may take from its container starting to answering HTTP: it writes its
 /// files first (up to [`MAX_BULK_MIB`] for the bulk server), which an emulated test host under CI
@@ -182,15 +210,18 @@ async fn benchmark(cri: &mut Cri, logs: &str, pods: &mut Vec<String>, mib: u64) 
         if handler == HANDLER {
             println!("guest NIC features: {}", guest_nic_features(cri, &client).await?);
         }
-        let rates = match transfer_rates(cri, &client, &server_ip, mib << 20).await {
-            Ok(rates) => rates,
+        let measured = match transfer_rates(cri, &client, &server_ip, mib << 20).await {
+            Ok(rates) => rtt_us(cri, &client, &server_ip).await.map(|rtt| (rates, rtt)),
+            Err(err) => Err(err),
+        };
+        let (rates, (rtt, rtts)) = match measured {
+            Ok(measured) => measured,
             Err(err) => {
                 let guests: &[&str] = if handler == HANDLER { &[&server, &client] } else { &[] };
                 diagnose(cri, guests).await;
                 return Err(err);
             }
         };
-        let (rtt, rtts) = rtt_us(cri, &client, &server_ip).await?;
         figures.push((husk_tests::bench::spread(&rates), rtt));
         samples.push((rates, rtts));
     }
@@ -235,17 +266,28 @@ async fn transfer_rates(cri: &mut Cri, client: &str, ip: &str, bytes: u64) -> Re
     Ok(rates)
 }
 
+/// How long one transfer of `mib` MiB may take in the guest: generous for an emulated test host
+/// under CI load (a stop, not slowness, is what it catches).
+fn transfer_deadline_s(mib: u64) -> u64 {
+    30 + 2 * mib
+}
+
 /// One transfer of `bytes` from the bulk server at `ip` (already serving), timed inside `client`.
+/// wget is stopped at [`transfer_deadline_s`] (then `wc` counts what had arrived).
 async fn transfer_mb_per_s(cri: &mut Cri, client: &str, ip: &str, bytes: u64) -> Result<f64> {
+    let deadline = transfer_deadline_s(bytes >> 20);
     let script = format!(
-        "a=$(cut -d' ' -f1 /proc/uptime); n=$(wget -q -O - http://{ip}:8080/cgi-bin/bulk | wc -c); \
+        "a=$(cut -d' ' -f1 /proc/uptime); n=$(timeout {deadline} wget -q -O - http://{ip}:8080/cgi-bin/bulk | wc -c); \
          b=$(cut -d' ' -f1 /proc/uptime); echo $a $b $n"
     );
-    let output = exec(cri, client, &["sh", "-c", &script]).await?;
+    let output = exec_within(cri, client, &["sh", "-c", &script], deadline + 10).await?;
     let fields: Vec<f64> = output.split_whitespace().filter_map(|t| t.parse().ok()).collect();
     let [start, end, received] = fields.as_slice() else { bail!("transfer timing: {output:?}") };
     if *received as u64 != bytes {
-        bail!("the client received {received} of {bytes} bytes from {ip}");
+        bail!(
+            "the client received {received} of {bytes} bytes from {ip} in {:.1} s (wget is stopped after {deadline} s)",
+            end - start
+        );
     }
     let seconds = (end - start).max(0.01);
     Ok(bytes as f64 / 1e6 / seconds)
@@ -311,7 +353,16 @@ fn count_lines(command: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::echo_times_us;
+    use super::{echo_times_us, nics_moving};
+
+    #[test]
+    fn a_nic_moves_when_its_dump_line_counts_packets_both_ways() {
+        let dump = "INFO virtio state sandbox=a slot=3 state=virtio device 1 status=0xf; q0: size=256; \
+            net rx_packets=12 rx_dropped=0 rx_pending=0 rx_passes=9 tx_packets=7 tx_dropped=0 tx_passes=5\n\
+            INFO virtio state sandbox=b slot=3 state=virtio device 1; net rx_packets=3 rx_dropped=0 tx_packets=0\n\
+            INFO virtio state sandbox=b slot=0 state=virtio device 4 status=0xf";
+        assert_eq!(nics_moving(dump), 1);
+    }
 
     #[test]
     fn each_reply_line_of_busybox_ping_gives_its_round_trip() {

@@ -10,6 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::inspect::{DeviceState, QueueState, Rings};
 use super::{DeviceContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Interrupt status bit: the configuration (here: the device status) changed.
@@ -74,6 +75,8 @@ pub struct MmioTransport {
     activated: bool,
     /// `QueueReady` of each queue as handed to the device (the register reads back what was written).
     active_ready: Vec<bool>,
+    /// Where each queue's rings are, as handed to the device (for [`MmioTransport::state`]).
+    active_rings: Vec<Rings>,
     /// Passed to the device: whether its thread filters its syscalls.
     seccomp: bool,
 }
@@ -111,6 +114,7 @@ impl MmioTransport {
             status: 0,
             activated: false,
             active_ready: Vec::new(),
+            active_rings: Vec::new(),
             seccomp: false,
         }
     }
@@ -119,6 +123,19 @@ impl MmioTransport {
     pub fn with_seccomp(mut self, seccomp: bool) -> MmioTransport {
         self.seccomp = seccomp;
         self
+    }
+
+    /// The transport's registers, each active queue's rings and the device's counters.
+    pub fn state(&self) -> DeviceState {
+        DeviceState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            activated: self.activated,
+            interrupt_status: self.interrupt.status(),
+            interrupts_raised: self.interrupt.raised(),
+            queues: self.active_rings.iter().map(|rings| QueueState::read(&self.mem, rings)).collect(),
+            device: self.device.debug_state(),
+        }
     }
 
     /// Number of queues the device has.
@@ -251,6 +268,7 @@ impl MmioTransport {
                 }
             };
         self.active_ready = self.queues.iter().map(|q| q.ready()).collect();
+        self.active_rings = self.queues.iter().map(Rings::of).collect();
         let queues = std::mem::replace(&mut self.queues, fresh_queues(self.device.as_ref()));
         let context = DeviceContext {
             mem: self.mem.clone(),
@@ -267,6 +285,7 @@ impl MmioTransport {
             }
             Err(err) => {
                 tracing::error!(%err, device = self.device.device_type(), "virtio-mmio: activation failed");
+                self.active_rings.clear();
                 false
             }
         }
@@ -282,6 +301,7 @@ impl MmioTransport {
         self.queue_sel = 0;
         self.activated = false;
         self.active_ready.clear();
+        self.active_rings.clear();
         self.interrupt.acknowledge(u32::MAX);
     }
 }

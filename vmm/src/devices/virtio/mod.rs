@@ -9,11 +9,13 @@
 //! - [`vsock`]: hybrid vsock over a host unix socket.
 //! - [`fs`]: virtio-fs, one host directory served in-process.
 //! - [`net`]: virtio-net on a tap.
+//! - [`inspect`]: each device's rings and counters as the host sees them, for diagnosing stalls.
 //!
 //! Everything read from guest memory or written by the driver is untrusted: a malformed descriptor
 //! chain is completed with zero bytes or dropped, never a panic.
 
 pub mod fs;
+pub mod inspect;
 pub mod mmio;
 pub mod net;
 pub mod queue;
@@ -23,7 +25,7 @@ pub mod test_utils;
 pub mod vsock;
 pub mod worker;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -51,17 +53,20 @@ pub enum ActivateError {
 pub struct Interrupt {
     status: AtomicU32,
     irq: EventFd,
+    /// Times the line was raised (diagnostics: compare with the guest's interrupt count).
+    raised: AtomicU64,
 }
 
 impl Interrupt {
     /// An interrupt raised through `irq` (registered with KVM as an irqfd).
     pub fn new(irq: EventFd) -> Interrupt {
-        Interrupt { status: AtomicU32::new(0), irq }
+        Interrupt { status: AtomicU32::new(0), irq, raised: AtomicU64::new(0) }
     }
 
     /// Sets `bits` in the interrupt status and raises the line.
     pub fn trigger(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::AcqRel);
+        self.raised.fetch_add(1, Ordering::Relaxed);
         // A failed eventfd write (counter overflow) still leaves the line pending.
         let _ = self.irq.write(1);
     }
@@ -69,6 +74,11 @@ impl Interrupt {
     /// The current interrupt status bits.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)
+    }
+
+    /// How many times the line was raised.
+    pub fn raised(&self) -> u64 {
+        self.raised.load(Ordering::Relaxed)
     }
 
     /// Clears `bits` (the driver's `InterruptACK`).
@@ -110,4 +120,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, context: DeviceContext) -> Result<(), ActivateError>;
     /// Stops serving and forgets the queues (driver reset or VM teardown).
     fn reset(&mut self);
+    /// The device's own counters for a diagnostic report ([`inspect`]), if it keeps any.
+    fn debug_state(&self) -> Option<String> {
+        None
+    }
 }

@@ -8,6 +8,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net as vn;
@@ -55,12 +56,14 @@ const OFFLOAD_FEATURES: u64 = bit(vn::VIRTIO_NET_F_CSUM)
 pub struct NetDevice {
     config: NetConfig,
     worker: Option<Worker>,
+    /// What the worker has moved, published for [`VirtioDevice::debug_state`].
+    published: Arc<PublishedCounters>,
 }
 
 impl NetDevice {
     /// A device with the MAC, MTU and backend of `config`.
     pub fn new(config: NetConfig) -> NetDevice {
-        NetDevice { config, worker: None }
+        NetDevice { config, worker: None, published: Arc::default() }
     }
 
     /// `struct virtio_net_config`: mac[6], status, max_virtqueue_pairs, mtu (little endian).
@@ -112,10 +115,12 @@ impl VirtioDevice for NetDevice {
             ecn: acked(vn::VIRTIO_NET_F_HOST_ECN),
         };
         let backend = Arc::clone(&self.config.backend);
+        let published = Arc::clone(&self.published);
         let worker = Worker::start("virtio-net", seccomp.then_some(ThreadRole::Net), move || {
             backend.set_offloads(to_guest)?;
             let tap = backend.as_raw_fd();
-            let handler = NetQueues::new(mem, rx, tx, interrupt, backend, from_guest, to_guest.csum)?;
+            let mut handler = NetQueues::new(mem, rx, tx, interrupt, backend, from_guest, to_guest.csum)?;
+            handler.published = published;
             // Both fds live as long as the handler does (it holds the backend and the kick).
             let sources = vec![
                 (tap, EventSet::IN | EventSet::EDGE_TRIGGERED),
@@ -129,6 +134,53 @@ impl VirtioDevice for NetDevice {
 
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn debug_state(&self) -> Option<String> {
+        Some(self.published.to_string())
+    }
+}
+
+/// [`NetCounters`] and the worker's liveness as the worker last published them (after every pass).
+#[derive(Debug, Default)]
+pub struct PublishedCounters {
+    rx_packets: AtomicU64,
+    rx_dropped: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_dropped: AtomicU64,
+    /// 1 while a packet read from the tap waits for a guest RX buffer.
+    rx_pending: AtomicU64,
+    /// RX and TX passes run: a count that does not move between two reports is a worker that
+    /// is not being woken (or is stuck).
+    rx_passes: AtomicU64,
+    tx_passes: AtomicU64,
+}
+
+impl PublishedCounters {
+    fn publish(&self, counters: &NetCounters, rx_pending: bool) {
+        let relaxed = Ordering::Relaxed;
+        self.rx_packets.store(counters.rx_packets, relaxed);
+        self.rx_dropped.store(counters.rx_dropped, relaxed);
+        self.tx_packets.store(counters.tx_packets, relaxed);
+        self.tx_dropped.store(counters.tx_dropped, relaxed);
+        self.rx_pending.store(rx_pending.into(), relaxed);
+    }
+}
+
+impl std::fmt::Display for PublishedCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let get = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        write!(
+            f,
+            "net rx_packets={} rx_dropped={} rx_pending={} rx_passes={} tx_packets={} tx_dropped={} tx_passes={}",
+            get(&self.rx_packets),
+            get(&self.rx_dropped),
+            get(&self.rx_pending),
+            get(&self.rx_passes),
+            get(&self.tx_packets),
+            get(&self.tx_dropped),
+            get(&self.tx_passes)
+        )
     }
 }
 
@@ -159,6 +211,7 @@ pub struct NetQueues {
     rx_pending: Option<usize>,
     tx_packet: Vec<u8>,
     counters: NetCounters,
+    published: Arc<PublishedCounters>,
 }
 
 impl NetQueues {
@@ -186,6 +239,7 @@ impl NetQueues {
             rx_pending: None,
             tx_packet: vec![0u8; MAX_PACKET_LEN],
             counters: NetCounters::default(),
+            published: Arc::default(),
         })
     }
 
@@ -241,6 +295,8 @@ impl NetQueues {
             moved += 1;
         }
         rx.end_pass(mem, &self.interrupt);
+        self.published.rx_passes.fetch_add(1, Ordering::Relaxed);
+        self.published.publish(&self.counters, self.rx_pending.is_some());
         if moved == BUDGET {
             let _ = self.kick.write(1);
         }
@@ -264,6 +320,8 @@ impl NetQueues {
             }
             0
         });
+        self.published.tx_passes.fetch_add(1, Ordering::Relaxed);
+        self.published.publish(&self.counters, self.rx_pending.is_some());
         if served == BUDGET {
             let _ = self.kick.write(1);
         }
