@@ -450,3 +450,47 @@ cp /tmp/husk-good.toml \"$HUSK_CONFIG\"; ctr container rm bad{i} >/dev/null 2>&1
         }
     }
 }
+
+/// The escape of issue 19, as an attacker would try it: the pod's privileged sandbox container
+/// (root in the VM) mounts the pod's virtio-fs share and plants symlinks at the names the shim
+/// will mount the next container's rootfs and volume on, pointing at node paths. The share's tree
+/// is read-only to the guest (only the mounts in it are writable), so every plant fails, the next
+/// container starts with its volume, and the node's files and mount table are untouched.
+#[test]
+fn a_root_guest_cannot_steer_the_shims_mounts_onto_node_paths() {
+    let sandbox = "--annotation io.kubernetes.cri.container-type=sandbox";
+    let member = "--annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id=pwn";
+    let steps = format!(
+        "mkdir -p /tmp/victim-dir /tmp/vol; echo precious > /tmp/victim-file; echo volume-content > /tmp/vol/f
+$husk -d --privileged {sandbox} {IMAGE} pwn sleep 1000 || exit 1
+ctr task exec --exec-id plant pwn sh -c 'mkdir -p /mnt/s && mount -t virtiofs husk-shared /mnt/s || exit 9
+  mkdir /mnt/s/victim2 2>/dev/null; echo \"plant-dir=$?\"
+  ln -s /tmp/victim-dir /mnt/s/victim2-rootfs 2>/dev/null; echo \"plant-link=$?\"
+  touch /mnt/s/pwn/planted 2>/dev/null; echo \"plant-beside-rootfs=$?\"
+  touch /mnt/s/pwn/rootfs/tmp/inside-rootfs; echo \"write-own-rootfs=$?\"'; echo \"exec-status=$?\"
+$husk --rm --mount type=bind,src=/tmp/vol,dst=/data,options=rbind:rw {member} {IMAGE} victim2 cat /data/f
+echo \"victim-status=$?\"
+shares() {{ grep -E ' /run/husk/sandboxes/[^ ]*/(rootfs|mounts/[0-9]+) ' /proc/mounts; }}
+echo \"shares-nosuid=$(shares | grep -c nosuid) shares=$(shares | wc -l)\"
+ctr task kill -s SIGKILL pwn
+i=0; until ctr task ls | grep -q '^pwn .*STOPPED' || [ $i -ge 100 ]; do sleep 0.2; i=$((i+1)); done
+ctr task delete pwn; ctr container rm pwn
+echo \"node: victim-file=$(cat /tmp/victim-file) victim-dir-entries=$(ls -A /tmp/victim-dir | wc -l) victim-mounts=$(grep -c victim /proc/mounts)\""
+    );
+    let text = with_containerd("hostile", false, &steps);
+    for refused in ["plant-dir", "plant-link", "plant-beside-rootfs"] {
+        assert!(text.contains(&format!("{refused}=1")), "{refused}: the guest's plant must fail: {text}");
+    }
+    assert!(
+        text.contains("write-own-rootfs=0") && text.contains("exec-status=0"),
+        "its rootfs stays writable: {text}"
+    );
+    assert!(
+        text.contains("volume-content") && text.contains("victim-status=0"),
+        "the next container runs: {text}"
+    );
+    let shares = text.lines().find(|l| l.starts_with("shares-nosuid=")).unwrap_or_else(|| panic!("{text}"));
+    let counts: Vec<&str> = shares.split(['=', ' ']).collect();
+    assert!(counts[3] != "0" && counts[1] == counts[3], "every share is nosuid on the node: {shares}");
+    assert!(text.contains("node: victim-file=precious victim-dir-entries=0 victim-mounts=0"), "{text}");
+}

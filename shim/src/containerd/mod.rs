@@ -122,7 +122,8 @@ impl Shim for HuskShim {
         let dir_name = sandbox_name(&self.namespace, role.pod_id());
         let leftover = match role {
             PodRole::Sandbox { .. } => dir_name,
-            PodRole::Member { .. } => format!("{dir_name}/shared/{}", self.id),
+            // The member's mounts, in the private tree (the guest's view follows them).
+            PodRole::Member { .. } => format!("{dir_name}/mounts/{}", self.id),
         };
         SandboxDir::remove_leftover(&config.runtime.sandbox_dir, &leftover)
             .map_err(|err| Error::Other(format!("cleaning up after the shim of {}: {err}", self.id)))?;

@@ -1,13 +1,25 @@
-//! [`SandboxDir`]: one pod's directory on the host, `<root>/<id>/`, holding the VM's hybrid vsock
-//! socket, its console log and `shared/`, the directory the guest sees over virtio-fs (container
-//! rootfs and volumes are mounted into it). Dropping it unmounts whatever is still mounted below
-//! it and removes it: nothing of a pod survives its end. [`SandboxDir::remove_leftover`] does the
-//! same for the directory of a shim that was killed.
+//! [`SandboxDir`]: one pod's directory on the host, `<root>/<id>/` (mode 0700), holding the VM's
+//! hybrid vsock socket, its console log, and the two trees of the pod's share:
+//!
+//! - `mounts/`: host-private; the shim creates every mount point here (container rootfs and
+//!   volumes) and nothing else writes to it.
+//! - `shared/`: what the guest sees over virtio-fs: a read-only bind of `mounts/` that receives
+//!   its mounts by slave propagation, so each rootfs and volume keeps its own flags (a rootfs stays
+//!   writable) while the tree around them cannot be changed from the guest. A guest with root
+//!   cannot plant a symlink or directory at a name the shim will mount on (Kata's CVE-2020-2026):
+//!   the shim never resolves a path through anything the guest can write.
+//!
+//! `<id>` itself is a private mount, so none of this propagates into the node's other mount
+//! namespaces. Dropping it unmounts whatever is still mounted below it and removes it, unless an
+//! unmount failed (it never deletes through a mount): nothing of a pod survives its end.
+//! [`SandboxDir::remove_leftover`] does the same for the directory of a shim that was killed.
 
 use std::path::{Path, PathBuf};
 
-use containerd_shim::mount::{mount_rootfs, umount_recursive};
-use nix::mount::{mount, MntFlags, MsFlags};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+use containerd_shim::mount::mount_rootfs;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 /// Why a sandbox directory or one of its mounts cannot be made.
 #[derive(Debug, thiserror::Error)]
@@ -26,50 +38,98 @@ pub enum SandboxDirError {
     Name { name: String },
     #[error("unmounting below {}: {reason}", path.display())]
     Unmount { path: PathBuf, reason: String },
+    #[error("{}: still mounted after unmounting; left in place", path.display())]
+    StillMounted { path: PathBuf },
 }
 
 /// See the module documentation.
 #[derive(Debug)]
 pub struct SandboxDir {
     path: PathBuf,
+    /// Names binds in `staging/` while their flags are set (see [`SandboxDir::share`]).
+    next_staging: std::sync::atomic::AtomicU64,
 }
 
 impl SandboxDir {
-    /// Creates `<root>/<id>/shared`; fails if the sandbox exists.
+    /// Creates `<root>/<id>` with its private `mounts/` and the guest's `shared/` view of it;
+    /// fails if the sandbox exists.
     pub fn create(root: &Path, id: &str) -> Result<SandboxDir, SandboxDirError> {
         let path = sandbox_path(root, id)?;
         let create_error = |source| SandboxDirError::Create { path: path.clone(), source };
-        std::fs::create_dir_all(root).map_err(create_error)?;
-        match std::fs::create_dir(&path) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(create_error)?;
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(SandboxDirError::Exists { id: id.to_owned(), path })
             }
             other => other.map_err(create_error)?,
         }
-        let dir = SandboxDir { path };
-        std::fs::create_dir(dir.shared())
-            .map_err(|source| SandboxDirError::Create { path: dir.shared(), source })?;
+        // From here on, drop unmounts and removes whatever was made.
+        let dir = SandboxDir { path, next_staging: Default::default() };
+        dir.make_share_trees()?;
         Ok(dir)
+    }
+
+    /// `<id>` a private mount (nothing below propagates out), `mounts/` a shared one, `shared/` a
+    /// read-only slave bind of it.
+    fn make_share_trees(&self) -> Result<(), SandboxDirError> {
+        let (mounts, shared) = (self.mounts(), self.shared());
+        for dir in [&mounts, &shared, &self.staging()] {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| SandboxDirError::Create { path: dir.clone(), source })?;
+        }
+        let bind = |from: &Path, to: &Path| {
+            mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .map_err(|source| SandboxDirError::Bind { from: from.to_path_buf(), source })
+        };
+        let set = |at: &Path, flags: MsFlags| {
+            mount(None::<&str>, at, None::<&str>, flags, None::<&str>)
+                .map_err(|source| SandboxDirError::Bind { from: at.to_path_buf(), source })
+        };
+        bind(&self.path, &self.path)?;
+        set(&self.path, MsFlags::MS_PRIVATE)?;
+        bind(&mounts, &mounts)?;
+        set(&mounts, MsFlags::MS_SHARED)?;
+        bind(&mounts, &shared)?;
+        set(&shared, MsFlags::MS_SLAVE)?;
+        set(
+            &shared,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV,
+        )
     }
 
     /// Unmounts and removes what a dead shim left of sandbox `id` under `root`; nothing there is
     /// not an error.
     pub fn remove_leftover(root: &Path, id: &str) -> Result<(), SandboxDirError> {
         let path = sandbox_path(root, id)?;
-        if !path.exists() {
+        if std::fs::symlink_metadata(&path).is_err() {
             return Ok(());
         }
-        unmount_below(&path)?;
-        std::fs::remove_dir_all(&path).map_err(|source| SandboxDirError::Create { path, source })
+        remove_unmounted(&path)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The directory the guest mounts over virtio-fs.
+    /// The directory the guest mounts over virtio-fs (read-only around the mounts it receives).
     pub fn shared(&self) -> PathBuf {
         self.path.join("shared")
+    }
+
+    /// Where binds get their flags before they move into `mounts/` (under the private `<id>`).
+    fn staging(&self) -> PathBuf {
+        self.path.join("staging")
+    }
+
+    /// The host-private tree the shim mounts into (seen by the guest as `shared/`).
+    fn mounts(&self) -> PathBuf {
+        self.path.join("mounts")
     }
 
     /// The VM's hybrid vsock socket.
@@ -83,21 +143,28 @@ impl SandboxDir {
     }
 
     /// Makes host path `from` (a directory or a file) visible to the guest at `shared/<name>`
-    /// (a bind mount, read-only if `read_only`); returns that path. `name` may have several
-    /// components (`<container>/mounts/0`) but no `..`.
+    /// (a bind mount, `nosuid,nodev`, read-only if `read_only`); returns its mount point. `name`
+    /// may have several components (`<container>/mounts/0`) but no `..`.
+    ///
+    /// The bind is made and given its flags in `staging/`, then moved into `mounts/`: a remount
+    /// does not propagate, so flags set after the bind arrived in `mounts/` would never reach the
+    /// guest's view (a read-only volume would be writable there).
     pub fn share(&self, from: &Path, name: &str, read_only: bool) -> Result<PathBuf, SandboxDirError> {
         let is_dir = std::fs::metadata(from)
             .map_err(|source| SandboxDirError::Source { from: from.to_path_buf(), source })?
             .is_dir();
         let target = self.mount_point(name, is_dir)?;
-        let bind_error = |source| SandboxDirError::Bind { from: from.to_path_buf(), source };
-        mount(Some(from), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(bind_error)?;
-        if read_only {
-            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            mount(None::<&str>, &target, None::<&str>, flags, None::<&str>).map_err(bind_error)?;
+        let n = self.next_staging.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staged = create_point(&self.staging().join(n.to_string()), is_dir)?;
+        let bound = bind_with_flags(from, &staged, read_only).and_then(|()| {
+            mount(Some(&staged), &target, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .map_err(|source| SandboxDirError::Bind { from: from.to_path_buf(), source })
+        });
+        if bound.is_err() {
+            let _ = umount2(&staged, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
         }
-        Ok(target)
+        let _ = if is_dir { std::fs::remove_dir(&staged) } else { std::fs::remove_file(&staged) };
+        bound.map(|()| target)
     }
 
     /// Mounts a file system (as containerd describes a rootfs mount: type, source, options, e.g.
@@ -112,7 +179,10 @@ impl SandboxDir {
         let target = self.mount_point(name, true)?;
         let fs = Some(fs_type).filter(|t| !t.is_empty());
         let src = Some(source).filter(|s| !s.is_empty());
-        mount_rootfs(fs, src, options, &target).map_err(|err| SandboxDirError::Mount {
+        // As for shares: no setuid file or device node of the guest's making counts on the node.
+        let mut options = options.to_vec();
+        options.extend(["nosuid".to_owned(), "nodev".to_owned()]);
+        mount_rootfs(fs, src, &options, &target).map_err(|err| SandboxDirError::Mount {
             fs_type: fs_type.to_owned(),
             source_path: source.to_owned(),
             target: target.clone(),
@@ -123,39 +193,73 @@ impl SandboxDir {
 
     /// Unmounts everything below `shared/<name>` and removes it (a container going away).
     pub fn release(&self, name: &str) -> Result<(), SandboxDirError> {
-        let path = self.shared().join(checked_name(name)?);
-        if !path.exists() {
+        let path = self.mounts().join(checked_name(name)?);
+        if std::fs::symlink_metadata(&path).is_err() {
             return Ok(());
         }
-        unmount_below(&path)?;
-        std::fs::remove_dir_all(&path).map_err(|source| SandboxDirError::Create { path, source })
+        remove_unmounted(&path)
     }
 
-    /// Creates `shared/<name>` (a directory, or an empty file to bind a file onto).
+    /// Creates the mount point of `shared/<name>` in the private tree.
     fn mount_point(&self, name: &str, is_dir: bool) -> Result<PathBuf, SandboxDirError> {
-        let target = self.shared().join(checked_name(name)?);
-        let create_error = |path: &Path, source| SandboxDirError::Create { path: path.to_path_buf(), source };
-        if is_dir {
-            std::fs::create_dir_all(&target).map_err(|e| create_error(&target, e))?;
-        } else {
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| create_error(parent, e))?;
-            }
-            std::fs::File::create(&target).map_err(|e| create_error(&target, e))?;
-        }
-        Ok(target)
+        create_point(&self.mounts().join(checked_name(name)?), is_dir)
     }
+}
+
+/// Creates `target` as a mount point: a directory, or an empty file to bind a file onto (mode
+/// 0600), with its parents (mode 0700); returns it.
+fn create_point(target: &Path, is_dir: bool) -> Result<PathBuf, SandboxDirError> {
+    let create_error = |path: &Path, source| SandboxDirError::Create { path: path.to_path_buf(), source };
+    let mut dirs = std::fs::DirBuilder::new();
+    dirs.recursive(true).mode(0o700);
+    if is_dir {
+        dirs.create(target).map_err(|e| create_error(target, e))?;
+    } else {
+        if let Some(parent) = target.parent() {
+            dirs.create(parent).map_err(|e| create_error(parent, e))?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(target)
+            .map_err(|e| create_error(target, e))?;
+    }
+    Ok(target.to_path_buf())
+}
+
+/// Binds `from` (recursively) at `to`, then makes the bind `nosuid,nodev` (and read-only): nothing
+/// the guest writes there runs setuid or opens a device on the node.
+fn bind_with_flags(from: &Path, to: &Path, read_only: bool) -> Result<(), SandboxDirError> {
+    let bind_error = |source| SandboxDirError::Bind { from: from.to_path_buf(), source };
+    mount(Some(from), to, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(bind_error)?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(None::<&str>, to, None::<&str>, flags, None::<&str>).map_err(bind_error)
 }
 
 impl Drop for SandboxDir {
     fn drop(&mut self) {
-        if let Err(err) = unmount_below(&self.path) {
-            tracing::warn!(path = %self.path.display(), %err, "unmounting the sandbox's shares");
-        }
-        if let Err(err) = std::fs::remove_dir_all(&self.path) {
+        if let Err(err) = remove_unmounted(&self.path) {
             tracing::warn!(path = %self.path.display(), %err, "removing the sandbox directory");
         }
     }
+}
+
+/// Unmounts everything at or below `path`, then removes it, unless something there is still
+/// mounted (a removal would delete through it, into a volume or the node's files).
+fn remove_unmounted(path: &Path) -> Result<(), SandboxDirError> {
+    unmount_below(path)?;
+    if !mounts_below(path)?.is_empty() {
+        return Err(SandboxDirError::StillMounted { path: path.to_path_buf() });
+    }
+    std::fs::remove_dir_all(path)
+        .map_err(|source| SandboxDirError::Create { path: path.to_path_buf(), source })
 }
 
 fn sandbox_path(root: &Path, id: &str) -> Result<PathBuf, SandboxDirError> {
@@ -171,11 +275,67 @@ fn checked_name(name: &str) -> Result<&Path, SandboxDirError> {
 }
 
 /// Unmounts every mount at or below `path`, deepest first (lazily: a share still open on the
-/// host must not keep the pod's directory alive).
+/// host must not keep the pod's directory alive; never through a symlink).
 fn unmount_below(path: &Path) -> Result<(), SandboxDirError> {
-    let unmount_error = |reason: String| SandboxDirError::Unmount { path: path.to_path_buf(), reason };
-    let text = path.to_str().ok_or_else(|| unmount_error("not UTF-8".into()))?;
-    umount_recursive(Some(text), MntFlags::MNT_DETACH.bits()).map_err(|err| unmount_error(err.to_string()))
+    for target in mounts_below(path)? {
+        // Stacked mounts at one point come off one by one; EINVAL: nothing mounted there any more.
+        loop {
+            match umount2(&target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+                Ok(()) => continue,
+                Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => break,
+                Err(err) => {
+                    return Err(SandboxDirError::Unmount {
+                        path: path.to_path_buf(),
+                        reason: format!("{}: {err}", target.display()),
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Mount points at or below `path` (the component-wise prefix: `/a/c1` is not below `/a/c`),
+/// deepest first, from this process's mount table.
+fn mounts_below(path: &Path) -> Result<Vec<PathBuf>, SandboxDirError> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(|err| SandboxDirError::Unmount {
+        path: path.to_path_buf(),
+        reason: format!("reading /proc/self/mountinfo: {err}"),
+    })?;
+    let mut below: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| PathBuf::from(unescape_mount_point(point)))
+        .filter(|point| point.starts_with(path))
+        .collect();
+    below.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    below.dedup();
+    Ok(below)
+}
+
+/// A mountinfo mount point with its octal escapes (`\040` for a space...) decoded.
+fn unescape_mount_point(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match octal {
+            Some(digits) => {
+                out.push(
+                    digits.iter().fold(0u8, |value, digit| value.wrapping_mul(8).wrapping_add(digit - b'0')),
+                );
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -189,6 +349,64 @@ mod tests {
             assert!(checked_name(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(checked_name("c1/mounts/0").unwrap(), Path::new("c1/mounts/0"));
+    }
+
+    #[test]
+    fn mount_points_with_escapes_are_decoded() {
+        assert_eq!(unescape_mount_point(r"/run/a\040b/c\134d"), r"/run/a b/c\d");
+        assert_eq!(unescape_mount_point(r"/plain\09"), r"/plain\09", "not an escape: kept");
+    }
+
+    /// The `statvfs` mount flags of `path` (`ST_RDONLY`, `ST_NOSUID`...).
+    fn mount_flags(path: &Path) -> u64 {
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a zeroed statvfs is valid plain data; statvfs only writes to it.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c_path` is NUL-terminated and `stat` a valid out-pointer.
+        assert_eq!(unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) }, 0);
+        stat.f_flag
+    }
+
+    fn is_read_only(path: &Path) -> bool {
+        mount_flags(path) & libc::ST_RDONLY != 0
+    }
+
+    /// What the guest sees: the shim's mounts, writable where they are, and a tree around them it
+    /// cannot plant anything in. Needs root (mounts), as the shim does.
+    #[test]
+    fn the_guest_view_takes_the_shims_mounts_but_refuses_new_names() {
+        let root = tempfile::tempdir().unwrap();
+        let volume = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::create(root.path(), "pod").unwrap();
+        let shared = dir.shared();
+        for planted in [shared.join("c1"), shared.join("x")] {
+            let err = std::os::unix::fs::symlink("/etc", &planted).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{}", planted.display());
+        }
+        dir.share(volume.path(), "c1/mounts/0", false).unwrap();
+        std::fs::write(shared.join("c1/mounts/0/written-by-guest"), b"x").unwrap();
+        assert!(volume.path().join("written-by-guest").is_file(), "the volume is writable through the view");
+        assert!(std::fs::create_dir(shared.join("c1/mounts/9")).is_err(), "no new names beside it");
+        dir.share(volume.path(), "c1/mounts/1", true).unwrap();
+        assert!(is_read_only(&shared.join("c1/mounts/1")), "a read-only share is read-only in the view");
+        assert!(std::fs::write(shared.join("c1/mounts/1/more"), b"x").is_err());
+        assert!(is_read_only(&shared) && !is_read_only(&shared.join("c1/mounts/0")));
+        assert_ne!(
+            mount_flags(&shared.join("c1/mounts/0")) & libc::ST_NOSUID,
+            0,
+            "shares are nosuid on the node"
+        );
+        let mode = |path: &Path| {
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions())
+        };
+        assert_eq!(mode(dir.path()) & 0o777, 0o700);
+        dir.release("c1").unwrap();
+        assert!(!shared.join("c1").exists(), "released in the view too");
+        assert!(volume.path().join("written-by-guest").is_file(), "a release never deletes into a volume");
+        let path = dir.path().to_path_buf();
+        drop(dir);
+        assert!(!path.exists());
+        assert!(mounts_below(root.path()).unwrap().is_empty());
     }
 
     #[test]
