@@ -321,7 +321,21 @@ fn end_reason(ended: &VmExit, host_reason: Option<&String>) -> String {
 }
 
 fn console_tail(dir: &SandboxDir) -> String {
-    let text = std::fs::read_to_string(dir.console_log()).unwrap_or_default();
+    let bytes = read_end(&dir.console_log(), husk_vmm::devices::legacy::console::TAIL_BYTES as u64);
+    let text = String::from_utf8_lossy(&bytes).replace('\r', "");
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(husk_vmm::CONSOLE_TAIL_LINES)..].join("\n")
+}
+
+/// The last `max` bytes of the file at `path` (nothing when it cannot be read): the guest writes
+/// the console log, so it is never read whole.
+fn read_end(path: &std::path::Path, max: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else { return Vec::new() };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut bytes = Vec::new();
+    if file.seek(SeekFrom::Start(len.saturating_sub(max))).is_ok() {
+        let _ = file.take(max).read_to_end(&mut bytes);
+    }
+    bytes
 }

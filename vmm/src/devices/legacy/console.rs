@@ -10,6 +10,12 @@ use std::time::{Duration, Instant};
 
 /// Bytes of console output kept in memory.
 pub const TAIL_BYTES: usize = 16 * 1024;
+/// Bytes of console output written to the log file, at most: the guest writes the console, and a
+/// guest that floods it must not fill the node's tmpfs. Past it, a marker line ends the file and
+/// later output reaches only the in-memory tail (and the stream).
+pub const LOG_LIMIT_BYTES: u64 = 1 << 20;
+const LOG_LIMIT_MARKER: &[u8] =
+    b"\n[husk: console log truncated at its limit; later output is not kept here]\n";
 /// Chunks of output waiting for the stdout thread; beyond this, output is dropped, not waited for.
 const STDOUT_QUEUE_CHUNKS: usize = 256;
 /// A chunk is handed to the stdout thread at a newline or at this size.
@@ -96,8 +102,27 @@ impl StreamSink {
 struct Inner {
     // Line-buffered: the guest writes one byte per exit, and a syscall per byte would dominate.
     log: Option<LineWriter<File>>,
+    /// Bytes written to `log` (it stops at [`LOG_LIMIT_BYTES`]).
+    log_written: u64,
     stream: Option<StreamSink>,
     tail: VecDeque<u8>,
+}
+
+impl Inner {
+    /// Appends to the log file up to [`LOG_LIMIT_BYTES`], then the marker once. A full disk must
+    /// not stop the guest: the tail still records the output.
+    fn write_log(&mut self, buf: &[u8]) {
+        let Some(log) = self.log.as_mut() else { return };
+        let room = LOG_LIMIT_BYTES.saturating_sub(self.log_written);
+        let take = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let _ = log.write_all(&buf[..take]);
+        self.log_written += take as u64;
+        if take < buf.len() {
+            let _ = log.write_all(LOG_LIMIT_MARKER);
+            let _ = log.flush();
+            self.log = None;
+        }
+    }
 }
 
 /// The guest console sink; clones share it.
@@ -117,6 +142,7 @@ impl Console {
         let stream = stream.and_then(|out| StreamSink::spawn(out).ok());
         Console(Arc::new(Mutex::new(Inner {
             log: log.map(LineWriter::new),
+            log_written: 0,
             stream,
             tail: VecDeque::with_capacity(TAIL_BYTES),
         })))
@@ -160,10 +186,7 @@ impl Console {
 impl Write for Console {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut inner = self.inner();
-        if let Some(log) = inner.log.as_mut() {
-            // A full disk must not stop the guest: the tail still records the output.
-            let _ = log.write_all(buf);
-        }
+        inner.write_log(buf);
         if let Some(stream) = inner.stream.as_mut() {
             stream.write(buf);
         }
@@ -190,6 +213,23 @@ mod tests {
         let mut console = Console::new(None, false);
         console.write_all(b"one\r\ntwo\r\nthree\r\n").unwrap();
         assert_eq!(console.tail_lines(2), "two\nthree");
+    }
+
+    #[test]
+    fn a_flooding_guest_fills_the_log_file_up_to_its_limit_and_no_further() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut console = Console::new(Some(file.reopen().unwrap()), false);
+        let line = [b'y'; 1023];
+        for _ in 0..(2 * LOG_LIMIT_BYTES / 1024) {
+            console.write_all(&line).unwrap();
+            console.write_all(b"\n").unwrap();
+        }
+        console.write_all(b"the last line\n").unwrap();
+        console.finish();
+        let len = std::fs::metadata(file.path()).unwrap().len();
+        assert_eq!(len, LOG_LIMIT_BYTES + LOG_LIMIT_MARKER.len() as u64);
+        assert!(std::fs::read(file.path()).unwrap().ends_with(LOG_LIMIT_MARKER));
+        assert!(console.tail_text().ends_with("the last line"), "the tail still has it");
     }
 
     #[test]

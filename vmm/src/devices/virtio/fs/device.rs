@@ -105,6 +105,7 @@ impl VirtioDevice for FsDevice {
             .map_err(|_| ActivateError::QueueCount { expected: QUEUE_SIZES.len(), found })?;
         let (server, dir) = (self.server.take(), self.dir.clone());
         let worker = Worker::start("virtio-fs", seccomp.then_some(ThreadRole::Fs), move || {
+            share::own_fs_context_without_umask()?;
             let server = match server {
                 Some(server) => server,
                 // Re-activation after a driver reset: a fresh server (the guest starts with FUSE_INIT).

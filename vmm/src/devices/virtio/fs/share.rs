@@ -67,7 +67,18 @@ pub fn serve_directory(dir: &Path) -> Result<FsServer, ShareError> {
         ..Default::default()
     };
     let passthrough = PassthroughFs::<()>::new(config).map_err(|e| serve_error(e.to_string()))?;
-    passthrough.import().map_err(|e| serve_error(e.to_string()))?;
+    // import() sets umask(0), which is shared by every thread of the process (the whole shim's
+    // files would be made 0666/0777): do it on a thread with a file-system context of its own.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                own_fs_context_without_umask()?;
+                passthrough.import()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the import thread panicked")))
+    })
+    .map_err(|e| serve_error(e.to_string()))?;
     let vfs = Vfs::new(vfs_options());
     vfs.mount(Box::new(passthrough), "/").map_err(|e| serve_error(format!("{e:?}")))?;
     Ok(Server::new(Arc::new(vfs)))
@@ -92,6 +103,20 @@ fn vfs_options() -> VfsOptions {
     }
 }
 
+/// Gives the calling thread its own file-system context (`unshare(CLONE_FS)`: umask, root and
+/// working directory) with umask 0: the passthrough server applies each request's own umask to
+/// the modes the guest asks for, so the thread serving them must mask nothing more, and only
+/// that thread may have umask 0 (the rest of the process keeps its own).
+pub fn own_fs_context_without_umask() -> std::io::Result<()> {
+    // SAFETY: unshare(CLONE_FS) only gives this thread a private copy of its fs context.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: umask only sets this thread's (now unshared) file mode creation mask.
+    unsafe { libc::umask(0) };
+    Ok(())
+}
+
 /// Drops `CAP_MKNOD` from the calling thread (effective and permitted: the per-request switch of
 /// the effective uid back to root would otherwise restore it). Capabilities are per thread, so
 /// this confines only the thread serving the guest's requests.
@@ -99,4 +124,23 @@ pub fn drop_mknod() -> Result<(), caps::errors::CapsError> {
     use caps::{CapSet, Capability};
     caps::drop(None, CapSet::Effective, Capability::CAP_MKNOD)?;
     caps::drop(None, CapSet::Permitted, Capability::CAP_MKNOD)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The import's umask(0) stays on its own thread: the process keeps its umask (the shim's
+    /// sandbox files would otherwise be world-writable).
+    #[test]
+    fn serving_a_directory_leaves_the_process_umask_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: umask only sets this thread's file mode creation mask (restored below).
+        let before = unsafe { libc::umask(0o027) };
+        let served = serve_directory(dir.path());
+        // SAFETY: as above; reading it back means setting it.
+        let after = unsafe { libc::umask(before) };
+        assert!(served.is_ok());
+        assert_eq!(after, 0o027);
+    }
 }
