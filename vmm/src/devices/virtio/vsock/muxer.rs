@@ -29,6 +29,10 @@ pub const FD_TOKEN_BASE: u64 = 1 << 32;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Connections open at once; more are refused (bounded memory per VM).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Resets waiting for guest RX buffers, at most: a guest that sends packets for connections that
+/// do not exist while posting no RX buffers must not grow host memory. Past it, resets are dropped
+/// (they answer the guest's own mistakes; only the guest misses them).
+pub const MAX_PENDING_RSTS: usize = 256;
 /// How long a new host connection may take to send its `CONNECT` line before it is closed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -175,7 +179,7 @@ impl Muxer {
         match op {
             Op::Request => self.guest_connect(header, epoll),
             Op::Rst => {}
-            _ => self.rsts.push_back(PacketHeader::reply(header, Op::Rst, 0, 0)),
+            _ => self.reset(header),
         }
     }
 
@@ -185,7 +189,7 @@ impl Muxer {
         let allowed = self.host_ports.allows(header.dst_port) && self.conns.len() < MAX_CONNECTIONS;
         let connected = allowed.then(|| connect_nonblocking(&target).ok()).flatten();
         let Some(stream) = connected else {
-            self.rsts.push_back(PacketHeader::reply(header, Op::Rst, 0, 0));
+            self.reset(header);
             return;
         };
         let fd = stream.as_raw_fd();
@@ -193,13 +197,20 @@ impl Muxer {
             .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::empty(), FD_TOKEN_BASE + fd as u64))
             .is_err()
         {
-            self.rsts.push_back(PacketHeader::reply(header, Op::Rst, 0, 0));
+            self.reset(header);
             return;
         }
         self.interest.insert(fd, EventSet::empty());
         let key = (header.dst_port, header.src_port);
         self.by_fd.insert(fd, key);
         self.conns.insert(key, Connection::peer_init(stream, self.guest_cid, key.0, key.1, header));
+    }
+
+    /// Queues a reset answering `header` (bounded by [`MAX_PENDING_RSTS`]).
+    fn reset(&mut self, header: &PacketHeader) {
+        if self.rsts.len() < MAX_PENDING_RSTS {
+            self.rsts.push_back(PacketHeader::reply(header, Op::Rst, 0, 0));
+        }
     }
 
     /// The next packet for the guest, written as header + payload into `payload` (the returned
@@ -355,6 +366,18 @@ mod tests {
     fn connect_guest_port(h: &mut VsockHarness, guest_port: u32, host_port: u32) {
         h.guest_send(&guest_packet(Op::Request, guest_port, host_port, CREDIT, 0), &[]).unwrap();
         assert_eq!(h.guest_recv().unwrap().header.op, Op::Response as u16);
+    }
+
+    #[test]
+    fn a_guest_flooding_unknown_connections_without_rx_buffers_queues_a_bounded_number_of_resets() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoll = vmm_sys_util::epoll::Epoll::new().unwrap();
+        let mut muxer = super::Muxer::new(&dir.path().join("v.sock"), 3, &epoll).unwrap();
+        for port in 0..10_000 {
+            muxer.guest_packet(&guest_packet(Op::Rw, port, 7000, CREDIT, 0), Op::Rw, &[1], &epoll);
+        }
+        assert_eq!(muxer.rsts.len(), super::MAX_PENDING_RSTS);
+        assert!(muxer.has_pending_control());
     }
 
     #[test]
