@@ -14,7 +14,7 @@ const END_LINE: &str = "virtio state dumped";
 /// `containerd_log`, waiting up to `deadline` for one dump per shim signalled. When a shim does not
 /// answer in time, says so with what did arrive.
 pub fn shim_virtio_state(containerd_log: &Path, deadline: Duration) -> String {
-    let before = std::fs::read_to_string(containerd_log).map(|log| log.len()).unwrap_or(0);
+    let before = std::fs::metadata(containerd_log).map(|meta| meta.len() as usize).unwrap_or(0);
     let shims = husk_shims();
     for pid in &shims {
         // SAFETY: kill(2) with a pid read from /proc and a valid signal; at worst the process has

@@ -77,8 +77,9 @@ pub fn mask_process_signals() {
         ] {
             libc::sigdelset(&mut set, kept);
         }
-        // Cannot fail with SIG_BLOCK and a valid set.
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        // The whole mask, not an addition to the inherited one (a creator that blocked the kick
+        // signal must not pass that on). Cannot fail with SIG_SETMASK and a valid set.
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
 }
 

@@ -30,7 +30,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -165,14 +165,29 @@ impl VmStopper {
 pub struct VmInspector(Weak<Transports>);
 
 impl VmInspector {
-    /// Each virtio device's transport, queues and counters, in slot order; `None` once the VM
-    /// has been torn down.
-    pub fn virtio_state(&self) -> Option<Vec<DeviceState>> {
+    /// Each virtio device's transport, queues and counters, in slot order (`None` for a device
+    /// whose transport stayed locked for [`INSPECT_LOCK_WAIT`]: a vCPU is in it, e.g. resetting a
+    /// device whose worker is stuck); `None` once the VM has been torn down.
+    pub fn virtio_state(&self) -> Option<Vec<Option<DeviceState>>> {
         let transports = self.0.upgrade()?;
-        let state = |transport: &Arc<Mutex<MmioTransport>>| {
-            transport.lock().unwrap_or_else(PoisonError::into_inner).state()
-        };
-        Some(transports.iter().map(state).collect())
+        Some(transports.iter().map(|transport| state_unless_busy(transport)).collect())
+    }
+}
+
+/// How long [`VmInspector::virtio_state`] waits for a transport a vCPU holds.
+pub const INSPECT_LOCK_WAIT: Duration = Duration::from_millis(500);
+
+fn state_unless_busy(transport: &Mutex<MmioTransport>) -> Option<DeviceState> {
+    let deadline = Instant::now() + INSPECT_LOCK_WAIT;
+    loop {
+        match transport.try_lock() {
+            Ok(transport) => return Some(transport.state()),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner().state()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
     }
 }
 

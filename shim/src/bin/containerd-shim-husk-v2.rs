@@ -5,6 +5,10 @@
 use husk_shim::containerd::{shim_config, HuskShim, RUNTIME_ID};
 
 fn main() {
+    // SIGUSR1 asks a serving shim for its VM's virtio state (`husk_shim::containerd`); until that
+    // listener is up (and in `start` and `delete`), it must not end the process.
+    // SAFETY: setting a signal's disposition to ignore, before any thread exists.
+    unsafe { libc::signal(libc::SIGUSR1, libc::SIG_IGN) };
     // Before any thread: the VMM's filtered threads share this process's allocator.
     husk_vmm::seccomp::prepare_allocator();
     serve();

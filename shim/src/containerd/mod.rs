@@ -188,7 +188,9 @@ fn log_virtio_state_on_sigusr1(pod: &Arc<Pod>) {
     tokio::spawn(async move {
         while signals.recv().await.is_some() {
             let Some(pod) = pod.upgrade() else { return };
-            pod.log_virtio_state();
+            // Off the runtime's threads: it waits on device locks, and a VM ending meanwhile
+            // tears its devices down on this thread.
+            let _ = tokio::task::spawn_blocking(move || pod.log_virtio_state()).await;
         }
     });
 }

@@ -579,6 +579,7 @@ impl Pod {
     /// the host; a pid there must be a live process for containerd's checks).
     /// Logs each virtio device of the pod's VM (rings, interrupts, counters), one line per device,
     /// then `virtio state dumped`: what the shim answers SIGUSR1 with, to explain a stalled pod.
+    /// Blocks briefly on busy devices: call it off the async runtime's threads.
     pub fn log_virtio_state(&self) {
         let inspector = self.inspector.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let Some((sandbox, inspector)) = inspector else {
@@ -590,7 +591,12 @@ impl Pod {
             return;
         };
         for (slot, device) in devices.iter().enumerate() {
-            tracing::info!(sandbox = %sandbox, slot, state = %device, "virtio state");
+            match device {
+                Some(device) => tracing::info!(sandbox = %sandbox, slot, state = %device, "virtio state"),
+                None => {
+                    tracing::info!(sandbox = %sandbox, slot, "virtio state: busy (a vCPU holds the device)")
+                }
+            }
         }
         tracing::info!(sandbox = %sandbox, devices = devices.len(), "virtio state dumped");
     }

@@ -54,9 +54,12 @@ impl SandboxDir {
     /// Creates `<root>/<id>` with its private `mounts/` and the guest's `shared/` view of it;
     /// fails if the sandbox exists.
     pub fn create(root: &Path, id: &str) -> Result<SandboxDir, SandboxDirError> {
-        let path = sandbox_path(root, id)?;
+        let root_error = |source| SandboxDirError::Create { path: root.to_path_buf(), source };
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(root_error)?;
+        // Canonical: teardown finds the pod's mounts by this path in the mount table.
+        let root = std::fs::canonicalize(root).map_err(root_error)?;
+        let path = sandbox_path(&root, id)?;
         let create_error = |source| SandboxDirError::Create { path: path.clone(), source };
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(create_error)?;
         match std::fs::DirBuilder::new().mode(0o700).create(&path) {
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(SandboxDirError::Exists { id: id.to_owned(), path })
@@ -106,7 +109,8 @@ impl SandboxDir {
     /// Unmounts and removes what a dead shim left of sandbox `id` under `root`; nothing there is
     /// not an error.
     pub fn remove_leftover(root: &Path, id: &str) -> Result<(), SandboxDirError> {
-        let path = sandbox_path(root, id)?;
+        let Ok(root) = std::fs::canonicalize(root) else { return Ok(()) };
+        let path = sandbox_path(&root, id)?;
         if std::fs::symlink_metadata(&path).is_err() {
             return Ok(());
         }
@@ -143,32 +147,22 @@ impl SandboxDir {
     }
 
     /// Makes host path `from` (a directory or a file) visible to the guest at `shared/<name>`
-    /// (a bind mount, `nosuid,nodev`, read-only if `read_only`); returns its mount point. `name`
-    /// may have several components (`<container>/mounts/0`) but no `..`.
-    ///
-    /// The bind is made and given its flags in `staging/`, then moved into `mounts/`: a remount
-    /// does not propagate, so flags set after the bind arrived in `mounts/` would never reach the
-    /// guest's view (a read-only volume would be writable there).
+    /// (a recursive bind, `nosuid,nodev`, its top read-only if `read_only`); returns its mount
+    /// point. `name` may have several components (`<container>/mounts/0`) but no `..`.
     pub fn share(&self, from: &Path, name: &str, read_only: bool) -> Result<PathBuf, SandboxDirError> {
         let is_dir = std::fs::metadata(from)
             .map_err(|source| SandboxDirError::Source { from: from.to_path_buf(), source })?
             .is_dir();
         let target = self.mount_point(name, is_dir)?;
-        let n = self.next_staging.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let staged = create_point(&self.staging().join(n.to_string()), is_dir)?;
-        let bound = bind_with_flags(from, &staged, read_only).and_then(|()| {
-            mount(Some(&staged), &target, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        self.install(&target, is_dir, read_only, |staged| {
+            mount(Some(from), staged, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
                 .map_err(|source| SandboxDirError::Bind { from: from.to_path_buf(), source })
-        });
-        if bound.is_err() {
-            let _ = umount2(&staged, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
-        }
-        let _ = if is_dir { std::fs::remove_dir(&staged) } else { std::fs::remove_file(&staged) };
-        bound.map(|()| target)
+        })?;
+        Ok(target)
     }
 
     /// Mounts a file system (as containerd describes a rootfs mount: type, source, options, e.g.
-    /// an overlay of image layers) at `shared/<name>`; returns that path.
+    /// an overlay of image layers) at `shared/<name>`, `nosuid,nodev`; returns its mount point.
     pub fn mount(
         &self,
         name: &str,
@@ -179,16 +173,39 @@ impl SandboxDir {
         let target = self.mount_point(name, true)?;
         let fs = Some(fs_type).filter(|t| !t.is_empty());
         let src = Some(source).filter(|s| !s.is_empty());
-        // As for shares: no setuid file or device node of the guest's making counts on the node.
-        let mut options = options.to_vec();
-        options.extend(["nosuid".to_owned(), "nodev".to_owned()]);
-        mount_rootfs(fs, src, &options, &target).map_err(|err| SandboxDirError::Mount {
-            fs_type: fs_type.to_owned(),
-            source_path: source.to_owned(),
-            target: target.clone(),
-            reason: err.to_string(),
+        self.install(&target, true, false, |staged| {
+            mount_rootfs(fs, src, options, staged).map_err(|err| SandboxDirError::Mount {
+                fs_type: fs_type.to_owned(),
+                source_path: source.to_owned(),
+                target: target.clone(),
+                reason: err.to_string(),
+            })
         })?;
         Ok(target)
+    }
+
+    /// Makes a mount with `make` in `staging/`, confines it there ([`confine`]), then moves it
+    /// to `target` in the private tree, from where it propagates to the guest's view. Flags must
+    /// be set before the move: a change of a mount's flags does not propagate, so a read-only
+    /// volume would be writable in the view if it were made read-only in place.
+    fn install(
+        &self,
+        target: &Path,
+        is_dir: bool,
+        read_only: bool,
+        make: impl FnOnce(&Path) -> Result<(), SandboxDirError>,
+    ) -> Result<(), SandboxDirError> {
+        let n = self.next_staging.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staged = create_point(&self.staging().join(n.to_string()), is_dir)?;
+        let installed = make(&staged).and_then(|()| confine(&staged, read_only)).and_then(|()| {
+            mount(Some(&staged), target, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .map_err(|source| SandboxDirError::Bind { from: staged.clone(), source })
+        });
+        if installed.is_err() {
+            let _ = umount2(&staged, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
+        }
+        let _ = if is_dir { std::fs::remove_dir(&staged) } else { std::fs::remove_file(&staged) };
+        installed
     }
 
     /// Unmounts everything below `shared/<name>` and removes it (a container going away).
@@ -230,17 +247,63 @@ fn create_point(target: &Path, is_dir: bool) -> Result<PathBuf, SandboxDirError>
     Ok(target.to_path_buf())
 }
 
-/// Binds `from` (recursively) at `to`, then makes the bind `nosuid,nodev` (and read-only): nothing
-/// the guest writes there runs setuid or opens a device on the node.
-fn bind_with_flags(from: &Path, to: &Path, read_only: bool) -> Result<(), SandboxDirError> {
-    let bind_error = |source| SandboxDirError::Bind { from: from.to_path_buf(), source };
-    mount(Some(from), to, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(bind_error)?;
-    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+/// Confines the mount tree at `at` (in `staging/`): `nosuid,nodev` all through, so nothing the
+/// guest writes there runs setuid or opens a device on the node; a slave of wherever it was bound
+/// from, so the node's later mounts still appear in it but nothing done to it (an unmount at
+/// teardown) propagates back to the node; its top read-only if `read_only` (as runc's `ro`:
+/// submounts keep their own). `mount_setattr(2)` changes only the flags named, where a remount
+/// would also drop the source's own (`noexec`...).
+fn confine(at: &Path, read_only: bool) -> Result<(), SandboxDirError> {
+    set_mount_attr(at, true, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, libc::MS_SLAVE)?;
     if read_only {
-        flags |= MsFlags::MS_RDONLY;
+        set_mount_attr(at, false, MOUNT_ATTR_RDONLY, 0)?;
     }
-    mount(None::<&str>, to, None::<&str>, flags, None::<&str>).map_err(bind_error)
+    Ok(())
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Sets `attributes` (and `propagation`, when not 0) on the mount at `at`, and on every mount
+/// below it with `recursive`; never through a symlink.
+fn set_mount_attr(
+    at: &Path,
+    recursive: bool,
+    attributes: u64,
+    propagation: libc::c_ulong,
+) -> Result<(), SandboxDirError> {
+    let error = |source| SandboxDirError::Bind { from: at.to_path_buf(), source };
+    let path = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())
+        .map_err(|_| error(nix::errno::Errno::EINVAL))?;
+    let attr = MountAttr { attr_set: attributes, attr_clr: 0, propagation, userns_fd: 0 };
+    let flags = libc::AT_SYMLINK_NOFOLLOW as libc::c_uint | if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: `path` is NUL-terminated and `attr` a valid mount_attr of the size passed; the
+    // kernel only reads both.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags,
+            &raw const attr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(error(nix::errno::Errno::last()));
+    }
+    Ok(())
 }
 
 impl Drop for SandboxDir {
@@ -274,10 +337,14 @@ fn checked_name(name: &str) -> Result<&Path, SandboxDirError> {
     plain.then_some(path).ok_or_else(|| SandboxDirError::Name { name: name.to_owned() })
 }
 
-/// Unmounts every mount at or below `path`, deepest first (lazily: a share still open on the
+/// Unmounts every mount at or below `path` (lazily: a share still open on the
 /// host must not keep the pod's directory alive; never through a symlink).
+///
+/// Only the outermost mounts are named: they are the shim's own mount points, in the private
+/// tree, and a lazy unmount takes everything below each at once. A mount inside a volume the
+/// guest writes is never unmounted by a path the guest could redirect.
 fn unmount_below(path: &Path) -> Result<(), SandboxDirError> {
-    for target in mounts_below(path)? {
+    for target in outermost(mounts_below(path)?) {
         // Stacked mounts at one point come off one by one; EINVAL: nothing mounted there any more.
         loop {
             match umount2(&target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
@@ -311,6 +378,18 @@ fn mounts_below(path: &Path) -> Result<Vec<PathBuf>, SandboxDirError> {
     below.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
     below.dedup();
     Ok(below)
+}
+
+/// The mount points of `points` that lie below no other one of them.
+fn outermost(mut points: Vec<PathBuf>) -> Vec<PathBuf> {
+    points.sort_by_key(|point| point.components().count());
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for point in points {
+        if !kept.iter().any(|outer| point.starts_with(outer)) {
+            kept.push(point);
+        }
+    }
+    kept
 }
 
 /// A mountinfo mount point with its octal escapes (`\040` for a space...) decoded.
@@ -349,6 +428,13 @@ mod tests {
             assert!(checked_name(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(checked_name("c1/mounts/0").unwrap(), Path::new("c1/mounts/0"));
+    }
+
+    #[test]
+    fn only_the_outermost_mounts_are_unmounted_by_path() {
+        let points = ["/s/a/b", "/s/a", "/s/c/d/e", "/s/c/d", "/s/c/x", "/s/cd"].map(PathBuf::from).to_vec();
+        let kept = outermost(points);
+        assert_eq!(kept, ["/s/a", "/s/cd", "/s/c/d", "/s/c/x"].map(PathBuf::from).to_vec());
     }
 
     #[test]
@@ -407,6 +493,32 @@ mod tests {
         drop(dir);
         assert!(!path.exists());
         assert!(mounts_below(root.path()).unwrap().is_empty());
+    }
+
+    /// A volume that is a shared mount with a submount of its own (a kubelet volume on a systemd
+    /// node): its submount is confined in the view too, and the pod's teardown leaves the node's
+    /// mounts alone. Needs root.
+    #[test]
+    fn a_pods_teardown_never_unmounts_the_nodes_mounts_under_a_volume() {
+        let root = tempfile::tempdir().unwrap();
+        let node = tempfile::tempdir().unwrap();
+        let (volume, sub) = (node.path().join("volume"), node.path().join("volume/sub"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let none = None::<&str>;
+        mount(Some(&volume), &volume, none, MsFlags::MS_BIND, none).unwrap();
+        mount(none, &volume, none, MsFlags::MS_SHARED, none).unwrap();
+        mount(Some("tmpfs"), &sub, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+        let dir = SandboxDir::create(root.path(), "pod").unwrap();
+        dir.share(&volume, "c1/mounts/0", true).unwrap();
+        let seen = dir.shared().join("c1/mounts/0/sub");
+        assert_ne!(mount_flags(&seen) & libc::ST_NOSUID, 0, "submounts are nosuid in the view too");
+        assert!(is_read_only(&dir.shared().join("c1/mounts/0")) && !is_read_only(&seen), "ro is the top's");
+        dir.release("c1").unwrap();
+        drop(dir);
+        let left = mounts_below(node.path()).unwrap();
+        assert!(left.contains(&sub) && left.contains(&volume), "the node's mounts stay: {left:?}");
+        umount2(&sub, MntFlags::MNT_DETACH).unwrap();
+        umount2(&volume, MntFlags::MNT_DETACH).unwrap();
     }
 
     #[test]

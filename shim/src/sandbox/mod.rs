@@ -73,6 +73,7 @@ pub struct Sandbox {
     client: AgentClient,
     stopper: VmStopper,
     inspector: VmInspector,
+    console: Console,
     /// Filled by the thread that waits for the VM when it ends.
     exit: Arc<Mutex<Option<VmExit>>>,
     /// Why the host stopped the VM on its own account (its exit reason only says "stopped").
@@ -104,13 +105,16 @@ impl Sandbox {
         if let Err(err) = husk_vmm::host::raise_fd_limit() {
             tracing::warn!(sandbox = %id, %err, "cannot raise the open-file limit; big shares may fail");
         }
+        // Kept: error reports take the console's last lines from its in-memory tail (the log
+        // file stops at its limit, and the guest writes it).
+        let console = Console::new(Some(log), config.console_to_stdout);
         let vm_config = VmConfig {
             vcpus: config.vcpus,
             mem_mib: config.mem_mib,
             kernel: config.image.kernel(),
             initrd: Some(config.image.initramfs()),
             cmdline: format!("{DEFAULT_CMDLINE} {}", config.extra_cmdline).trim_end().to_owned(),
-            console: Console::new(Some(log), config.console_to_stdout),
+            console: console.clone(),
             setup_started: None,
             console_input: None,
             seccomp: config.seccomp,
@@ -153,6 +157,7 @@ impl Sandbox {
                 client,
                 stopper,
                 inspector,
+                console,
                 exit,
                 host_reason: OnceLock::new(),
                 waiter: Mutex::new(Some(waiter)),
@@ -163,7 +168,7 @@ impl Sandbox {
                 stopper.stop();
                 let _ = waiter.join();
                 let vm = describe_exit(&exit, None);
-                let console = console_tail(&dir);
+                let console = console_tail(&console);
                 return Err(SandboxError::Agent { id, source, vm, console });
             }
         };
@@ -231,7 +236,7 @@ impl Sandbox {
         format!(
             "{}\n--- guest console (last lines) ---\n{}",
             describe_exit(&self.exit, self.host_reason.get()),
-            console_tail(&self.dir)
+            console_tail(&self.console)
         )
     }
 
@@ -252,7 +257,7 @@ impl Sandbox {
         tracing::error!(
             sandbox = %self.id,
             reason = why,
-            console = %console_tail(&self.dir),
+            console = %console_tail(&self.console),
             "stopping the pod's VM: its agent does not answer"
         );
         self.stopper.stop();
@@ -320,22 +325,6 @@ fn end_reason(ended: &VmExit, host_reason: Option<&String>) -> String {
     }
 }
 
-fn console_tail(dir: &SandboxDir) -> String {
-    let bytes = read_end(&dir.console_log(), husk_vmm::devices::legacy::console::TAIL_BYTES as u64);
-    let text = String::from_utf8_lossy(&bytes).replace('\r', "");
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(husk_vmm::CONSOLE_TAIL_LINES)..].join("\n")
-}
-
-/// The last `max` bytes of the file at `path` (nothing when it cannot be read): the guest writes
-/// the console log, so it is never read whole.
-fn read_end(path: &std::path::Path, max: u64) -> Vec<u8> {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = std::fs::File::open(path) else { return Vec::new() };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut bytes = Vec::new();
-    if file.seek(SeekFrom::Start(len.saturating_sub(max))).is_ok() {
-        let _ = file.take(max).read_to_end(&mut bytes);
-    }
-    bytes
+fn console_tail(console: &Console) -> String {
+    console.tail_lines(husk_vmm::CONSOLE_TAIL_LINES)
 }
