@@ -4,7 +4,7 @@
 //! - `mounts/`: host-private; the shim creates every mount point here (container rootfs and
 //!   volumes) and nothing else writes to it.
 //! - `shared/`: what the guest sees over virtio-fs: a read-only bind of `mounts/` that receives
-//!   its mounts by slave propagation, so each rootfs and volume keeps its own flags (a rootfs stays
+//!   its mounts by (slave) propagation, so each rootfs and volume keeps its own flags (a rootfs stays
 //!   writable) while the tree around them cannot be changed from the guest. A guest with root
 //!   cannot plant a symlink or directory at a name the shim will mount on (Kata's CVE-2020-2026):
 //!   the shim never resolves a path through anything the guest can write.
@@ -38,6 +38,8 @@ pub enum SandboxDirError {
     Name { name: String },
     #[error("unmounting below {}: {reason}", path.display())]
     Unmount { path: PathBuf, reason: String },
+    #[error("the node's kernel lacks {needs}, which Husk needs to confine a pod's mounts")]
+    Kernel { needs: &'static str },
     #[error("{}: still mounted after unmounting; left in place", path.display())]
     StillMounted { path: PathBuf },
 }
@@ -202,6 +204,9 @@ impl SandboxDir {
                 .map_err(|source| SandboxDirError::Bind { from: staged.clone(), source })
         });
         if installed.is_err() {
+            // Private first (a no-op when confine got that far): the unmount must not reach the
+            // node through a peer of the mount's source.
+            let _ = make_private(&staged);
             let _ = umount2(&staged, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
         }
         let _ = if is_dir { std::fs::remove_dir(&staged) } else { std::fs::remove_file(&staged) };
@@ -247,18 +252,26 @@ fn create_point(target: &Path, is_dir: bool) -> Result<PathBuf, SandboxDirError>
     Ok(target.to_path_buf())
 }
 
-/// Confines the mount tree at `at` (in `staging/`): `nosuid,nodev` all through, so nothing the
-/// guest writes there runs setuid or opens a device on the node; a slave of wherever it was bound
-/// from, so the node's later mounts still appear in it but nothing done to it (an unmount at
-/// teardown) propagates back to the node; its top read-only if `read_only` (as runc's `ro`:
-/// submounts keep their own). `mount_setattr(2)` changes only the flags named, where a remount
-/// would also drop the source's own (`noexec`...).
+/// Confines the mount tree at `at` (in `staging/`): first private all through, with plain
+/// mount(2) before anything can fail, so that nothing done to it (an unmount at teardown, or of a
+/// failed install) propagates to the node it was bound from (a bind of a shared mount is a peer
+/// of it); then `nosuid,nodev` all through, so nothing the guest writes there runs setuid or opens
+/// a device on the node; its top read-only if `read_only` (runc's `ro`: submounts keep their own).
+/// `mount_setattr(2)` (Linux 5.12) changes only the flags named, where a remount would also drop
+/// the source's own (`noexec`...).
 fn confine(at: &Path, read_only: bool) -> Result<(), SandboxDirError> {
-    set_mount_attr(at, true, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, libc::MS_SLAVE)?;
+    make_private(at)?;
+    set_mount_attr(at, true, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)?;
     if read_only {
-        set_mount_attr(at, false, MOUNT_ATTR_RDONLY, 0)?;
+        set_mount_attr(at, false, MOUNT_ATTR_RDONLY)?;
     }
     Ok(())
+}
+
+/// Makes the mount tree at `at` private (`MS_REC | MS_PRIVATE`).
+fn make_private(at: &Path) -> Result<(), SandboxDirError> {
+    mount(None::<&str>, at, None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|source| SandboxDirError::Bind { from: at.to_path_buf(), source })
 }
 
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
@@ -275,18 +288,13 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// Sets `attributes` (and `propagation`, when not 0) on the mount at `at`, and on every mount
-/// below it with `recursive`; never through a symlink.
-fn set_mount_attr(
-    at: &Path,
-    recursive: bool,
-    attributes: u64,
-    propagation: libc::c_ulong,
-) -> Result<(), SandboxDirError> {
+/// Sets `attributes` on the mount at `at`, and on every mount below it with `recursive`; never
+/// through a symlink.
+fn set_mount_attr(at: &Path, recursive: bool, attributes: u64) -> Result<(), SandboxDirError> {
     let error = |source| SandboxDirError::Bind { from: at.to_path_buf(), source };
     let path = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())
         .map_err(|_| error(nix::errno::Errno::EINVAL))?;
-    let attr = MountAttr { attr_set: attributes, attr_clr: 0, propagation, userns_fd: 0 };
+    let attr = MountAttr { attr_set: attributes, attr_clr: 0, propagation: 0, userns_fd: 0 };
     let flags = libc::AT_SYMLINK_NOFOLLOW as libc::c_uint | if recursive { AT_RECURSIVE } else { 0 };
     // SAFETY: `path` is NUL-terminated and `attr` a valid mount_attr of the size passed; the
     // kernel only reads both.
@@ -301,7 +309,11 @@ fn set_mount_attr(
         )
     };
     if rc != 0 {
-        return Err(error(nix::errno::Errno::last()));
+        let errno = nix::errno::Errno::last();
+        if errno == nix::errno::Errno::ENOSYS {
+            return Err(SandboxDirError::Kernel { needs: "mount_setattr(2), Linux 5.12 or later" });
+        }
+        return Err(error(errno));
     }
     Ok(())
 }
