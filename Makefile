@@ -64,12 +64,12 @@ test: lint build-tests guest-image testhost containerd
 
 ## flaky: the tests of every VM test binary (tests/tests/*.rs) K times (default 3) on one build,
 ## one test at a time; prints per test its passes, failures and times, and per test binary its
-## time per round (build/flaky/report.md; failures' output beside it). FILTER picks binaries.
+## time per round (build/flaky/report.md; failures' output beside it). FILTER (a regular expression) picks binaries.
 K ?= 3
 FILTER ?=
 flaky: build-tests guest-image testhost containerd
 	fuzz/run --build-only
-	scripts/flaky $(K) $(FILTER)
+	scripts/flaky $(K) '$(FILTER)'
 
 GUEST := --kernel build/guest/vmlinux --initrd build/guest/initramfs.cpio
 
