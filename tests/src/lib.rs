@@ -182,6 +182,26 @@ pub fn assert_figure_beside_baseline(text: &str, figure: &str, baseline: &str) {
     }
 }
 
+/// Like [`assert_figure_beside_baseline`], for a figure whose baseline may lie within the
+/// measurement's noise (the node memory two runc pods take): the figure must be positive, the
+/// baseline only measured (a finite number, possibly not above zero).
+///
+/// # Panics
+/// When the line is missing, the figure is not positive or the baseline is not a number.
+pub fn assert_figure_beside_noisy_baseline(text: &str, figure: &str, baseline: &str) {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{figure}=")))
+        .unwrap_or_else(|| panic!("no {figure} line: {text}"));
+    let value = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    assert!(value(figure) > 0.0, "{figure}: not positive: {line}");
+    assert!(value(baseline).is_finite(), "{figure}: no {baseline} value: {line}");
+}
+
 /// Asserts that `text` has a `BENCH` record ([`bench::Figure::parse_all`]) for each of `names`,
 /// with at least one sample and a baseline with at least one sample.
 ///

@@ -8,7 +8,10 @@
 use std::time::Duration;
 
 use husk_tests::containerd::{import_command, run_beside_containerd, ImageTar};
-use husk_tests::{assert_figure_beside_baseline, assert_figure_records, describe, target_bin};
+use husk_tests::{
+    assert_figure_beside_baseline, assert_figure_beside_noisy_baseline, assert_figure_records, describe,
+    target_bin,
+};
 
 const BUDGET: Duration = Duration::from_secs(900);
 
@@ -81,8 +84,11 @@ logs=$(mktemp -d); {probe} --rounds 1 \"$CONTAINERD_ADDRESS\" $logs 2; status=$?
     assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
     let text = String::from_utf8_lossy(&output.stdout);
     let figures = ["density_2_start_ms", "density_2_mem_mib", "density_2_pod_start_ms"];
-    for figure in figures {
+    for figure in ["density_2_start_ms", "density_2_pod_start_ms"] {
         assert_figure_beside_baseline(&text, figure, &format!("runc_{figure}"));
     }
+    // Two runc pods take a few MiB of the node's memory, within its noise (it read -2 once in
+    // `make flaky`): the baseline must be measured, not positive.
+    assert_figure_beside_noisy_baseline(&text, "density_2_mem_mib", "runc_density_2_mem_mib");
     assert_figure_records(&text, &figures);
 }

@@ -96,7 +96,9 @@ i=0; while ctr task ls | grep -q '^orphan .*RUNNING' && [ $i -lt 150 ]; do sleep
 ctr task ls | grep -q '^orphan .*RUNNING' || echo 'shim-killed: the task is no longer running'
 ctr task delete orphan >/dev/null 2>&1; ctr container rm orphan
 $husk --rm --memory-limit 33554432 {IMAGE} hog sh -c 'x=a; while :; do x=$x$x; done'; echo \"oom-status=$?\"
-sleep 1; kill $events_pid; echo \"topics: $(grep -o '/tasks/[a-z-]*' /tmp/husk-events | sort -u | tr '\\n' ' ')\""
+# The OOM event may follow the exit: wait for it (or 30 s), not for a fixed time.
+i=0; until grep -q /tasks/oom /tmp/husk-events || [ $i -ge 150 ]; do sleep 0.2; i=$((i+1)); done
+kill $events_pid; echo \"topics: $(grep -o '/tasks/[a-z-]*' /tmp/husk-events | sort -u | tr '\\n' ' ')\""
     );
     let text = with_containerd("tasks", false, &steps);
     assert!(text.contains("from-exec") && text.contains("exec-status=3"), "{text}");
