@@ -106,7 +106,8 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             sandbox_dir: PathBuf::from("/run/husk/sandboxes"),
-            enable_annotations: KNOWN_ANNOTATIONS.iter().map(|a| (*a).to_owned()).collect(),
+            // Off: a pod that sizes its own VM could outgrow what its cgroup is charged for.
+            enable_annotations: Vec::new(),
         }
     }
 }
@@ -249,10 +250,17 @@ impl Config {
             let Some(name) = key.strip_prefix(ANNOTATION_PREFIX) else { continue };
             let refuse = |message: String| ConfigError::Annotation { annotation: key.clone(), message };
             if !self.runtime.enable_annotations.iter().any(|allowed| allowed == name) {
-                return Err(refuse(format!(
-                    "not allowed by runtime.enable_annotations ({})",
-                    self.runtime.enable_annotations.join(", ")
-                )));
+                return Err(refuse(match self.runtime.enable_annotations.is_empty() {
+                    true => format!(
+                        "not allowed by runtime.enable_annotations (empty, the default: the node's \
+                         operator may allow {})",
+                        KNOWN_ANNOTATIONS.join(", ")
+                    ),
+                    false => format!(
+                        "not allowed by runtime.enable_annotations ({})",
+                        self.runtime.enable_annotations.join(", ")
+                    ),
+                }));
             }
             let number: u64 =
                 value.parse().map_err(|_| refuse(format!("{value:?} is not a whole number")))?;
@@ -315,9 +323,16 @@ mod tests {
         assert!(err.contains("/nonexistent/husk.toml"), "{err}");
     }
 
+    /// The defaults with every sizing annotation allowed.
+    fn open_config() -> Config {
+        let mut config = Config::default();
+        config.runtime.enable_annotations = KNOWN_ANNOTATIONS.iter().map(|a| (*a).to_owned()).collect();
+        config
+    }
+
     #[test]
     fn allowed_annotations_size_the_pod_and_bad_ones_are_named() {
-        let config = Config::default();
+        let config = open_config();
         let annotations = |pairs: &[(&str, &str)]| {
             pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<HashMap<_, _>>()
         };
@@ -335,10 +350,11 @@ mod tests {
             let err = config.pod_sizing(&annotations(&[(key, value)])).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains(expect), "{key}={value}: {err}");
         }
-        let mut locked = Config::default();
-        locked.runtime.enable_annotations.clear();
-        let err = locked.pod_sizing(&annotations(&[("io.husk.vcpus", "2")])).unwrap_err().to_string();
-        assert!(err.contains("not allowed"), "{err}");
+        // Off by default: a pod does not size its own VM unless the operator allows it.
+        let err =
+            Config::default().pod_sizing(&annotations(&[("io.husk.vcpus", "2")])).unwrap_err().to_string();
+        assert!(err.contains("io.husk.vcpus") && err.contains("not allowed"), "{err}");
+        assert!(err.contains("the default") && err.contains("vcpus, memory_mib"), "{err}");
     }
 
     #[test]
@@ -367,6 +383,7 @@ mod tests {
         let err = config.pod_sizing(&annotations(&[(CRI_SANDBOX_MEMORY, "lots")])).unwrap_err().to_string();
         assert!(err.contains(CRI_SANDBOX_MEMORY) && err.contains("not a whole number"), "{err}");
         // An allowed io.husk annotation still has the last word.
+        let config = open_config();
         let both = annotations(&[(CRI_SANDBOX_MEMORY, "1048576"), ("io.husk.memory_mib", "300")]);
         assert_eq!(config.pod_sizing(&both).unwrap().memory_mib, 300);
     }

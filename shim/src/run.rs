@@ -92,6 +92,8 @@ pub async fn run(options: &RunOptions) -> Result<i32, RunError> {
         sysctls: Default::default(),
         network: None,
         seccomp: options.seccomp,
+        // `husk run` stays where its caller put it.
+        cgroup: None,
     };
     let read_only = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
     let sandbox = Sandbox::boot(&config, |dir| dir.share(&rootfs, ROOTFS_NAME, true).map(drop)).await?;

@@ -13,6 +13,7 @@ pub mod debug_console_vm;
 pub mod diagnostics;
 pub mod elf;
 pub mod host_agent;
+pub mod pod_cgroup;
 
 pub use console_scenario::ConsoleScenario;
 

@@ -9,12 +9,14 @@
 use std::time::Duration;
 
 use husk_tests::containerd::{import_command, run_beside_containerd, ImageTar, BUSYBOX as IMAGE};
+use husk_tests::pod_cgroup::runtimeclass_memory_overhead;
 use husk_tests::{combined, describe, target_bin};
 
 const BUDGET: Duration = Duration::from_secs(900);
 
-/// Nothing of a pod is left: no shim, sandbox directory, /run/husk mount or shim socket.
-const NOTHING_LEFT: &str = "left: shims=0 sandboxes=0 mounts=0 sockets=0";
+/// Nothing of a pod is left: no shim, sandbox directory, /run/husk mount, shim socket or pod
+/// cgroup (containerd names `/<namespace>/<id>` when CRI gives no cgroup parent).
+const NOTHING_LEFT: &str = "left: shims=0 sandboxes=0 mounts=0 sockets=0 cgroups=0";
 
 /// Runs `steps` (POSIX sh, with `$husk` = `ctr run --runtime io.containerd.husk.v2`) beside a
 /// private containerd that has the busybox image (with `cri`: its CRI plugin too, and the
@@ -32,7 +34,8 @@ husk='ctr run --runtime io.containerd.husk.v2'
 # [c]: the pattern must not match this script's own command line (a step kills shims by it).
 shims() {{ ls -l /proc/[0-9]*/exe 2>/dev/null | grep -c '/[c]ontainerd-shim-husk-v2$'; }}
 i=0; while [ \"$(shims)\" != 0 ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
-echo \"left: shims=$(shims) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) sockets=$(ls /run/containerd/s 2>/dev/null | wc -l)\"",
+echo \"left: shims=$(shims) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) sockets=$(ls /run/containerd/s 2>/dev/null | wc -l) \
+cgroups=$(ls -d /sys/fs/cgroup/default/*/ /sys/fs/cgroup/k8s.io/*/ 2>/dev/null | wc -l)\"",
     );
     let output = run_beside_containerd(cri, BUDGET, &["sh", "-c", &script]);
     let text = combined(&output);
@@ -168,6 +171,13 @@ echo \"netns-left=$(ls /var/run/netns 2>/dev/null | wc -l)\"",
     let text = with_containerd(name, true, &steps);
     assert!(text.contains("cri-status=0") && text.contains("pod-removed"), "{text}");
     assert!(text.contains("netns-left=0"), "{text}");
+    // The shim (VMM and all) runs in the pod's cgroup, with the kernel threads KVM makes for
+    // the VM (`kvm-nx-lpage-recovery-<pid>`), and its cgroup goes with the pod, even when the
+    // shim was killed.
+    let runs = text.lines().find_map(|l| l.strip_prefix("sandbox-cgroup-runs=")).unwrap_or_default();
+    assert!(runs.split(',').any(|comm| comm == "containerd-shim"), "{text}");
+    assert!(runs.split(',').all(|comm| comm == "containerd-shim" || comm.starts_with("kvm-")), "{text}");
+    assert!(text.contains("sandbox-cgroup-left=false"), "{text}");
     text
 }
 
@@ -224,11 +234,25 @@ echo \"console-logged=$(grep 'its agent does not answer' $CONTAINERD_LOG | grep 
     assert!(!text.contains("console-logged=0"), "the console's tail is logged with it: {text}");
 }
 
+/// A pod whose guest fills all its memory (a container without a limit): the guest's OOM killer
+/// takes the hog, the node charges the guest's RAM to the pod's cgroup, and the pod stays within
+/// the limit the kubelet gives a pod without container limits (the RuntimeClass overhead alone),
+/// so the node's OOM killer takes nothing.
 #[test]
-fn a_guest_out_of_memory_kills_the_hog_and_the_pod_keeps_serving() {
-    let text = with_cri_fault("vm-oom", "vm-oom", "", "");
+fn a_guest_filling_its_memory_is_charged_to_the_pods_cgroup_stays_within_it_and_keeps_serving() {
+    let limit = format!("export HUSK_POD_MEMORY_MAX={}", runtimeclass_memory_overhead());
+    let text = with_cri_fault("vm-oom", "vm-oom", &limit, "");
     assert!(text.contains("bystander-after=answers"), "the pod's VM and agent survive: {text}");
     assert!(!text.contains("guest-oom-kills=0\n") && text.contains("guest-oom-kills="), "{text}");
+    assert!(text.contains("pod-cgroup-oom-kills=0\n"), "the node's OOM killer took nothing: {text}");
+    let peak: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pod-cgroup-peak-mib="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    // hypervisor.memory_mib's default: the guest's RAM, which it touched all of.
+    let guest_mib = 256.0;
+    assert!(peak >= 0.75 * guest_mib, "the guest's RAM is charged to the pod: {peak} MiB: {text}");
 }
 
 #[test]
@@ -365,16 +389,26 @@ impl BadInput {
     }
 }
 
+/// The operator allows the sizing annotations (off by default).
+const ALLOW_SIZING: &str =
+    "sed -i 's/^enable_annotations = .*/enable_annotations = [\"vcpus\", \"memory_mib\"]/' \"$HUSK_CONFIG\"";
+
 const BAD_INPUTS: &[BadInput] = &[
     BadInput {
-        label: "vcpus-not-a-number",
+        label: "sizing-annotations-off",
         setup: "",
+        flags: "--annotation io.husk.vcpus=2",
+        says: &["annotation io.husk.vcpus", "not allowed by runtime.enable_annotations (empty, the default"],
+    },
+    BadInput {
+        label: "vcpus-not-a-number",
+        setup: ALLOW_SIZING,
         flags: "--annotation io.husk.vcpus=lots",
         says: &["annotation io.husk.vcpus", "\"lots\" is not a whole number"],
     },
     BadInput {
         label: "memory-out-of-range",
-        setup: "",
+        setup: ALLOW_SIZING,
         flags: "--annotation io.husk.memory_mib=8",
         says: &["annotation io.husk.memory_mib", "must be 64 to 16384"],
     },

@@ -165,6 +165,12 @@ pub fn pod_netns(spec: &Spec) -> PodNetns {
     }
 }
 
+/// The cgroup a spec names on the node (`linux.cgroupsPath`; containerd always names one).
+pub fn cgroups_path(spec: &Spec) -> Option<String> {
+    let path = spec.linux().as_ref()?.cgroups_path().as_ref()?;
+    Some(path.to_string_lossy().into_owned()).filter(|path| !path.is_empty())
+}
+
 /// The namespace kinds a spec asks for (a pod's sandbox container's tell what its members join).
 pub fn namespace_kinds(spec: &Spec) -> Vec<LinuxNamespaceType> {
     let namespaces = spec.linux().as_ref().and_then(|linux| linux.namespaces().clone()).unwrap_or_default();

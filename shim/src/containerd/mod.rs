@@ -37,7 +37,7 @@ use self::events::EventSink;
 use self::pod::{sandbox_name, Pod};
 use self::task::TaskService;
 use crate::config::Config;
-use crate::sandbox::SandboxDir;
+use crate::sandbox::{PodCgroup, SandboxDir};
 
 /// The runtime name containerd knows Husk by (`ctr run --runtime io.containerd.husk.v2`).
 pub const RUNTIME_ID: &str = "io.containerd.husk.v2";
@@ -131,6 +131,11 @@ impl Shim for HuskShim {
             if let PodNetns::Path(netns) = bundle::pod_netns(spec) {
                 if let Err(err) = crate::network::remove_leftovers(&netns).await {
                     tracing::warn!(container = %self.id, netns = %netns.display(), %err, "removing the pod's tc redirection");
+                }
+            }
+            if let Some(cgroup) = bundle::cgroups_path(spec) {
+                if let Err(err) = PodCgroup::remove_leftover(&cgroup) {
+                    tracing::warn!(container = %self.id, %err, "removing the dead shim's pod cgroup");
                 }
             }
         }

@@ -146,8 +146,7 @@ impl Pod {
         }
         let sandbox = match (&role, &state.sandbox) {
             (PodRole::Sandbox { pod_id }, None) => {
-                let network = (bundle::pod_netns(&spec), bundle::pod_net_sysctls(&spec));
-                let sandbox = self.boot(pod_id, &annotations, network).await?;
+                let sandbox = self.boot(pod_id, &spec, &annotations).await?;
                 state.pod_id = Some(pod_id.clone());
                 state.sandbox_kinds = bundle::namespace_kinds(&spec);
                 state.sandbox = Some(Arc::clone(&sandbox));
@@ -199,11 +198,12 @@ impl Pod {
         Ok(self.pid())
     }
 
+    /// Boots the VM of the pod whose sandbox container has `spec` (and its `annotations`).
     async fn boot(
         &self,
         pod_id: &str,
+        spec: &oci_spec::runtime::Spec,
         annotations: &HashMap<String, String>,
-        (netns, sysctls): (PodNetns, HashMap<String, String>),
     ) -> Result<Arc<Sandbox>, ShimError> {
         let sizing = self.config.pod_sizing(annotations)?;
         let h = &self.config.hypervisor;
@@ -220,14 +220,16 @@ impl Pod {
             extra_cmdline: h.kernel_params.clone(),
             agent_timeout: Duration::from_secs(self.config.agent.boot_timeout_s),
             console_to_stdout: false,
-            sysctls,
-            network: attach_network(pod_id, netns).await?,
+            sysctls: bundle::pod_net_sysctls(spec),
+            network: attach_network(pod_id, bundle::pod_netns(spec)).await?,
             seccomp: h.seccomp,
+            cgroup: bundle::cgroups_path(spec),
         };
         tracing::info!(
             sandbox = pod_id,
             vcpus = sizing.vcpus,
             memory_mib = sizing.memory_mib,
+            cgroup = config.cgroup.as_deref().unwrap_or(""),
             "booting the pod's VM"
         );
         let sandbox = match Sandbox::boot(&config, |_| Ok(())).await {

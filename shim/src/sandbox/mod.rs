@@ -5,6 +5,7 @@
 //! A VM that ends, or an agent that does not answer, is reported with the VM's exit reason and
 //! the guest console's last lines: "the agent did not answer" is never the whole message.
 
+pub mod cgroup;
 pub mod dir;
 mod health;
 
@@ -17,6 +18,7 @@ use husk_vmm::devices::legacy::Console;
 use husk_vmm::devices::virtio::vsock::HostPorts;
 use husk_vmm::{DeviceConfig, VmConfig, VmExit, VmHandle, VmInspector, VmStopper, DEFAULT_CMDLINE};
 
+pub use self::cgroup::{CgroupError, PodCgroup};
 pub use self::dir::{SandboxDir, SandboxDirError};
 use crate::agent_client::{AgentAddress, AgentClient, AgentError};
 use crate::guest_image::GuestImage;
@@ -48,6 +50,9 @@ pub struct SandboxConfig {
     pub network: Option<Arc<PodNetwork>>,
     /// The VMM's threads under their seccomp filters.
     pub seccomp: bool,
+    /// The pod's cgroup on the node (the sandbox container's `linux.cgroupsPath`): the shim
+    /// joins it before the VM exists, so the pod pays for its VM.
+    pub cgroup: Option<String>,
 }
 
 /// Why a sandbox could not be brought up or used.
@@ -55,6 +60,8 @@ pub struct SandboxConfig {
 pub enum SandboxError {
     #[error(transparent)]
     Dir(#[from] SandboxDirError),
+    #[error("sandbox {id}: {source}")]
+    Cgroup { id: String, source: CgroupError },
     #[error("sandbox {id}: starting the VM: {source}")]
     Vm { id: String, source: husk_vmm::VmError },
     #[error("sandbox {id}: the agent did not come up: {source}\n{vm}\n--- guest console (last lines) ---\n{console}")]
@@ -80,8 +87,10 @@ pub struct Sandbox {
     host_reason: OnceLock<String>,
     waiter: Mutex<Option<std::thread::JoinHandle<()>>>,
     network: Option<Arc<PodNetwork>>,
-    // Dropped last: the VM must be gone before its directory.
+    // Dropped after the VM: it must be gone before its directory, and the shim leaves the pod's
+    // cgroup last.
     dir: SandboxDir,
+    _cgroup: Option<PodCgroup>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -98,6 +107,13 @@ impl Sandbox {
         prepare: impl FnOnce(&SandboxDir) -> Result<(), SandboxDirError>,
     ) -> Result<Sandbox, SandboxError> {
         let id = config.id.clone();
+        // Before anything of the VM exists: memory is charged to the cgroup that allocates it.
+        let cgroup = match &config.cgroup {
+            Some(path) => Some(
+                PodCgroup::join(path).map_err(|source| SandboxError::Cgroup { id: id.clone(), source })?,
+            ),
+            None => None,
+        };
         let dir = SandboxDir::create(&config.root, &id)?;
         prepare(&dir)?;
         let log = std::fs::File::create(dir.console_log())
@@ -163,6 +179,7 @@ impl Sandbox {
                 waiter: Mutex::new(Some(waiter)),
                 network: config.network.clone(),
                 dir,
+                _cgroup: cgroup,
             },
             Err(source) => {
                 stopper.stop();

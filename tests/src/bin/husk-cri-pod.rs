@@ -21,8 +21,15 @@
 //!   on, the agent answers nothing;
 //! - `shim-kill`: the probe kills the pod's shim (SIGKILL), the VM with it.
 //!
+//! The pod gets a cgroup on the node as the kubelet makes one (`/kubepods/<pod uid>`, limited to
+//! `$HUSK_POD_MEMORY_MAX` bytes when set); the probe prints what runs in the sandbox's cgroup
+//! (`sandbox-cgroup-runs=`) and, once the pod is removed, whether that cgroup is left
+//! (`sandbox-cgroup-left=`).
+//!
 //! Then it prints the exit codes both containers report (`victim-exit=`, `bystander-exit=`)
-//! and, for `vm-oom`, whether the bystander still answers (`bystander-after=`).
+//! and, for `vm-oom`, whether the bystander still answers (`bystander-after=`), the most the
+//! pod's cgroup was charged (`pod-cgroup-peak-mib=`) and how many of its processes the node's OOM
+//! killer took (`pod-cgroup-oom-kills=`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -33,6 +40,7 @@ use husk_tests::cri::{
     connect, create_and_start, exec, exit_code_when_exited, pod_config, remove_pod, run_pod, start, Cri,
     HANDLER, IMAGE,
 };
+use husk_tests::pod_cgroup::PodCgroup;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext,
@@ -181,12 +189,21 @@ fn kill_shims(socket: &str) -> Result<usize> {
 async fn fault(fault: Fault, socket: &str, logs: &str) -> Result<()> {
     let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
     let mut config = pod_config("doomed-pod", logs);
+    let memory_max = match std::env::var("HUSK_POD_MEMORY_MAX") {
+        Ok(bytes) => Some(bytes.parse().context("HUSK_POD_MEMORY_MAX")?),
+        Err(_) => None,
+    };
+    let cgroup = PodCgroup::create("doomed-pod-uid", memory_max)?;
     let node_pid = NamespaceOption { pid: NamespaceMode::Node.into(), ..Default::default() };
-    if let Some(context) = config.linux.as_mut().and_then(|linux| linux.security_context.as_mut()) {
-        context.namespace_options = Some(node_pid.clone());
-        context.privileged = true;
+    if let Some(linux) = config.linux.as_mut() {
+        linux.cgroup_parent = cgroup.cgroup_parent().to_owned();
+        if let Some(context) = linux.security_context.as_mut() {
+            context.namespace_options = Some(node_pid.clone());
+            context.privileged = true;
+        }
     }
     let pod = run_pod(&mut cri, &config, HANDLER).await?;
+    println!("sandbox-cgroup-runs={}", cgroup.sandbox_commands(&pod)?.join(","));
     let result = async {
         let victim = start_privileged(&mut cri, &pod, &config, "victim", node_pid.clone()).await?;
         let bystander = start_privileged(&mut cri, &pod, &config, "bystander", node_pid).await?;
@@ -210,6 +227,8 @@ async fn fault(fault: Fault, socket: &str, logs: &str) -> Result<()> {
             let count = "dmesg | grep -c 'Out of memory: Killed process' || true";
             let oom_kills = exec(&mut cri, &bystander, &["sh", "-c", count]).await;
             println!("guest-oom-kills={}", oom_kills.map(|text| text.trim().to_owned()).unwrap_or_default());
+            println!("pod-cgroup-peak-mib={:.1}", cgroup.peak_mib()?);
+            println!("pod-cgroup-oom-kills={}", cgroup.oom_kills()?);
             return Ok::<_, anyhow::Error>(());
         }
         for (name, id) in [("victim", &victim), ("bystander", &bystander)] {
@@ -218,8 +237,10 @@ async fn fault(fault: Fault, socket: &str, logs: &str) -> Result<()> {
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    remove_pod(&mut cri, pod).await?;
+    remove_pod(&mut cri, pod.clone()).await?;
     println!("pod-removed");
+    println!("sandbox-cgroup-left={}", cgroup.sandbox(&pod).exists());
+    cgroup.remove()?;
     result
 }
 
