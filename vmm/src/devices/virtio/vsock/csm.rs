@@ -22,6 +22,10 @@ const CREDIT_UPDATE_THRESHOLD: u32 = TX_BUF_SIZE / 4;
 /// Generous: a guest with a listener that is starved of CPU (many VMs on few cores: 20 pods
 /// starting at once in the test host missed 2 s) must not look like one without.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection whose host stream hung up waits for the guest to finish with it (take
+/// the last bytes, close its end), counted from the guest's last packet on it, before it is reset:
+/// a guest that never answers a close must not hold a host fd and a connection slot for good.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +71,8 @@ enum Control {
     Request,
     Response,
     CreditUpdate,
+    /// SHUTDOWN with both flags: the host stream is gone for good.
+    ShutdownBoth,
     Rst,
 }
 
@@ -93,6 +99,11 @@ pub struct Connection<S> {
     pending: VecDeque<Control>,
     /// While in `LocalInit`: when the guest's RESPONSE is due.
     connect_deadline: Option<Instant>,
+    /// The host stream hung up (closed both ways): what it sent before is still delivered, but
+    /// it takes nothing more and is no longer polled.
+    host_gone: bool,
+    /// Once the host hung up: when the connection is reset unless the guest has finished.
+    close_deadline: Option<Instant>,
 }
 
 /// The guest broke the protocol on this connection; it is reset.
@@ -143,6 +154,8 @@ impl<S: Read + Write + HalfClose> Connection<S> {
             rx_cnt: Wrapping(0),
             pending: VecDeque::new(),
             connect_deadline: None,
+            host_gone: false,
+            close_deadline: None,
         }
     }
 
@@ -158,6 +171,53 @@ impl<S: Read + Write + HalfClose> Connection<S> {
                 peer_port = self.peer_port,
                 timeout = ?CONNECT_TIMEOUT,
                 "vsock: the guest did not answer the connection request; reset"
+            );
+            self.kill();
+            return true;
+        }
+        false
+    }
+
+    /// The host stream hung up at `now` (epoll reported HUP or an error on it): a connection not
+    /// yet established is reset; an established one delivers what the host sent before, then
+    /// tells the guest both directions are shut, and is reset if the guest has not finished
+    /// [`CLOSE_TIMEOUT`] after its last packet.
+    pub fn host_hung_up(&mut self, now: Instant) {
+        match self.state {
+            State::LocalInit | State::PeerInit => self.kill(),
+            State::Established if !self.host_gone => {
+                self.host_gone = true;
+                self.tx_buf.clear();
+                self.close_deadline = Some(now + CLOSE_TIMEOUT);
+                if !self.can_read_stream() {
+                    // Nothing more will be read from it (EOF seen, or the guest takes no more).
+                    self.shutdowns.host_eof = true;
+                    self.queue_control(Control::ShutdownBoth);
+                    self.finish_if_done();
+                }
+            }
+            State::Established | State::Killed => {}
+        }
+    }
+
+    /// True once the host stream hung up (it is no longer polled).
+    pub fn is_host_gone(&self) -> bool {
+        self.host_gone
+    }
+
+    /// When the connection is reset unless the guest finishes with it first.
+    pub fn close_deadline(&self) -> Option<Instant> {
+        self.close_deadline.filter(|_| self.state != State::Killed)
+    }
+
+    /// Resets the connection if the guest has not finished with its hung-up host stream by
+    /// `now`; true if it did so.
+    pub fn expire_close(&mut self, now: Instant) -> bool {
+        if self.close_deadline().is_some_and(|deadline| now >= deadline) {
+            tracing::debug!(
+                peer_port = self.peer_port,
+                timeout = ?CLOSE_TIMEOUT,
+                "vsock: the guest did not finish a connection the host closed; reset"
             );
             self.kill();
             return true;
@@ -229,6 +289,10 @@ impl<S: Read + Write + HalfClose> Connection<S> {
     /// Handles a packet from the guest (already validated by `PacketHeader::parse_tx`).
     pub fn send_pkt(&mut self, header: &PacketHeader, op: Op, payload: &[u8]) -> Result<(), ConnError> {
         self.update_peer_credit(header);
+        if let Some(deadline) = self.close_deadline.as_mut() {
+            // The guest is still working through the close.
+            *deadline = Instant::now() + CLOSE_TIMEOUT;
+        }
         let result = match (op, self.state) {
             (Op::Rst, _) => {
                 self.state = State::Killed;
@@ -292,6 +356,11 @@ impl<S: Read + Write + HalfClose> Connection<S> {
     /// Moves buffered guest bytes into the host stream as far as it accepts them without blocking.
     /// A stream error resets the connection.
     pub fn flush_tx(&mut self) {
+        if self.host_gone {
+            // Nobody reads them: the guest's bytes are dropped (within its credit, as before).
+            self.fwd_cnt += Wrapping(self.tx_buf.len() as u32);
+            self.tx_buf.clear();
+        }
         while !self.tx_buf.is_empty() {
             let (front, _) = self.tx_buf.as_slices();
             match self.stream.write(front) {
@@ -309,7 +378,11 @@ impl<S: Read + Write + HalfClose> Connection<S> {
                 }
             }
         }
-        if self.tx_buf.is_empty() && self.shutdowns.guest_no_more_tx && !self.shutdowns.host_write_shut {
+        if self.tx_buf.is_empty()
+            && self.shutdowns.guest_no_more_tx
+            && !self.shutdowns.host_write_shut
+            && !self.host_gone
+        {
             // The guest's last byte is through: the host reader sees EOF.
             let _ = self.stream.shutdown_write();
             self.shutdowns.host_write_shut = true;
@@ -331,6 +404,7 @@ impl<S: Read + Write + HalfClose> Connection<S> {
                     (Op::Response, 0)
                 }
                 Control::CreditUpdate => (Op::CreditUpdate, 0),
+                Control::ShutdownBoth => (Op::Shutdown, SHUTDOWN_RCV | SHUTDOWN_SEND),
                 Control::Rst => (Op::Rst, 0),
             };
             return Some(self.header(op, flags, 0));
@@ -341,9 +415,11 @@ impl<S: Read + Write + HalfClose> Connection<S> {
         }
         match self.stream.read(&mut payload[..room]) {
             Ok(0) => {
-                // The host will send no more (it may still read): tell the guest.
+                // The host will send no more (it may still read, unless it hung up): tell the
+                // guest.
                 self.shutdowns.host_eof = true;
-                let shutdown = self.header(Op::Shutdown, SHUTDOWN_SEND, 0);
+                let flags = if self.host_gone { SHUTDOWN_SEND | SHUTDOWN_RCV } else { SHUTDOWN_SEND };
+                let shutdown = self.header(Op::Shutdown, flags, 0);
                 self.finish_if_done();
                 Some(shutdown)
             }

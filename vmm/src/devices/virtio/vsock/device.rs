@@ -197,7 +197,7 @@ impl EventLoop {
                 }
                 LISTENER_TOKEN => self.muxer.accept(&self.epoll),
                 token if token >= FD_TOKEN_BASE => {
-                    self.muxer.stream_ready((token - FD_TOKEN_BASE) as i32, &self.epoll)
+                    self.muxer.stream_ready((token - FD_TOKEN_BASE) as i32, event.event_set(), &self.epoll)
                 }
                 _ => {}
             }
@@ -287,7 +287,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
 
-    use super::super::csm::{CONNECT_TIMEOUT, TX_BUF_SIZE};
+    use super::super::csm::{CLOSE_TIMEOUT, CONNECT_TIMEOUT, TX_BUF_SIZE};
     use super::super::muxer::HANDSHAKE_TIMEOUT;
     use super::super::packet::{Op, PacketHeader, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND};
     use super::super::test_utils::{guest_packet, Received, VsockHarness, GUEST_CID, MEM_SIZE};
@@ -428,6 +428,42 @@ mod tests {
         h.guest_send(&done, &[]).unwrap();
         assert_host_eof(&mut host);
         assert_eq!(op(&h.guest_recv().unwrap()), Op::Rst);
+    }
+
+    #[test]
+    fn a_host_that_hangs_up_has_its_last_bytes_delivered_and_a_silent_guest_is_reset_without_spinning() {
+        let mut h = VsockHarness::new().unwrap();
+        let (mut host, local) = host_connected(&mut h);
+        host.write_all(b"last words").unwrap();
+        drop(host);
+        assert_eq!(h.guest_recv().unwrap().payload, b"last words", "what the host sent still arrives");
+        let shutdown = h.guest_recv().unwrap();
+        assert_eq!((op(&shutdown), shutdown.header.flags), (Op::Shutdown, SHUTDOWN_SEND | SHUTDOWN_RCV));
+        // The guest never answers. The hung-up socket is out of the epoll set: nothing wakes
+        // the device thread for it.
+        h.step();
+        assert_eq!(h.ready_sockets(), 0, "a hung-up stream does not keep the loop awake");
+        assert_eq!(h.connection_count(), 1, "the guest has its close timeout");
+        // A guest still talking keeps it; one silent for the timeout is reset.
+        send_rw(&mut h, local, b"into the void");
+        h.expire_at(Instant::now() + CLOSE_TIMEOUT / 2);
+        assert_eq!(h.connection_count(), 1);
+        h.expire_at(Instant::now() + CLOSE_TIMEOUT);
+        let rst = h.guest_recv().unwrap();
+        assert_eq!((op(&rst), rst.header.src_port), (Op::Rst, local));
+        h.step();
+        assert_eq!(h.connection_count(), 0, "the connection and its host fd are gone");
+    }
+
+    #[test]
+    fn a_host_that_hangs_up_before_the_guest_answers_is_reset() {
+        let mut h = VsockHarness::new().unwrap();
+        let host = h.host_connect(GUEST_PORT).unwrap();
+        assert_eq!(op(&h.guest_recv().unwrap()), Op::Request);
+        drop(host);
+        assert_eq!(op(&h.guest_recv().unwrap()), Op::Rst);
+        h.step();
+        assert_eq!(h.connection_count(), 0);
     }
 
     #[test]

@@ -113,12 +113,20 @@ impl Muxer {
         }
     }
 
-    /// A stream fd is ready: advance its handshake, or move its connection's data.
-    pub fn stream_ready(&mut self, fd: RawFd, epoll: &Epoll) {
+    /// A stream fd is ready (`events`): advance its handshake, or move its connection's data.
+    /// A stream that hung up is taken out of the epoll set at once: epoll reports HUP whatever
+    /// the interest, so a connection waiting for the guest to close would otherwise wake the
+    /// device thread in a loop.
+    pub fn stream_ready(&mut self, fd: RawFd, events: EventSet, epoll: &Epoll) {
         if self.handshakes.contains_key(&fd) {
             self.continue_handshake(fd, epoll);
         } else if let Some(conn) = self.by_fd.get(&fd).and_then(|key| self.conns.get_mut(key)) {
-            conn.flush_tx();
+            if events.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                conn.host_hung_up(Instant::now());
+                self.forget_fd(fd, epoll);
+            } else {
+                conn.flush_tx();
+            }
         }
     }
 
@@ -241,7 +249,8 @@ impl Muxer {
     }
 
     /// Expires what is overdue at `now`: host connections that sent no `CONNECT` line are closed,
-    /// connection requests the guest did not answer are reset.
+    /// connection requests the guest did not answer are reset, and so are connections the host
+    /// hung up on that the guest did not finish.
     pub fn expire(&mut self, epoll: &Epoll, now: Instant) {
         let overdue: Vec<RawFd> =
             self.handshakes.iter().filter(|(_, h)| now >= h.deadline).map(|(fd, _)| *fd).collect();
@@ -252,6 +261,7 @@ impl Muxer {
         }
         for conn in self.conns.values_mut() {
             conn.expire_connect(now);
+            conn.expire_close(now);
         }
     }
 
@@ -267,7 +277,7 @@ impl Muxer {
                 self.forget_fd(fd, epoll);
             }
         }
-        for conn in self.conns.values() {
+        for conn in self.conns.values().filter(|conn| !conn.is_host_gone()) {
             let fd = conn.stream().as_raw_fd();
             let mut wanted = EventSet::empty();
             if rx_room && conn.can_read_stream() && conn.peer_credit() > 0 {
@@ -289,7 +299,8 @@ impl Muxer {
     pub fn next_deadline(&self) -> Option<Instant> {
         let handshakes = self.handshakes.values().map(|h| h.deadline);
         let connects = self.conns.values().filter_map(Connection::connect_deadline);
-        handshakes.chain(connects).min()
+        let closes = self.conns.values().filter_map(Connection::close_deadline);
+        handshakes.chain(connects).chain(closes).min()
     }
 
     /// True when some connection has a control packet queued (worth an RX pass without events).

@@ -158,6 +158,13 @@ impl VsockHarness {
         self.lp.poll_once(Some(Duration::ZERO));
     }
 
+    /// How many of the loop's sockets epoll reports ready right now (a socket reported ready
+    /// whatever the loop does would spin its thread).
+    pub fn ready_sockets(&self) -> usize {
+        let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 64];
+        self.lp.epoll.wait(0, &mut events).unwrap_or(0)
+    }
+
     /// Expires what would be overdue at `now` (handshakes, unanswered requests), then RX.
     pub fn expire_at(&mut self, now: Instant) {
         self.lp.muxer.expire(&self.lp.epoll, now);
