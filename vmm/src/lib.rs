@@ -11,6 +11,7 @@
 //! - [`devices`]: buses and device models (legacy: serial, i8042, guest event port).
 //! - [`exit`]: why a VM ended.
 //! - [`memory_usage`]: the VMM's memory footprint besides guest RAM.
+//! - [`rate_limit`]: limits on what the guest makes the host repeat (log lines, events).
 //! - [`seccomp`]: the syscall filters of vCPU and device threads; [`launcher`] starts device
 //!   threads for filtered ones.
 
@@ -22,6 +23,7 @@ pub mod host;
 pub mod launcher;
 pub mod layout;
 pub mod memory_usage;
+pub mod rate_limit;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

@@ -11,6 +11,11 @@ fn main() {
     unsafe { libc::signal(libc::SIGUSR1, libc::SIG_IGN) };
     // Before any thread: the VMM's filtered threads share this process's allocator.
     husk_vmm::seccomp::prepare_allocator();
+    // The share holds one descriptor per file the guest has looked up (process-wide, so set here,
+    // not in the library); their kernel memory is charged to the pod's cgroup.
+    if let Err(err) = husk_vmm::host::raise_fd_limit() {
+        eprintln!("containerd-shim-husk-v2: cannot raise the open-file limit ({err}); big shares may fail");
+    }
     serve();
 }
 

@@ -68,6 +68,10 @@ enum Commands {
 fn main() -> Result<ExitCode> {
     // Before any thread: the VMM's filtered threads share this process's allocator.
     husk_vmm::seccomp::prepare_allocator();
+    // Process-wide, so here and not in the library: the share's descriptors (`husk run`).
+    if let Err(err) = husk_vmm::host::raise_fd_limit() {
+        eprintln!("husk: cannot raise the open-file limit ({err}); big shares may fail");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

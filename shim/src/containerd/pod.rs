@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use containerd_shim::asynchronous::io::Stdio;
 use containerd_shim::asynchronous::ExitSignal;
@@ -35,12 +35,16 @@ use crate::config::{Config, ConfigError};
 use crate::guest_image::{Check, GuestImage};
 use crate::network::PodNetwork;
 use crate::sandbox::{Sandbox, SandboxConfig};
+use husk_vmm::rate_limit::RateLimit;
 use husk_vmm::VmInspector;
 
 /// How long output may still flow into a log file or logging program after the exit.
 const LOG_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// How long a lost process's watcher waits for the VM's end to be recorded, for the report.
 const VM_END_GRACE: Duration = Duration::from_secs(2);
+/// OOM events a pod's guest may report: a burst, then one per period (the rest are dropped and
+/// counted in the next one's log line).
+const OOM_EVENTS: (u32, Duration) = (10, Duration::from_secs(1));
 /// Exit status of a process whose VM or agent went away.
 const LOST_STATUS: u32 = 255;
 
@@ -53,7 +57,9 @@ pub struct Pod {
     config_error: Option<String>,
     events: Arc<EventSink>,
     exit: Arc<ExitSignal>,
-    state: Mutex<State>,
+    /// Shared with the OOM watcher, which checks that an OOM kill the guest reports is of one of
+    /// the pod's containers.
+    state: Arc<Mutex<State>>,
     /// Names the stdio streams of each process (unique in the pod).
     next_token: AtomicU64,
     /// The pod VM's devices, read by [`Pod::log_virtio_state`] without the state lock (which an
@@ -121,7 +127,7 @@ impl Pod {
             config_error,
             events: Arc::new(events),
             exit,
-            state: Mutex::new(State::default()),
+            state: Arc::new(Mutex::new(State::default())),
             next_token: AtomicU64::new(1),
             inspector: std::sync::Mutex::new(None),
         }
@@ -648,17 +654,50 @@ impl Pod {
         });
     }
 
-    /// Publishes TaskOOM for every OOM kill the agent reports, while the VM lives.
+    /// Publishes TaskOOM for the OOM kills the agent reports, while the VM lives. The guest may
+    /// lie: a kill of a container that is not this pod's (another pod's id: containerd would mark
+    /// that pod's container OOM-killed) is dropped, and so is what exceeds [`OOM_EVENTS`].
     fn watch_oom(&self, sandbox: &Arc<Sandbox>) {
         let client = sandbox.client().clone();
         let events = Arc::clone(&self.events);
+        let state = Arc::clone(&self.state);
+        let pod_id = sandbox.id().to_owned();
         tokio::spawn(async move {
+            let filter = OomFilter::default();
             while let Ok(container_id) = client.next_oom_event().await {
-                tracing::info!(container = %container_id, "OOM kill in the guest");
+                let is_member = state.lock().await.containers.contains_key(&container_id);
+                let Some(suppressed) = filter.admit(&pod_id, &container_id, is_member, Instant::now()) else {
+                    continue;
+                };
+                tracing::info!(sandbox = %pod_id, container = %container_id, suppressed, "OOM kill in the guest");
                 let event = TaskOOM { container_id, ..Default::default() };
                 events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(event)).await;
             }
         });
+    }
+}
+
+/// Which OOM kills the guest reports reach containerd: only of the pod's own containers, and no
+/// more than [`OOM_EVENTS`] allows.
+#[derive(Debug)]
+struct OomFilter(RateLimit);
+
+impl Default for OomFilter {
+    fn default() -> Self {
+        OomFilter(RateLimit::new(OOM_EVENTS.0, OOM_EVENTS.1))
+    }
+}
+
+impl OomFilter {
+    /// `Some(n)` (with the events held back since the last one passed) when the kill of
+    /// `container_id` (`is_member`: one of the pod's containers) is published at `now`.
+    fn admit(&self, pod_id: &str, container_id: &str, is_member: bool, now: Instant) -> Option<u64> {
+        if !is_member {
+            husk_vmm::guest_log!(warn, sandbox = %pod_id, container = %container_id,
+                "the guest reported an OOM kill of a container not in this pod; dropped");
+            return None;
+        }
+        self.0.admit(now)
     }
 }
 
@@ -743,4 +782,19 @@ fn agent_error(sandbox: &Sandbox, source: AgentError) -> ShimError {
 
 fn vm_report(sandbox: &Weak<Sandbox>) -> String {
     sandbox.upgrade().map_or_else(|| "the VM was shut down".into(), |s| s.vm_report())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_cannot_report_oom_kills_of_other_pods_containers_or_flood_containerd() {
+        let filter = OomFilter::default();
+        let now = Instant::now();
+        assert_eq!(filter.admit("pod", "other-pods-container", false, now), None);
+        let published = (0..1000).filter(|_| filter.admit("pod", "hog", true, now).is_some()).count();
+        assert_eq!(published, OOM_EVENTS.0 as usize, "a burst, then the rest are held back");
+        assert_eq!(filter.admit("pod", "hog", true, now + OOM_EVENTS.1), Some(1000 - OOM_EVENTS.0 as u64));
+    }
 }

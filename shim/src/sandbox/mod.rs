@@ -118,9 +118,6 @@ impl Sandbox {
         prepare(&dir)?;
         let log = std::fs::File::create(dir.console_log())
             .map_err(|source| SandboxError::Console { id: id.clone(), source })?;
-        if let Err(err) = husk_vmm::host::raise_fd_limit() {
-            tracing::warn!(sandbox = %id, %err, "cannot raise the open-file limit; big shares may fail");
-        }
         // Kept: error reports take the console's last lines from its in-memory tail (the log
         // file stops at its limit, and the guest writes it).
         let console = Console::new(Some(log), config.console_to_stdout);

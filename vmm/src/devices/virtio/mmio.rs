@@ -256,7 +256,11 @@ impl MmioTransport {
 
     fn activate(&mut self) -> bool {
         if !self.queues.iter().all(|q| q.is_valid(&self.mem)) {
-            tracing::warn!(device = self.device.device_type(), "virtio-mmio: driver set up invalid queues");
+            crate::guest_log!(
+                warn,
+                device = self.device.device_type(),
+                "virtio-mmio: driver set up invalid queues"
+            );
             return false;
         }
         let queue_events =
@@ -284,7 +288,7 @@ impl MmioTransport {
                 true
             }
             Err(err) => {
-                tracing::error!(%err, device = self.device.device_type(), "virtio-mmio: activation failed");
+                crate::guest_log!(error, %err, device = self.device.device_type(), "virtio-mmio: activation failed");
                 self.active_rings.clear();
                 false
             }

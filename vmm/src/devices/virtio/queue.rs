@@ -148,7 +148,12 @@ impl RequestQueue {
 
     fn mark_broken(&mut self, why: &str) {
         if !self.broken {
-            tracing::warn!(device = self.device, why, "virtio queue ignored until the device is reset");
+            crate::guest_log!(
+                warn,
+                device = self.device,
+                why,
+                "virtio queue ignored until the device is reset"
+            );
             self.broken = true;
         }
     }

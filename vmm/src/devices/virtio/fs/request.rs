@@ -25,7 +25,7 @@ pub fn serve(server: &FsServer, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(reader) => reader,
         Err(err) => {
-            tracing::debug!(%err, "virtio-fs: unreadable request chain; completed empty");
+            crate::guest_log!(debug, %err, "virtio-fs: unreadable request chain; completed empty");
             return 0;
         }
     };
@@ -33,14 +33,14 @@ pub fn serve(server: &FsServer, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 
     let writer = match VirtioFsWriter::new(mem, chain) {
         Ok(writer) => Writer::VirtioFs(writer),
         Err(err) => {
-            tracing::debug!(%err, "virtio-fs: unwritable reply buffers; completed empty");
+            crate::guest_log!(debug, %err, "virtio-fs: unwritable reply buffers; completed empty");
             return 0;
         }
     };
     match server.handle_message(reader, writer, None, None) {
         Ok(written) => u32::try_from(written).unwrap_or(0),
         Err(err) => {
-            tracing::debug!(%err, opcode = header.map(|h| h.opcode), "virtio-fs: request failed");
+            crate::guest_log!(debug, %err, opcode = header.map(|h| h.opcode), "virtio-fs: request failed");
             header.and_then(|h| reply_after_error(mem, reply_at, &h)).unwrap_or(0)
         }
     }

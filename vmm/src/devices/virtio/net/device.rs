@@ -268,7 +268,7 @@ impl NetQueues {
                     Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(err) => {
                         if err.kind() != std::io::ErrorKind::WouldBlock {
-                            tracing::warn!(%err, "virtio-net: reading from the tap failed");
+                            crate::guest_log!(warn, %err, "virtio-net: reading from the tap failed");
                         }
                         break;
                     }
@@ -346,7 +346,7 @@ fn log_first_drop(dropped_so_far: u64, why: &str) {
     if dropped_so_far == 0 {
         tracing::warn!(why, "virtio-net: dropping a packet (later drops are only counted)");
     } else {
-        tracing::debug!(why, "virtio-net: dropping a packet");
+        crate::guest_log!(debug, why, "virtio-net: dropping a packet");
     }
 }
 

@@ -167,7 +167,8 @@ impl<S: Read + Write + HalfClose> Connection<S> {
     /// Resets the connection if the guest did not answer our REQUEST by `now`; true if it did so.
     pub fn expire_connect(&mut self, now: Instant) -> bool {
         if self.connect_deadline().is_some_and(|deadline| now >= deadline) {
-            tracing::warn!(
+            crate::guest_log!(
+                warn,
                 peer_port = self.peer_port,
                 timeout = ?CONNECT_TIMEOUT,
                 "vsock: the guest did not answer the connection request; reset"
@@ -214,7 +215,8 @@ impl<S: Read + Write + HalfClose> Connection<S> {
     /// `now`; true if it did so.
     pub fn expire_close(&mut self, now: Instant) -> bool {
         if self.close_deadline().is_some_and(|deadline| now >= deadline) {
-            tracing::debug!(
+            crate::guest_log!(
+                debug,
                 peer_port = self.peer_port,
                 timeout = ?CLOSE_TIMEOUT,
                 "vsock: the guest did not finish a connection the host closed; reset"
@@ -272,7 +274,8 @@ impl<S: Read + Write + HalfClose> Connection<S> {
     }
 
     fn kill(&mut self) {
-        tracing::debug!(
+        crate::guest_log!(
+            debug,
             local_port = self.local_port,
             peer_port = self.peer_port,
             state = ?self.state,
@@ -319,7 +322,7 @@ impl<S: Read + Write + HalfClose> Connection<S> {
             (op, state) => Err(ConnError::Unexpected { op, state }),
         };
         if let Err(err) = &result {
-            tracing::debug!(%err, local_port = self.local_port, peer_port = self.peer_port, "vsock: guest protocol error");
+            crate::guest_log!(debug, %err, local_port = self.local_port, peer_port = self.peer_port, "vsock: guest protocol error");
             self.kill();
         }
         self.finish_if_done();

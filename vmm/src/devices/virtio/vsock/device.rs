@@ -224,12 +224,12 @@ impl EventLoop {
                                 self.muxer.guest_packet(&header, op, &payload[..len], &self.epoll);
                             }
                         }
-                        Err(err) => tracing::debug!(%err, "virtio-vsock: guest packet dropped"),
+                        Err(err) => crate::guest_log!(debug, %err, "virtio-vsock: guest packet dropped"),
                     }
                 }
             }
             if self.tx.add_used(&self.mem, head, 0).is_err() {
-                tracing::warn!("virtio-vsock: bad TX used ring");
+                crate::guest_log!(warn, "virtio-vsock: bad TX used ring");
                 self.payload = payload;
                 return;
             }
