@@ -29,9 +29,9 @@ struct Request {
 
 fuzz_target!(|requests: Vec<Request>| {
     // As on the device's serving thread: no device nodes on the host.
-    static DROP_MKNOD: std::sync::Once = std::sync::Once::new();
-    DROP_MKNOD.call_once(|| {
-        let _ = husk_vmm::devices::virtio::fs::share::drop_mknod();
+    static SHARE_CAPABILITIES_ONLY: std::sync::Once = std::sync::Once::new();
+    SHARE_CAPABILITIES_ONLY.call_once(|| {
+        let _ = husk_vmm::devices::virtio::fs::share::keep_share_capabilities();
     });
     let Ok(mut h) = FsHarness::new() else { return };
     let _ = std::fs::create_dir(h.dir().join("d"));

@@ -92,10 +92,12 @@ fn the_vmms_vcpu_and_device_threads_run_under_their_seccomp_filters() {
     // While the container sleeps, list the husk process's threads with their seccomp mode
     // (0: none, 2: filter).
     let script = format!(
-        "{husk} run {rootfs} -- sleep 8 & run=$!
-i=0; until ls /run/husk/sandboxes/*/vsock.sock >/dev/null 2>&1 || [ $i -ge 600 ]; do sleep 0.1; i=$((i+1)); done
-sleep 4
+        "{husk} run {rootfs} -- sh -c 'echo container-started; sleep 8' > /tmp/husk-run.out & run=$!
+# Every device thread is set up and filtered before the guest can use its device, so before the
+# container (on the share) starts: wait for its first line (60 s).
+i=0; until grep -q container-started /tmp/husk-run.out 2>/dev/null || [ $i -ge 600 ]; do sleep 0.1; i=$((i+1)); done
 for task in /proc/$run/task/*; do echo \"thread $(cat $task/comm) $(grep Seccomp: $task/status)\"; done
+for task in /proc/$run/task/*; do [ \"$(cat $task/comm)\" = virtio-fs ] && echo \"fs-root=$(readlink $task/root) fs-$(grep CapPrm: $task/status | tr -d '\\t')\"; done
 wait $run; echo \"run-status=$?\"",
         husk = target_bin("husk").display(),
         rootfs = rootfs.display()
@@ -114,4 +116,9 @@ wait $run; echo \"run-status=$?\"",
         assert_eq!(mode(thread), ["2"], "{thread} runs under a filter: {text}");
     }
     assert_eq!(mode("husk"), ["0"], "the process's own thread is not filtered: {text}");
+    // The share's thread has the share as its root and keeps only CAP_CHOWN, CAP_DAC_OVERRIDE,
+    // CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_SETGID and CAP_SETUID (bits 0-4, 6, 7).
+    let fs = text.lines().find_map(|l| l.strip_prefix("fs-root=")).unwrap_or_else(|| panic!("{text}"));
+    assert!(fs.starts_with("/run/husk/sandboxes/") && fs.contains("/shared "), "{text}");
+    assert!(fs.ends_with("fs-CapPrm:00000000000000df"), "{text}");
 }

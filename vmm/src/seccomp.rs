@@ -95,6 +95,11 @@ type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 fn rules(role: ThreadRole) -> Result<Rules, seccompiler::BackendError> {
     let mut rules: Rules = BTreeMap::new();
     allow(&mut rules, COMMON);
+    // No thread that handles guest data maps code: an exploit cannot make its own shellcode
+    // executable (nor the guest's memory).
+    for syscall in [libc::SYS_mmap, libc::SYS_mprotect] {
+        rules.insert(syscall, vec![arg_lacks(2, libc::PROT_EXEC as u64)?]);
+    }
     match role {
         ThreadRole::Vcpu => {
             allow(&mut rules, VCPU);
@@ -134,6 +139,12 @@ fn arg_is(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendErro
     SeccompRule::new(vec![condition])
 }
 
+/// A rule matching when argument `index` has none of the bits of `mask` set.
+fn arg_lacks(index: u8, mask: u64) -> Result<SeccompRule, seccompiler::BackendError> {
+    let condition = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(mask), 0)?;
+    SeccompRule::new(vec![condition])
+}
+
 /// Every VMM thread: memory, locks, time, signals, its own end, logging and eventfds.
 const COMMON: &[i64] = &[
     libc::SYS_read,
@@ -142,10 +153,9 @@ const COMMON: &[i64] = &[
     libc::SYS_writev,
     libc::SYS_close,
     libc::SYS_futex,
-    libc::SYS_mmap,
+    // mmap and mprotect: without PROT_EXEC only (see `rules`).
     libc::SYS_munmap,
     libc::SYS_mremap,
-    libc::SYS_mprotect,
     libc::SYS_madvise,
     libc::SYS_brk,
     libc::SYS_rt_sigreturn,
@@ -195,9 +205,9 @@ const VSOCK: &[i64] = &[
 /// virtio-fs besides [`COMMON`]: what a passthrough FUSE server does to the shared directory,
 /// including switching the thread's credentials to the caller's for creating files.
 const FS: &[i64] = &[
+    // Not open_by_handle_at: file handles are off (`inode_file_handles`), and a handle could
+    // name any file of the file system (the thread keeps CAP_DAC_READ_SEARCH for linkat).
     libc::SYS_openat,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_name_to_handle_at,
     libc::SYS_newfstatat,
     libc::SYS_fstat,
     libc::SYS_statx,
@@ -450,6 +460,38 @@ mod tests {
             4
         });
         assert_eq!(inet, SIGSYS_EXIT_STATUS, "AF_INET is not");
+    }
+
+    #[test]
+    fn no_filtered_thread_may_map_code() {
+        let fs = program(ThreadRole::Fs).unwrap();
+        install_reporter().unwrap();
+        let map = |prot: libc::c_int| {
+            let fs = fs.clone();
+            in_child(move || {
+                if seccompiler::apply_filter(&fs).is_err() {
+                    return 2;
+                }
+                // SAFETY: an anonymous private mapping this child owns and never uses.
+                let at = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        prot,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if at == libc::MAP_FAILED {
+                    3
+                } else {
+                    0
+                }
+            })
+        };
+        assert_eq!(map(libc::PROT_READ | libc::PROT_WRITE), 0, "data mappings are allowed");
+        assert_eq!(map(libc::PROT_READ | libc::PROT_EXEC), SIGSYS_EXIT_STATUS, "code mappings are not");
     }
 
     #[test]

@@ -111,6 +111,11 @@ impl VirtioDevice for FsDevice {
                 // Re-activation after a driver reset: a fresh server (the guest starts with FUSE_INIT).
                 None => share::serve_directory(&dir).map_err(std::io::Error::other)?,
             };
+            // Done with host paths: the thread's root becomes the share, and it keeps only the
+            // capabilities serving needs (without them the guest could create device nodes on
+            // the host, or open files by handle). A failure means the share is not served.
+            share::enter_share_root(&dir)?;
+            share::keep_share_capabilities().map_err(std::io::Error::other)?;
             let handler = FsQueues {
                 mem,
                 queues: [RequestQueue::new("virtio-fs", hiprio), RequestQueue::new("virtio-fs", requests)],
@@ -137,16 +142,6 @@ struct FsQueues {
 }
 
 impl QueueHandler for FsQueues {
-    fn on_start(&mut self) {
-        if let Err(err) = share::drop_mknod() {
-            // Without this the guest could create device nodes on the host: serve nothing.
-            tracing::error!(%err, "virtio-fs: cannot drop CAP_MKNOD; the share is not served");
-            for queue in &mut self.queues {
-                queue.stop();
-            }
-        }
-    }
-
     fn process_queue(&mut self, index: usize) {
         let FsQueues { mem, queues, interrupt, server } = self;
         if let Some(queue) = queues.get_mut(index) {

@@ -76,7 +76,7 @@ mod tests {
     use fuse_backend_rs::abi::fuse_abi::{EntryOut, InitOut, MknodIn};
     use std::os::unix::fs::FileTypeExt;
 
-    use super::super::share::drop_mknod;
+    use super::super::share::keep_share_capabilities;
     use super::super::test_utils::{c_name, opcode, FsHarness, MEM_SIZE, ROOT};
     use super::*;
     use crate::devices::virtio::test_utils::Buffer;
@@ -133,9 +133,9 @@ mod tests {
     }
 
     #[test]
-    fn device_nodes_are_refused_once_the_serving_thread_drops_cap_mknod() {
+    fn device_nodes_are_refused_once_the_serving_thread_keeps_only_the_share_capabilities() {
         let mut h = ready();
-        drop_mknod().unwrap();
+        keep_share_capabilities().unwrap();
         let dev_null = libc::makedev(1, 3) as u32;
         assert_eq!(mknod(&mut h, "null", libc::S_IFCHR | 0o666, dev_null), -libc::EPERM);
         assert!(!h.dir().join("null").exists(), "nothing was created on the host");

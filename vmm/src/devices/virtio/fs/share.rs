@@ -6,7 +6,9 @@
 //! host), names with `/` are refused, `..` at the root is the root, only regular files and
 //! directories are ever opened, and file handles are never taken from the guest
 //! (`inode_file_handles` off). On top of that Husk:
-//! - refuses device nodes: the serving thread drops `CAP_MKNOD` (see [`drop_mknod`]), so a guest
+//! - confines the serving thread: its root is the share ([`enter_share_root`]) and it keeps only
+//!   [`SHARE_CAPABILITIES`] ([`keep_share_capabilities`]);
+//! - refuses device nodes: the serving thread holds no `CAP_MKNOD`, so a guest
 //!   `mknod` of a character or block device fails with `EPERM` (FIFOs, sockets and overlayfs's
 //!   0:0 whiteouts still work);
 //! - refuses extended attributes consistently (`xattr` off: the guest sees `EOPNOTSUPP`), so the
@@ -117,13 +119,46 @@ pub fn own_fs_context_without_umask() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Drops `CAP_MKNOD` from the calling thread (effective and permitted: the per-request switch of
-/// the effective uid back to root would otherwise restore it). Capabilities are per thread, so
-/// this confines only the thread serving the guest's requests.
-pub fn drop_mknod() -> Result<(), caps::errors::CapsError> {
-    use caps::{CapSet, Capability};
-    caps::drop(None, CapSet::Effective, Capability::CAP_MKNOD)?;
-    caps::drop(None, CapSet::Permitted, Capability::CAP_MKNOD)
+/// What the thread serving the share may still do as root: act as the guest's caller
+/// (`setresuid`/`setresgid` per request) and, for guest root, what root may do to files it does
+/// not own (chown, permission bits, setgid bits). `CAP_DAC_READ_SEARCH` stays because the
+/// passthrough server makes hard links with `linkat(fd, "", AT_EMPTY_PATH)`, which needs it
+/// before Linux 6.10; what makes it dangerous, `open_by_handle_at` (a handle can name any file
+/// of the file system, outside the share too), is refused by the thread's seccomp filter. Not
+/// `CAP_MKNOD` (no device nodes on the host), `CAP_SYS_ADMIN`, `CAP_SYS_CHROOT`...
+pub const SHARE_CAPABILITIES: &[caps::Capability] = &[
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_FSETID,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_SETUID,
+];
+
+/// Leaves the calling thread only [`SHARE_CAPABILITIES`] (effective and permitted: the
+/// per-request switch of the effective uid back to root would otherwise restore the others;
+/// nothing inheritable). Capabilities are per thread, so this confines only the thread serving
+/// the guest's requests.
+pub fn keep_share_capabilities() -> Result<(), caps::errors::CapsError> {
+    use caps::CapSet;
+    let keep: caps::CapsHashSet = SHARE_CAPABILITIES.iter().copied().collect();
+    caps::set(None, CapSet::Effective, &keep)?;
+    caps::set(None, CapSet::Permitted, &keep)?;
+    caps::clear(None, CapSet::Inheritable)
+}
+
+/// Makes `dir` the calling thread's root (its file-system context must be its own:
+/// [`own_fs_context_without_umask`]), once the server holds its descriptors: a path the thread
+/// resolves, in an exploit too, can then name nothing outside the share.
+pub fn enter_share_root(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: chroot(2) with a NUL-terminated path; it changes only this thread's root.
+    if unsafe { libc::chroot(path.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
 }
 
 #[cfg(test)]
