@@ -197,10 +197,23 @@ impl AgentClient {
         oci_spec: Vec<u8>,
         stdio: Stdio,
     ) -> Result<(), AgentError> {
+        self.create_container_joining(id, oci_spec, stdio, "").await
+    }
+
+    /// [`AgentClient::create_container`], the namespaces the spec names by path being those of
+    /// container `joins` (the pod's sandbox container).
+    pub async fn create_container_joining(
+        &self,
+        id: &str,
+        oci_spec: Vec<u8>,
+        stdio: Stdio,
+        joins: &str,
+    ) -> Result<(), AgentError> {
         let request = CreateContainerRequest {
             container_id: id.to_owned(),
             oci_spec,
             stdio: Some(stdio).into(),
+            join_namespaces_of: joins.to_owned(),
             ..Default::default()
         };
         self.call("CreateContainer", self.rpc.create_container(self.context(), &request)).await.map(drop)

@@ -129,7 +129,7 @@ kill $events_pid; echo \"topics: $(grep -o '/tasks/[a-z-]*' /tmp/husk-events | s
 }
 
 #[test]
-fn a_cri_pod_runs_its_containers_in_one_vm_sharing_a_volume() {
+fn a_cri_pod_runs_its_containers_in_one_vm_sharing_a_volume_and_the_pods_namespaces() {
     let steps = format!(
         "vol=$(mktemp -d); logs=$(mktemp -d)
 {probe} \"$CONTAINERD_ADDRESS\" $vol $logs; echo \"cri-status=$?\"
@@ -149,6 +149,14 @@ echo \"host-boot-id=$(cat /proc/sys/kernel/random/boot_id)\"",
             .unwrap_or_else(|| panic!("{text}"))
     };
     assert_eq!(boot_id("writer"), boot_id("reader"), "both containers run on one guest kernel: {text}");
+    // Both are in the pod's IPC and UTS namespaces (its sandbox container's): the pod's hostname
+    // and IPC sysctl, the same namespaces.
+    let view = |name: &str| {
+        let key = format!("{name}-pod-view=");
+        text.lines().find_map(|l| l.strip_prefix(key.as_str())).unwrap_or_else(|| panic!("{text}"))
+    };
+    assert!(view("writer").starts_with("husk-pod shm_rmid_forced=1 ipc:["), "{text}");
+    assert_eq!(view("writer"), view("reader"), "{text}");
     assert_ne!(boot_id("writer"), boot_id("host"), "and not on the host's: {text}");
     assert!(
         text.contains("writer-log: ") && text.contains("stdout F writer-started"),

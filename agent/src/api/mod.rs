@@ -136,7 +136,7 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<Empty> {
         self.require_sandbox()?;
         let stdio = req.stdio.clone().unwrap_or_default();
-        self.containers.create(&req.container_id, &req.oci_spec, &stdio).await?;
+        self.containers.create(&req.container_id, &req.oci_spec, &stdio, &req.join_namespaces_of).await?;
         Ok(Empty::new())
     }
 

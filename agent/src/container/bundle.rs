@@ -5,7 +5,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::CallError;
 
@@ -23,11 +23,20 @@ pub struct Bundle {
 impl Bundle {
     /// Parses and checks `oci_spec`, mounts the rootfs overlay over `shared`/`root.path` and writes
     /// the spec the runtime will read into `<bundles>/<id>`.
-    pub fn create(bundles: &Path, id: &str, shared: &Path, oci_spec: &[u8]) -> Result<Bundle, CallError> {
+    /// `joins`: the init process of the container whose namespaces this one joins where its spec
+    /// names them by path (see [`join_namespaces`]).
+    pub fn create(
+        bundles: &Path,
+        id: &str,
+        shared: &Path,
+        oci_spec: &[u8],
+        joins: Option<i32>,
+    ) -> Result<Bundle, CallError> {
         let mut spec: Spec = serde_json::from_slice(oci_spec)
             .map_err(|err| CallError::InvalidArgument(format!("oci_spec: {err}")))?;
         let lower = image_dir(&spec, shared)?;
         check_process(&spec)?;
+        join_namespaces(&mut spec, joins)?;
         let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
         let cgroups_path = spec
             .linux()
@@ -107,6 +116,43 @@ impl Drop for Bundle {
     }
 }
 
+/// Namespaces the spec gives by path are the host's names for another container's (CRI puts a
+/// pod's containers in its sandbox's IPC, UTS and PID namespaces that way): each becomes the
+/// same kind of namespace of `joins`'s process here. A namespace of another kind, or one by path
+/// without a container to join, is refused by name.
+fn join_namespaces(spec: &mut Spec, joins: Option<i32>) -> Result<(), CallError> {
+    let Some(linux) = spec.linux_mut() else { return Ok(()) };
+    let Some(mut namespaces) = linux.namespaces().clone() else { return Ok(()) };
+    let refuse = |why: String| CallError::InvalidArgument(format!("oci_spec: linux.namespaces: {why}"));
+    for namespace in &mut namespaces {
+        let Some(path) = namespace.path().clone().filter(|p| !p.as_os_str().is_empty()) else { continue };
+        let kind = match namespace.typ() {
+            LinuxNamespaceType::Ipc => "ipc",
+            LinuxNamespaceType::Uts => "uts",
+            LinuxNamespaceType::Pid => "pid",
+            other => {
+                return Err(refuse(format!(
+                    "{other:?} namespace {}: only ipc, uts and pid can be joined",
+                    path.display()
+                )))
+            }
+        };
+        let pid = joins.ok_or_else(|| {
+            refuse(format!("{kind} namespace {}: no container to join (join_namespaces_of)", path.display()))
+        })?;
+        let joined = PathBuf::from(format!("/proc/{pid}/ns/{kind}"));
+        if let Err(err) = std::fs::symlink_metadata(&joined) {
+            return Err(CallError::FailedPrecondition(format!(
+                "joining the pod's {kind} namespace ({}): {err}: has its sandbox container exited?",
+                joined.display()
+            )));
+        }
+        namespace.set_path(Some(joined));
+    }
+    linux.set_namespaces(Some(namespaces));
+    Ok(())
+}
+
 /// `root.path`: a directory inside the shared file system, named relative to it.
 fn image_dir(spec: &Spec, shared: &Path) -> Result<PathBuf, CallError> {
     let invalid = |why: String| CallError::InvalidArgument(format!("oci_spec: root.path {why}"));
@@ -138,4 +184,56 @@ fn check_process(spec: &Spec) -> Result<(), CallError> {
         return Err(CallError::InvalidArgument("oci_spec: process.args is empty".into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(namespaces: serde_json::Value) -> Spec {
+        serde_json::from_value(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": namespaces}}),
+        )
+        .unwrap()
+    }
+
+    fn paths(spec: &Spec) -> Vec<Option<PathBuf>> {
+        let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        namespaces.iter().map(|ns| ns.path().clone()).collect()
+    }
+
+    #[test]
+    fn namespaces_named_by_path_become_the_joined_containers() {
+        let mut member = spec(serde_json::json!([
+            {"type": "pid"},
+            {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+            {"type": "uts", "path": "/proc/4242/ns/uts"},
+            {"type": "mount"}
+        ]));
+        let me = std::process::id() as i32;
+        join_namespaces(&mut member, Some(me)).unwrap();
+        assert_eq!(
+            paths(&member),
+            [
+                None,
+                Some(format!("/proc/{me}/ns/ipc").into()),
+                Some(format!("/proc/{me}/ns/uts").into()),
+                None
+            ]
+        );
+        // A container whose process is gone cannot be joined; the error says so.
+        let mut late = spec(serde_json::json!([{"type": "ipc", "path": "/proc/1/ns/ipc"}]));
+        let err = join_namespaces(&mut late, Some(i32::MAX)).unwrap_err().to_string();
+        assert!(err.contains("has its sandbox container exited"), "{err}");
+    }
+
+    #[test]
+    fn a_namespace_by_path_without_a_container_to_join_or_of_another_kind_is_refused_by_name() {
+        let mut orphan = spec(serde_json::json!([{"type": "ipc", "path": "/proc/1/ns/ipc"}]));
+        let err = join_namespaces(&mut orphan, None).unwrap_err().to_string();
+        assert!(err.contains("linux.namespaces") && err.contains("join_namespaces_of"), "{err}");
+        let mut mount = spec(serde_json::json!([{"type": "mount", "path": "/proc/1/ns/mnt"}]));
+        let err = join_namespaces(&mut mount, Some(17)).unwrap_err().to_string();
+        assert!(err.contains("Mount") && err.contains("only ipc, uts and pid"), "{err}");
+    }
 }

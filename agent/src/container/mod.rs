@@ -133,16 +133,38 @@ impl Containers {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Creates container `id` (its init process exists, stopped before exec) from `oci_spec`.
-    pub async fn create(&self, id: &str, oci_spec: &[u8], stdio: &Stdio) -> Result<(), CallError> {
+    /// Creates container `id` (its init process exists, stopped before exec) from `oci_spec`; the
+    /// namespaces it names by path are those of container `joins` (empty: none may be).
+    pub async fn create(
+        &self,
+        id: &str,
+        oci_spec: &[u8],
+        stdio: &Stdio,
+        joins: &str,
+    ) -> Result<(), CallError> {
         check_id(id)?;
-        match self.table().entry(id.to_owned()) {
-            std::collections::hash_map::Entry::Occupied(_) => {
-                return Err(CallError::AlreadyExists(format!("container_id {id:?} is in use")))
-            }
-            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(Slot::Creating),
+        let joins = {
+            let mut table = self.table();
+            let joins = match joins {
+                "" => None,
+                other => match table.get(other) {
+                    Some(Slot::Ready(container)) => Some(container.init.pid),
+                    _ => {
+                        return Err(CallError::NotFound(format!(
+                            "join_namespaces_of {other:?}: no such container"
+                        )))
+                    }
+                },
+            };
+            match table.entry(id.to_owned()) {
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    return Err(CallError::AlreadyExists(format!("container_id {id:?} is in use")))
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => slot.insert(Slot::Creating),
+            };
+            joins
         };
-        let created = self.create_reserved(id, oci_spec, stdio).await;
+        let created = self.create_reserved(id, oci_spec, stdio, joins).await;
         let mut table = self.table();
         match created {
             Ok(container) => {
@@ -161,8 +183,10 @@ impl Containers {
         id: &str,
         oci_spec: &[u8],
         stdio: &Stdio,
+        joins: Option<i32>,
     ) -> Result<Container, CallError> {
-        let bundle = Bundle::create(&self.paths.state.join("bundles"), id, &self.paths.shared, oci_spec)?;
+        let bundle =
+            Bundle::create(&self.paths.state.join("bundles"), id, &self.paths.shared, oci_spec, joins)?;
         check_terminal(stdio, bundle.terminal(), "oci_spec: process.terminal")?;
         let io = self.prepare_io(stdio).await?;
         let created = self.runtime.create(id, bundle.dir(), io.runtime_streams(), io.console_path()).await;

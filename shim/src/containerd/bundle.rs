@@ -135,7 +135,15 @@ pub struct HostShare {
 pub struct GuestSpec {
     pub spec: Spec,
     pub shares: Vec<HostShare>,
+    /// The spec joins namespaces of the pod's sandbox container (by path: the agent resolves
+    /// them, `join_namespaces_of`).
+    pub joins_sandbox: bool,
 }
+
+/// The namespaces a pod's container joins of its sandbox container's when CRI names them by
+/// path (the pod's IPC and UTS, and its PID namespace when the pod shares one).
+const JOINABLE: &[LinuxNamespaceType] =
+    &[LinuxNamespaceType::Ipc, LinuxNamespaceType::Uts, LinuxNamespaceType::Pid];
 
 /// Shared-directory name of container `id`'s rootfs.
 pub fn rootfs_name(id: &str) -> String {
@@ -181,8 +189,9 @@ pub fn namespace_kinds(spec: &Spec) -> Vec<LinuxNamespaceType> {
 /// mounts of host paths name their shares, the pod's `/dev/shm` becomes a tmpfs of the guest.
 /// Namespaces: the network namespace is the VM's own; one given by host path (CRI's way to join
 /// the pod sandbox's) is left out when the sandbox container (whose kinds are `sandbox_kinds`)
-/// has none of that kind, so a hostPID/hostIPC pod shares the VM's, and is made fresh otherwise;
-/// a hostname gets a UTS namespace to be set in.
+/// has none of that kind, so a hostPID/hostIPC pod shares the VM's; otherwise it stays by path
+/// for the agent to join the sandbox container's ([`JOINABLE`] kinds) or is made fresh; a
+/// hostname gets a UTS namespace to be set in.
 pub fn guest_spec(id: &str, mut spec: Spec, sandbox_kinds: &[LinuxNamespaceType]) -> GuestSpec {
     if let Some(root) = spec.root_mut() {
         root.set_path(PathBuf::from(rootfs_name(id)));
@@ -192,6 +201,7 @@ pub fn guest_spec(id: &str, mut spec: Spec, sandbox_kinds: &[LinuxNamespaceType]
     let mounts = mounts.into_iter().map(|mount| guest_mount(id, mount, &mut shares)).collect();
     spec.set_mounts(Some(mounts));
     let has_hostname = spec.hostname().as_ref().is_some_and(|name| !name.is_empty());
+    let mut joins_sandbox = false;
     if let Some(linux) = spec.linux_mut() {
         let mut namespaces: Vec<LinuxNamespace> = linux
             .namespaces()
@@ -201,7 +211,9 @@ pub fn guest_spec(id: &str, mut spec: Spec, sandbox_kinds: &[LinuxNamespaceType]
             .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
             .filter(|ns| ns.path().is_none() || sandbox_kinds.contains(&ns.typ()))
             .map(|mut ns| {
-                ns.set_path(None);
+                if !JOINABLE.contains(&ns.typ()) {
+                    ns.set_path(None);
+                }
                 ns
             })
             .collect();
@@ -212,6 +224,7 @@ pub fn guest_spec(id: &str, mut spec: Spec, sandbox_kinds: &[LinuxNamespaceType]
             uts.set_typ(LinuxNamespaceType::Uts);
             namespaces.push(uts);
         }
+        joins_sandbox = namespaces.iter().any(|ns| ns.path().is_some());
         linux.set_namespaces(Some(namespaces));
         // The container shares the VM's network namespace, where the pod's net.* sysctls are set
         // once for the whole pod (`pod_net_sysctls`); runtimes refuse them outside a namespace of
@@ -222,7 +235,7 @@ pub fn guest_spec(id: &str, mut spec: Spec, sandbox_kinds: &[LinuxNamespaceType]
             linux.set_sysctl(Some(kept));
         }
     }
-    GuestSpec { spec, shares }
+    GuestSpec { spec, shares, joins_sandbox }
 }
 
 /// The pod-wide `net.*` sysctls of the sandbox container's spec (CRI puts the pod's there, e.g.
@@ -330,7 +343,13 @@ mod tests {
         assert_eq!(mounts[3].typ().as_deref(), Some("tmpfs"));
         let namespaces = guest.spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         let kinds: Vec<_> = namespaces.iter().map(|ns| (ns.typ(), ns.path().clone())).collect();
-        assert_eq!(kinds, vec![(LinuxNamespaceType::Pid, None), (LinuxNamespaceType::Ipc, None)]);
+        // The pod's IPC namespace is joined (the agent resolves the path to the sandbox
+        // container's); its UTS namespace is the VM's (the sandbox has none).
+        assert_eq!(
+            kinds,
+            vec![(LinuxNamespaceType::Pid, None), (LinuxNamespaceType::Ipc, Some("/proc/42/ns/ipc".into()))]
+        );
+        assert!(guest.joins_sandbox);
 
         let named: Spec = serde_json::from_value(serde_json::json!({
             "ociVersion": "1.0.2", "hostname": "pod-a", "linux": {"namespaces": [{"type": "mount"}]}

@@ -84,6 +84,14 @@ struct State {
     shutdown_asked: bool,
 }
 
+/// The pod's sandbox container, as its members' namespaces need it: its id (what they join) and
+/// the kinds of namespace it has.
+#[derive(Debug)]
+struct SandboxNamespaces {
+    id: String,
+    kinds: Vec<LinuxNamespaceType>,
+}
+
 #[derive(Debug)]
 struct Container {
     bundle: String,
@@ -166,8 +174,11 @@ impl Pod {
             }
             (PodRole::Member { pod_id }, _) => return Err(not_running(id, pod_id, &state)),
         };
-        let kinds = state.sandbox_kinds.clone();
-        match self.create_in(&sandbox, id, &bundle_dir, spec, &kinds, req).await {
+        let pod = SandboxNamespaces {
+            id: state.pod_id.clone().unwrap_or_default(),
+            kinds: state.sandbox_kinds.clone(),
+        };
+        match self.create_in(&sandbox, id, &bundle_dir, spec, &pod, req).await {
             Ok(container) => {
                 self.watch_exit(&sandbox, id, &container.init);
                 state.containers.insert(id.to_owned(), container);
@@ -264,7 +275,7 @@ impl Pod {
         id: &str,
         bundle_dir: &Path,
         spec: oci_spec::runtime::Spec,
-        sandbox_kinds: &[LinuxNamespaceType],
+        pod: &SandboxNamespaces,
         req: &api::CreateTaskRequest,
     ) -> Result<Container, ShimError> {
         let dir = sandbox.dir();
@@ -275,7 +286,7 @@ impl Pod {
         for mount in &req.rootfs {
             dir.mount(&rootfs, &mount.type_, &mount.source, &mount.options)?;
         }
-        let guest = bundle::guest_spec(id, spec, sandbox_kinds);
+        let guest = bundle::guest_spec(id, spec, &pod.kinds);
         tracing::debug!(container = id, namespaces = ?bundle::namespace_kinds(&guest.spec), "the guest's spec");
         for share in &guest.shares {
             dir.share(&share.host, &share.name, share.read_only)?;
@@ -287,7 +298,11 @@ impl Pod {
             let stdio = init.attach_stdio(client, &self.token(), id, &self.namespace).await?;
             let spec_json = serde_json::to_vec(&guest.spec)
                 .map_err(|err| ShimError::InvalidArgument(format!("config.json: {err}")))?;
-            client.create_container(id, spec_json, stdio).await.map_err(|err| agent_error(sandbox, err))
+            let joins = if guest.joins_sandbox { pod.id.as_str() } else { "" };
+            client
+                .create_container_joining(id, spec_json, stdio, joins)
+                .await
+                .map_err(|err| agent_error(sandbox, err))
         };
         if let Err(err) = created.await {
             init.abort_io().await;

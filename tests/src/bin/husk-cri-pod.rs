@@ -2,8 +2,10 @@
 //! containerd's CRI plugin (what the kubelet does) with the RuntimeClass handler `husk`: a pod
 //! sandbox, then two containers sharing the host directory VOLUME_DIR at /data. The writer puts a
 //! file there, the reader reads it back through ExecSync, and both report their kernel's boot id
-//! (one VM per pod: equal). Then the pod is stopped and removed. Prints `key=value` lines for
-//! the test to check; exits non-zero when a CRI call fails.
+//! (one VM per pod: equal). The pod has a hostname and an IPC sysctl; both containers report
+//! what they see of them and their IPC and UTS namespaces (`<name>-pod-view=`: the pod's
+//! namespaces are shared, as under runc). Then the pod is stopped and removed. Prints
+//! `key=value` lines for the test to check; exits non-zero when a CRI call fails.
 //!
 //! `husk-cri-pod --bench RUNS CONTAINERD_SOCKET LOG_DIR`: `pod_start_ms`, from RunPodSandbox to the
 //! return of StartContainer of the pod's one container (what a kubelet waits for before a pod
@@ -67,7 +69,10 @@ async fn main() -> Result<()> {
         );
     };
     let mut cri = RuntimeServiceClient::new(connect(PathBuf::from(socket)).await?);
-    let sandbox_config = pod_config("husk-pod", logs);
+    let mut sandbox_config = pod_config("husk-pod", logs);
+    if let Some(linux) = sandbox_config.linux.as_mut() {
+        linux.sysctls.insert("kernel.shm_rmid_forced".into(), "1".into());
+    }
     let pod = run_pod(&mut cri, &sandbox_config, HANDLER).await?;
     println!("pod={pod}");
     let result = exercise(&mut cri, &pod, &sandbox_config, volume).await;
@@ -98,11 +103,14 @@ async fn exercise(cri: &mut Cri, pod: &str, sandbox_config: &PodSandboxConfig, v
     }
     println!("host-sees={}", std::fs::read_to_string(&host_file).unwrap_or_default().trim());
     println!("reader-sees={}", exec(cri, &reader, &["cat", "/data/shared"]).await?.trim());
+    let pod_view = "echo \"$(hostname) shm_rmid_forced=$(cat /proc/sys/kernel/shm_rmid_forced) \
+        $(readlink /proc/self/ns/ipc) $(readlink /proc/self/ns/uts)\"";
     for (name, id) in [("writer", &writer), ("reader", &reader)] {
         println!(
             "{name}-boot-id={}",
             exec(cri, id, &["cat", "/proc/sys/kernel/random/boot_id"]).await?.trim()
         );
+        println!("{name}-pod-view={}", exec(cri, id, &["sh", "-c", pod_view]).await?.trim());
     }
     Ok(())
 }
