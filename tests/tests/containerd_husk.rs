@@ -45,7 +45,7 @@ cgroups=$(ls -d /sys/fs/cgroup/default/*/ /sys/fs/cgroup/k8s.io/*/ 2>/dev/null |
 }
 
 #[test]
-fn ctr_run_prints_the_output_returns_the_exit_status_and_gives_a_terminal() {
+fn ctr_run_prints_the_output_returns_the_exit_status_gives_a_terminal_and_limits_cpu() {
     let pty_run = target_bin("husk-pty-run");
     let steps = format!(
         "$husk --rm {IMAGE} t1 echo hi-from-a-microvm; echo \"echo-status=$?\"
@@ -57,7 +57,10 @@ printf '#!/bin/sh\\nexec 5>&-\\ncat <&3 > /tmp/logger.out & cat <&4 > /tmp/logge
 $husk --rm --log-uri file:///tmp/file.log {IMAGE} t6 sh -c 'echo to-the-file; echo err-to-the-file >&2'
 echo \"file-log: $(sort /tmp/file.log | tr '\\n' ' ')\"
 $husk --rm --log-uri binary:///tmp/logger {IMAGE} t7 sh -c 'echo to-the-logger; echo err-to-the-logger >&2'
-echo \"binary-log: $(cat /tmp/logger.out) / $(cat /tmp/logger.err)\"",
+echo \"binary-log: $(cat /tmp/logger.out) / $(cat /tmp/logger.err)\"
+# The quota, read from the guest's cgroup tree (a privileged container can mount it).
+echo \"cpu-limit: $($husk --rm --privileged --cpus 1.5 {IMAGE} t8 sh -c 'mkdir -p /tmp/cg && mount -t cgroup2 none /tmp/cg && cat /tmp/cg$(cut -d: -f3 /proc/self/cgroup)/cpu.max')\"
+echo \"seccomp: $($husk --rm --seccomp {IMAGE} t9 grep Seccomp: /proc/self/status | tr -d '\\t')\"",
         pty = pty_run.display()
     );
     let text = with_containerd("run", false, &steps);
@@ -74,6 +77,10 @@ echo \"binary-log: $(cat /tmp/logger.out) / $(cat /tmp/logger.err)\"",
     // Log URIs in place of FIFOs: a file (both streams), a logging program (fds 3 and 4).
     assert!(text.contains("file-log: err-to-the-file to-the-file "), "{text}");
     assert!(text.contains("binary-log: to-the-logger / err-to-the-logger"), "{text}");
+    // A CPU limit is the container's CFS quota in the guest, as runc sets it on the node.
+    assert!(text.contains("cpu-limit: 150000 100000"), "{text}");
+    // containerd's default seccomp profile filters the container's syscalls in the guest.
+    assert!(text.contains("seccomp: Seccomp:2"), "{text}");
 }
 
 #[test]
