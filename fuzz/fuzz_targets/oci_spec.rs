@@ -71,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = bundle::pod_netns(&spec);
     let _ = bundle::pod_net_sysctls(&spec);
     let guest = bundle::guest_spec(input.id, spec, &input.kinds);
-    // Host paths never reach the guest: binds name their share, namespaces carry no path.
+    // Host paths never reach the guest: binds name their share (namespaces: below).
     for share in &guest.shares {
         assert!(share.name.starts_with(&format!("{}/mounts/", input.id)), "{share:?}");
     }
@@ -85,7 +85,12 @@ fuzz_target!(|data: &[u8]| {
     if let Some(root) = guest.spec.root() {
         assert_eq!(root.path(), Path::new(&bundle::rootfs_name(input.id)));
     }
+    // No network namespace; a path only where the container joins its sandbox's namespace of
+    // that kind (the agent replaces it with the sandbox container's own; never used as given).
     let namespaces = guest.spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
-    assert!(namespaces.iter().all(|ns| ns.path().is_none() && ns.typ() != LinuxNamespaceType::Network));
+    let joinable = [LinuxNamespaceType::Ipc, LinuxNamespaceType::Uts, LinuxNamespaceType::Pid];
+    assert!(namespaces.iter().all(|ns| ns.typ() != LinuxNamespaceType::Network));
+    assert!(namespaces.iter().all(|ns| ns.path().is_none() || joinable.contains(&ns.typ())));
+    assert_eq!(guest.joins_sandbox, namespaces.iter().any(|ns| ns.path().is_some()));
     let _ = serde_json::to_vec(&guest.spec);
 });
