@@ -317,6 +317,8 @@ impl Containers {
         let exit = reaper::exited(exit)
             .await
             .ok_or_else(|| CallError::Internal("the process's exit was lost".into()))?;
+        // An OOM kill that ended the process is reported before its exit.
+        self.oom.check(id);
         if let Some(mut drained) = drained {
             let _ = tokio::time::timeout(TTY_DRAIN_LIMIT, drained.wait_for(|done| *done)).await;
         }

@@ -1,5 +1,10 @@
 //! OOM events: a thread follows the OOM-kill counter of every container's cgroup and queues the
 //! container's id each time it grows; GetOOMEvent takes them one at a time.
+//!
+//! The poll alone would race the exit: an OOM-killed init is reaped, its exit reported and its
+//! container removed (`ctr run --rm`) well inside one poll interval. So a process's exit and a
+//! container's removal read the counter first ([`OomWatcher::check`], [`OomWatcher::forget`]):
+//! the event is queued before the exit it caused is reported.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,6 +24,7 @@ type Watched = Arc<Mutex<HashMap<String, (Cgroup, u64)>>>;
 #[derive(Debug)]
 pub struct OomWatcher {
     watched: Watched,
+    sender: mpsc::UnboundedSender<String>,
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
 }
 
@@ -28,20 +34,17 @@ impl OomWatcher {
         let watched: Watched = Arc::default();
         let (sender, events) = mpsc::unbounded_channel();
         let shared = Arc::clone(&watched);
+        let poller = sender.clone();
         std::thread::Builder::new().name("agent-oom".into()).spawn(move || loop {
             std::thread::sleep(POLL_INTERVAL);
             let mut watched = shared.lock().unwrap_or_else(PoisonError::into_inner);
-            for (id, (cgroup, seen)) in watched.iter_mut() {
-                let kills = cgroup.oom_kills();
-                if kills > *seen {
-                    *seen = kills;
-                    if sender.send(id.clone()).is_err() {
-                        return;
-                    }
+            for (id, entry) in watched.iter_mut() {
+                if !queue_new_kills(&poller, id, entry) {
+                    return;
                 }
             }
         })?;
-        Ok(OomWatcher { watched, events: tokio::sync::Mutex::new(events) })
+        Ok(OomWatcher { watched, sender, events: tokio::sync::Mutex::new(events) })
     }
 
     fn watched(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Cgroup, u64)>> {
@@ -54,13 +57,37 @@ impl OomWatcher {
         self.watched().insert(id.to_owned(), (cgroup, seen));
     }
 
-    /// Stops following container `id` (it was removed).
+    /// Queues container `id`'s OOM kills not yet reported (before its process's exit is).
+    pub fn check(&self, id: &str) {
+        if let Some(entry) = self.watched().get_mut(id) {
+            queue_new_kills(&self.sender, id, entry);
+        }
+    }
+
+    /// Stops following container `id` (it was removed), after queueing its last kills.
     pub fn forget(&self, id: &str) {
-        self.watched().remove(id);
+        if let Some(mut entry) = self.watched().remove(id) {
+            queue_new_kills(&self.sender, id, &mut entry);
+        }
     }
 
     /// The next container that had a process OOM-killed.
     pub async fn next(&self) -> Option<String> {
         self.events.lock().await.recv().await
     }
+}
+
+/// Queues `id` once if its cgroup's kill counter grew past `seen` (and records the new count);
+/// false once nobody takes events any more.
+fn queue_new_kills(
+    sender: &mpsc::UnboundedSender<String>,
+    id: &str,
+    (cgroup, seen): &mut (Cgroup, u64),
+) -> bool {
+    let kills = cgroup.oom_kills();
+    if kills <= *seen {
+        return true;
+    }
+    *seen = kills;
+    sender.send(id.to_owned()).is_ok()
 }

@@ -8,7 +8,7 @@
 //! publishes TaskExit. If the VM or the agent dies, those waits fail and every process of the
 //! pod exits with status 255; the VM's end and the console's last lines are logged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, Weak};
@@ -45,6 +45,9 @@ const VM_END_GRACE: Duration = Duration::from_secs(2);
 /// OOM events a pod's guest may report: a burst, then one per period (the rest are dropped and
 /// counted in the next one's log line).
 const OOM_EVENTS: (u32, Duration) = (10, Duration::from_secs(1));
+/// How many deleted containers' OOM kills are still published: a kill the guest queued before
+/// the exit may reach the shim after `ctr run --rm` deleted the container.
+const RECENTLY_DELETED: usize = 16;
 /// Exit status of a process whose VM or agent went away.
 const LOST_STATUS: u32 = 255;
 
@@ -75,6 +78,8 @@ struct State {
     /// The namespace kinds of the pod's sandbox container (its members join those).
     sandbox_kinds: Vec<LinuxNamespaceType>,
     containers: HashMap<String, Container>,
+    /// The last [`RECENTLY_DELETED`] containers deleted, newest last.
+    deleted: VecDeque<String>,
     /// Why the pod's VM ended on its own, once its last container is gone (a container created
     /// for the pod afterwards is refused with it).
     lost_vm: Option<String>,
@@ -431,6 +436,7 @@ impl Pod {
             )));
         }
         let container = state.containers.remove(id).ok_or_else(|| no_container(id))?;
+        state.note_deleted(id);
         let exit = container.init.exit();
         if let Some(sandbox) = state.sandbox.clone() {
             self.remove_in_guest(&sandbox, id, &container).await;
@@ -680,7 +686,7 @@ impl Pod {
         tokio::spawn(async move {
             let filter = OomFilter::default();
             while let Ok(container_id) = client.next_oom_event().await {
-                let is_member = state.lock().await.containers.contains_key(&container_id);
+                let is_member = state.lock().await.is_member(&container_id);
                 let Some(suppressed) = filter.admit(&pod_id, &container_id, is_member, Instant::now()) else {
                     continue;
                 };
@@ -717,6 +723,18 @@ impl OomFilter {
 }
 
 impl State {
+    /// Whether `id` is one of the pod's containers, or was until recently.
+    fn is_member(&self, id: &str) -> bool {
+        self.containers.contains_key(id) || self.deleted.iter().any(|d| d == id)
+    }
+
+    fn note_deleted(&mut self, id: &str) {
+        if self.deleted.len() == RECENTLY_DELETED {
+            self.deleted.pop_front();
+        }
+        self.deleted.push_back(id.to_owned());
+    }
+
     fn get(&self, id: &str) -> Result<(&Arc<Sandbox>, &Container), ShimError> {
         let container = self.containers.get(id).ok_or_else(|| no_container(id))?;
         let sandbox = self.sandbox.as_ref().ok_or_else(|| no_container(id))?;
@@ -811,5 +829,15 @@ mod tests {
         let published = (0..1000).filter(|_| filter.admit("pod", "hog", true, now).is_some()).count();
         assert_eq!(published, OOM_EVENTS.0 as usize, "a burst, then the rest are held back");
         assert_eq!(filter.admit("pod", "hog", true, now + OOM_EVENTS.1), Some(1000 - OOM_EVENTS.0 as u64));
+    }
+
+    #[test]
+    fn an_oom_kill_reported_after_its_container_was_deleted_still_counts_for_a_while() {
+        let mut state = State::default();
+        state.note_deleted("hog");
+        assert!(state.is_member("hog") && !state.is_member("other"));
+        (0..RECENTLY_DELETED).for_each(|n| state.note_deleted(&format!("later-{n}")));
+        assert!(!state.is_member("hog"), "only the last {RECENTLY_DELETED} deleted count");
+        assert_eq!(state.deleted.len(), RECENTLY_DELETED);
     }
 }
