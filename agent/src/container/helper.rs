@@ -25,6 +25,9 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
+use oci_spec::runtime::{Process, Spec};
+
+use super::exec_seccomp::SeccompExecutor;
 
 /// First of the three fds (stdin, stdout, stderr) a process's streams arrive on.
 pub const FIRST_STDIO_FD: i32 = 3;
@@ -57,7 +60,7 @@ fn run(args: &[String]) -> Result<()> {
         }
         ["start", id] => load(root, id)?.start().context("starting the container")?,
         ["exec", id, process, console @ ..] => {
-            let pid = with_stdio(builder(root, id)?)
+            let pid = with_seccomp(with_stdio(builder(root, id)?), root, id, Path::new(process))?
                 .with_console_socket(console.first().copied())
                 .as_tenant()
                 .with_detach(true)
@@ -107,6 +110,30 @@ fn builder(root: &Path, id: &str) -> Result<ContainerBuilder> {
 
 fn load(root: &Path, id: &str) -> Result<Container> {
     Container::load(root.join(id)).with_context(|| format!("container {id}"))
+}
+
+/// An exec'd process gets the container's seccomp filter (see [`super::exec_seccomp`]): the
+/// executor that installs it, and `process` rewritten as it must be set up for that.
+fn with_seccomp(
+    builder: ContainerBuilder,
+    root: &Path,
+    id: &str,
+    process: &Path,
+) -> Result<ContainerBuilder> {
+    let container = load(root, id)?;
+    let config = container.bundle().join("config.json");
+    let spec = Spec::load(&config).with_context(|| format!("the container's spec {}", config.display()))?;
+    let Some(filter) = spec.linux().as_ref().and_then(|linux| linux.seccomp().clone()) else {
+        return Ok(builder);
+    };
+    let text = std::fs::read(process).with_context(|| format!("reading {}", process.display()))?;
+    let read: Process =
+        serde_json::from_slice(&text).with_context(|| format!("the process {}", process.display()))?;
+    let (executor, planned) = SeccompExecutor::plan(filter, read);
+    let text = serde_json::to_vec(&planned).context("the process with CAP_SYS_ADMIN lent")?;
+    // Rewritten in place: the file is this exec's own, and keeps its mode.
+    std::fs::write(process, text).with_context(|| format!("rewriting {}", process.display()))?;
+    Ok(builder.with_executor(executor))
 }
 
 /// The streams the agent passed on fds 3, 4 and 5 become the process's stdin, stdout, stderr.

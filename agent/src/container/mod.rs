@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod cgroup;
+pub mod exec_seccomp;
 pub mod helper;
 pub mod leftovers;
 pub mod oom;
