@@ -87,3 +87,39 @@ pub fn run_beside_containerd(cri: bool, timeout: Duration, args: &[&str]) -> Out
     }
     run(&mut VmHost::detect().command_with(timeout, &files, &all))
 }
+
+/// How long a test's whole containerd run may take in the test host.
+pub const BUDGET: Duration = Duration::from_secs(900);
+
+/// Nothing of a pod is left: no shim, sandbox directory, /run/husk mount, shim socket or pod
+/// cgroup (containerd names `/<namespace>/<id>` when CRI gives no cgroup parent).
+pub const NOTHING_LEFT: &str = "left: shims=0 sandboxes=0 mounts=0 sockets=0 cgroups=0";
+
+/// Runs `steps` (POSIX sh, with `$husk` = `ctr run --runtime io.containerd.husk.v2`) beside a
+/// private containerd that has the busybox image (with `cri`: its CRI plugin too, and the
+/// busybox and pause images in CRI's namespace), then waits for the pod shims to go and asserts
+/// that what is left of them is [`NOTHING_LEFT`]; returns the output.
+///
+/// # Panics
+/// When the steps fail or something is left.
+pub fn with_containerd(name: &str, cri: bool, steps: &str) -> String {
+    let (image, pause) = (ImageTar::busybox(name), cri.then(|| ImageTar::pause(name)));
+    let mut images = vec![&image];
+    images.extend(pause.as_ref());
+    let imports = import_command(&images, cri);
+    let script = format!(
+        "{imports} || exit 1
+husk='ctr run --runtime io.containerd.husk.v2'
+{steps}
+# [c]: the pattern must not match this script's own command line (a step kills shims by it).
+shims() {{ ls -l /proc/[0-9]*/exe 2>/dev/null | grep -c '/[c]ontainerd-shim-husk-v2$'; }}
+i=0; while [ \"$(shims)\" != 0 ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
+echo \"left: shims=$(shims) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) sockets=$(ls /run/containerd/s 2>/dev/null | wc -l) \
+cgroups=$(ls -d /sys/fs/cgroup/default/*/ /sys/fs/cgroup/k8s.io/*/ 2>/dev/null | wc -l)\"",
+    );
+    let output = run_beside_containerd(cri, BUDGET, &["sh", "-c", &script]);
+    let text = crate::combined(&output);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(text.contains(NOTHING_LEFT), "nothing left behind: {text}");
+    text
+}

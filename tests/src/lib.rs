@@ -5,6 +5,7 @@
 //! The tests expect `make build guest-image testhost` to have run (`make test` does that first).
 
 pub mod bench;
+pub mod conformance;
 pub mod console_scenario;
 pub mod containerd;
 pub mod cpio;
