@@ -13,10 +13,6 @@ use husk_tests::target_bin;
 /// (and docs/conformance.md) stays true.
 const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
     (
-        "host_mounts_propagate_into_an_rslave_volume",
-        "an rslave volume fails to create in the guest (failed to prepare rootfs), and the share binds volumes rprivate",
-    ),
-    (
         "a_recursive_read_only_volume_is_read_only_all_through",
         "the husk handler does not report recursive read-only mounts to containerd",
     ),

@@ -37,6 +37,7 @@ impl Bundle {
         let lower = image_dir(&spec, shared)?;
         check_process(&spec)?;
         join_namespaces(&mut spec, joins)?;
+        name_rootfs_propagation_for_libcontainer(&mut spec)?;
         let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
         let cgroups_path = spec
             .linux()
@@ -175,6 +176,27 @@ fn image_dir(spec: &Spec, shared: &Path) -> Result<PathBuf, CallError> {
     }
 }
 
+/// containerd names `linux.rootfsPropagation` as runc reads it (`rslave` for a pod with an
+/// `rslave` volume, `rshared`, `rprivate`); libcontainer knows only the plain names and always
+/// applies them recursively, so the `r` forms mean the same there.
+fn name_rootfs_propagation_for_libcontainer(spec: &mut Spec) -> Result<(), CallError> {
+    let Some(linux) = spec.linux_mut() else { return Ok(()) };
+    let Some(given) = linux.rootfs_propagation().clone() else { return Ok(()) };
+    let plain = match given.as_str() {
+        "shared" | "rshared" => "shared",
+        "slave" | "rslave" => "slave",
+        "private" | "rprivate" => "private",
+        "unbindable" | "runbindable" => "unbindable",
+        _ => {
+            return Err(CallError::InvalidArgument(format!(
+                "oci_spec: linux.rootfsPropagation {given:?}: expected shared, slave, private or unbindable (or their r forms)"
+            )))
+        }
+    };
+    linux.set_rootfs_propagation(Some(plain.to_owned()));
+    Ok(())
+}
+
 fn check_process(spec: &Spec) -> Result<(), CallError> {
     let process = spec
         .process()
@@ -200,6 +222,20 @@ mod tests {
     fn paths(spec: &Spec) -> Vec<Option<PathBuf>> {
         let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         namespaces.iter().map(|ns| ns.path().clone()).collect()
+    }
+
+    #[test]
+    fn rootfs_propagation_takes_the_names_libcontainer_knows_and_refuses_others_by_name() {
+        for (given, plain) in [("rslave", "slave"), ("rshared", "shared"), ("private", "private")] {
+            let mut spec: Spec =
+                serde_json::from_value(serde_json::json!({"linux": {"rootfsPropagation": given}})).unwrap();
+            name_rootfs_propagation_for_libcontainer(&mut spec).unwrap();
+            assert_eq!(spec.linux().as_ref().unwrap().rootfs_propagation().as_deref(), Some(plain));
+        }
+        let mut spec: Spec =
+            serde_json::from_value(serde_json::json!({"linux": {"rootfsPropagation": "sideways"}})).unwrap();
+        let err = name_rootfs_propagation_for_libcontainer(&mut spec).unwrap_err().to_string();
+        assert!(err.contains("linux.rootfsPropagation") && err.contains("sideways"), "{err}");
     }
 
     #[test]

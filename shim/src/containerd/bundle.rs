@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, MountBuilder, Spec};
 
+use crate::sandbox::Propagation;
+
 /// CRI's annotation naming the kind of container ("sandbox" for the pod's pause container).
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 /// CRI's annotation naming the pod (the sandbox container's id).
@@ -128,6 +130,8 @@ pub struct HostShare {
     /// Relative to the shared directory.
     pub name: String,
     pub read_only: bool,
+    /// `rslave`/`rshared`: the share receives what the node mounts under `host` later.
+    pub propagation: Propagation,
 }
 
 /// The spec rewritten for the guest, and the host paths to share for it.
@@ -264,7 +268,10 @@ fn guest_mount(id: &str, mount: Mount, shares: &mut Vec<HostShare>) -> Mount {
     }
     let name = format!("{id}/mounts/{}", shares.len());
     let read_only = options.iter().any(|o| o == "ro");
-    shares.push(HostShare { host: source, name: name.clone(), read_only });
+    // Mounts cannot propagate out of the VM: `rshared` gives the node-to-pod half, as `rslave`.
+    let from_node = options.iter().any(|o| matches!(o.as_str(), "rslave" | "slave" | "rshared" | "shared"));
+    let propagation = if from_node { Propagation::FromNode } else { Propagation::Private };
+    shares.push(HostShare { host: source, name: name.clone(), read_only, propagation });
     let mut mount = mount;
     mount.set_source(Some(Path::new(GUEST_SHARED_DIR).join(&name)));
     mount
@@ -317,7 +324,8 @@ mod tests {
                 {"destination": "/proc", "type": "proc", "source": "proc"},
                 {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/cri/hosts", "options": ["rbind", "ro"]},
                 {"destination": "/data", "source": "/srv/vol", "options": ["rbind", "rw"]},
-                {"destination": "/dev/shm", "type": "bind", "source": "/run/cri/shm", "options": ["rbind"]}
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/cri/shm", "options": ["rbind"]},
+                {"destination": "/live", "type": "bind", "source": "/srv/live", "options": ["rbind", "rslave"]}
             ],
             "linux": {"namespaces": [
                 {"type": "pid"},
@@ -332,8 +340,24 @@ mod tests {
         assert_eq!(
             guest.shares,
             vec![
-                HostShare { host: "/var/lib/cri/hosts".into(), name: "c1/mounts/0".into(), read_only: true },
-                HostShare { host: "/srv/vol".into(), name: "c1/mounts/1".into(), read_only: false },
+                HostShare {
+                    host: "/var/lib/cri/hosts".into(),
+                    name: "c1/mounts/0".into(),
+                    read_only: true,
+                    propagation: Propagation::Private
+                },
+                HostShare {
+                    host: "/srv/vol".into(),
+                    name: "c1/mounts/1".into(),
+                    read_only: false,
+                    propagation: Propagation::Private
+                },
+                HostShare {
+                    host: "/srv/live".into(),
+                    name: "c1/mounts/2".into(),
+                    read_only: false,
+                    propagation: Propagation::FromNode
+                },
             ]
         );
         let mounts = guest.spec.mounts().clone().unwrap();

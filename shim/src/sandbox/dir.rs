@@ -149,14 +149,21 @@ impl SandboxDir {
     }
 
     /// Makes host path `from` (a directory or a file) visible to the guest at `shared/<name>`
-    /// (a recursive bind, `nosuid,nodev`, its top read-only if `read_only`); returns its mount
-    /// point. `name` may have several components (`<container>/mounts/0`) but no `..`.
-    pub fn share(&self, from: &Path, name: &str, read_only: bool) -> Result<PathBuf, SandboxDirError> {
+    /// (a recursive bind, `nosuid,nodev`, its top read-only if `read_only`, receiving the node's
+    /// later mounts under `from` as `propagation` says); returns its mount point. `name` may have
+    /// several components (`<container>/mounts/0`) but no `..`.
+    pub fn share(
+        &self,
+        from: &Path,
+        name: &str,
+        read_only: bool,
+        propagation: Propagation,
+    ) -> Result<PathBuf, SandboxDirError> {
         let is_dir = std::fs::metadata(from)
             .map_err(|source| SandboxDirError::Source { from: from.to_path_buf(), source })?
             .is_dir();
         let target = self.mount_point(name, is_dir)?;
-        self.install(&target, is_dir, read_only, |staged| {
+        self.install(&target, is_dir, read_only, propagation, |staged| {
             mount(Some(from), staged, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
                 .map_err(|source| SandboxDirError::Bind { from: from.to_path_buf(), source })
         })?;
@@ -175,7 +182,7 @@ impl SandboxDir {
         let target = self.mount_point(name, true)?;
         let fs = Some(fs_type).filter(|t| !t.is_empty());
         let src = Some(source).filter(|s| !s.is_empty());
-        self.install(&target, true, false, |staged| {
+        self.install(&target, true, false, Propagation::Private, |staged| {
             mount_rootfs(fs, src, options, staged).map_err(|err| SandboxDirError::Mount {
                 fs_type: fs_type.to_owned(),
                 source_path: source.to_owned(),
@@ -195,11 +202,13 @@ impl SandboxDir {
         target: &Path,
         is_dir: bool,
         read_only: bool,
+        propagation: Propagation,
         make: impl FnOnce(&Path) -> Result<(), SandboxDirError>,
     ) -> Result<(), SandboxDirError> {
         let n = self.next_staging.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staged = create_point(&self.staging().join(n.to_string()), is_dir)?;
-        let installed = make(&staged).and_then(|()| confine(&staged, read_only)).and_then(|()| {
+        let confined = |()| confine(&staged, read_only, propagation);
+        let installed = make(&staged).and_then(confined).and_then(|()| {
             mount(Some(&staged), target, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
                 .map_err(|source| SandboxDirError::Bind { from: staged.clone(), source })
         });
@@ -252,15 +261,29 @@ fn create_point(target: &Path, is_dir: bool) -> Result<PathBuf, SandboxDirError>
     Ok(target.to_path_buf())
 }
 
-/// Confines the mount tree at `at` (in `staging/`): first private all through, with plain
-/// mount(2) before anything can fail, so that nothing done to it (an unmount at teardown, or of a
-/// failed install) propagates to the node it was bound from (a bind of a shared mount is a peer
-/// of it); then `nosuid,nodev` all through, so nothing the guest writes there runs setuid or opens
+/// Whether a share receives the mounts the node makes under its source after the share was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// CRI's default (`rprivate`): it does not.
+    Private,
+    /// `rslave` (and the node-to-pod half of `rshared`): it does, as a slave of the source's
+    /// mounts; the guest sees them as the share's content over virtio-fs.
+    FromNode,
+}
+
+/// Confines the mount tree at `at` (in `staging/`): first private (or, for
+/// [`Propagation::FromNode`], a slave) all through, with plain mount(2) before anything can fail,
+/// so that nothing done to it (an unmount at teardown, or of a failed install) propagates to the
+/// node it was bound from (a bind of a shared mount is a peer of it; a slave's events never reach
+/// its master); then `nosuid,nodev` all through, so nothing the guest writes there runs setuid or opens
 /// a device on the node; its top read-only if `read_only` (runc's `ro`: submounts keep their own).
 /// `mount_setattr(2)` (Linux 5.12) changes only the flags named, where a remount would also drop
 /// the source's own (`noexec`...).
-fn confine(at: &Path, read_only: bool) -> Result<(), SandboxDirError> {
-    make_private(at)?;
+fn confine(at: &Path, read_only: bool, propagation: Propagation) -> Result<(), SandboxDirError> {
+    match propagation {
+        Propagation::Private => make_private(at)?,
+        Propagation::FromNode => make_slave(at)?,
+    }
     set_mount_attr(at, true, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)?;
     if read_only {
         set_mount_attr(at, false, MOUNT_ATTR_RDONLY)?;
@@ -271,6 +294,13 @@ fn confine(at: &Path, read_only: bool) -> Result<(), SandboxDirError> {
 /// Makes the mount tree at `at` private (`MS_REC | MS_PRIVATE`).
 fn make_private(at: &Path) -> Result<(), SandboxDirError> {
     mount(None::<&str>, at, None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|source| SandboxDirError::Bind { from: at.to_path_buf(), source })
+}
+
+/// Makes the mount tree at `at` a slave of its peers (`MS_REC | MS_SLAVE`); one that had none
+/// becomes private.
+fn make_slave(at: &Path) -> Result<(), SandboxDirError> {
+    mount(None::<&str>, at, None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
         .map_err(|source| SandboxDirError::Bind { from: at.to_path_buf(), source })
 }
 
@@ -481,11 +511,11 @@ mod tests {
             let err = std::os::unix::fs::symlink("/etc", &planted).unwrap_err();
             assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{}", planted.display());
         }
-        dir.share(volume.path(), "c1/mounts/0", false).unwrap();
+        dir.share(volume.path(), "c1/mounts/0", false, Propagation::Private).unwrap();
         std::fs::write(shared.join("c1/mounts/0/written-by-guest"), b"x").unwrap();
         assert!(volume.path().join("written-by-guest").is_file(), "the volume is writable through the view");
         assert!(std::fs::create_dir(shared.join("c1/mounts/9")).is_err(), "no new names beside it");
-        dir.share(volume.path(), "c1/mounts/1", true).unwrap();
+        dir.share(volume.path(), "c1/mounts/1", true, Propagation::Private).unwrap();
         assert!(is_read_only(&shared.join("c1/mounts/1")), "a read-only share is read-only in the view");
         assert!(std::fs::write(shared.join("c1/mounts/1/more"), b"x").is_err());
         assert!(is_read_only(&shared) && !is_read_only(&shared.join("c1/mounts/0")));
@@ -521,10 +551,37 @@ mod tests {
         mount(none, &volume, none, MsFlags::MS_SHARED, none).unwrap();
         mount(Some("tmpfs"), &sub, Some("tmpfs"), MsFlags::empty(), none).unwrap();
         let dir = SandboxDir::create(root.path(), "pod").unwrap();
-        dir.share(&volume, "c1/mounts/0", true).unwrap();
+        dir.share(&volume, "c1/mounts/0", true, Propagation::Private).unwrap();
         let seen = dir.shared().join("c1/mounts/0/sub");
         assert_ne!(mount_flags(&seen) & libc::ST_NOSUID, 0, "submounts are nosuid in the view too");
         assert!(is_read_only(&dir.shared().join("c1/mounts/0")) && !is_read_only(&seen), "ro is the top's");
+        dir.release("c1").unwrap();
+        drop(dir);
+        let left = mounts_below(node.path()).unwrap();
+        assert!(left.contains(&sub) && left.contains(&volume), "the node's mounts stay: {left:?}");
+        umount2(&sub, MntFlags::MNT_DETACH).unwrap();
+        umount2(&volume, MntFlags::MNT_DETACH).unwrap();
+    }
+
+    /// An `rslave` volume: what the node mounts under it later appears in the guest's view (a
+    /// private one's does not), and the pod's teardown leaves that mount on the node. Needs root.
+    #[test]
+    fn an_rslave_share_receives_the_nodes_later_mounts_and_its_teardown_leaves_them() {
+        let root = tempfile::tempdir().unwrap();
+        let node = tempfile::tempdir().unwrap();
+        let (volume, sub) = (node.path().join("volume"), node.path().join("volume/sub"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let none = None::<&str>;
+        mount(Some(&volume), &volume, none, MsFlags::MS_BIND, none).unwrap();
+        mount(none, &volume, none, MsFlags::MS_SHARED, none).unwrap();
+        let dir = SandboxDir::create(root.path(), "pod").unwrap();
+        dir.share(&volume, "c1/mounts/0", true, Propagation::FromNode).unwrap();
+        dir.share(&volume, "c1/mounts/1", true, Propagation::Private).unwrap();
+        mount(Some("tmpfs"), &sub, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+        std::fs::write(sub.join("late"), b"mounted after the share").unwrap();
+        let shared = dir.shared();
+        assert!(shared.join("c1/mounts/0/sub/late").is_file(), "the rslave share sees the node's new mount");
+        assert!(!shared.join("c1/mounts/1/sub/late").exists(), "the private one does not");
         dir.release("c1").unwrap();
         drop(dir);
         let left = mounts_below(node.path()).unwrap();
