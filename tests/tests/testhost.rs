@@ -100,7 +100,7 @@ fn a_wedged_test_host_is_detected_and_the_command_rerun_then_given_up_on() {
 }
 
 #[test]
-fn a_nested_guest_triple_fault_a_test_host_reset_or_lost_output_is_rerun_then_given_up_on() {
+fn triple_faults_test_host_resets_kvm_panics_and_lost_output_are_rerun_then_given_up_on() {
     // What husk-vmm prints when a guest triple-faults, with no panic of the guest's own.
     let fake_fault = "echo 'husk-vmm: the VM ended: vCPU 0 triple fault (rip=0xfff0)' >&2; exit 3";
     let output =
@@ -116,6 +116,15 @@ fn a_nested_guest_triple_fault_a_test_host_reset_or_lost_output_is_rerun_then_gi
     assert_eq!(output.status.code(), Some(125), "{}", describe(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("reset itself") && stderr.contains("attempt 2 of 2"), "{}", describe(&output));
+
+    // The test host's kernel panicking inside KVM while it runs a nested guest (its console's
+    // trace, written by the command, then a reset with no status).
+    let panic = "printf ' kvm_arch_vcpu_ioctl_run+0x8be/0x1750 [kvm]\\nKernel panic - not syncing: Fatal exception in interrupt\\n' >/dev/console
+        echo b > /proc/sysrq-trigger; sleep 60";
+    let output = run(testhost_command(BOOT_BUDGET, &["sh", "-c", panic]).env("HUSK_TESTHOST_ATTEMPTS", "2"));
+    assert_eq!(output.status.code(), Some(125), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("panicked in KVM") && stderr.contains("attempt 2 of 2"), "{}", describe(&output));
 
     // The status arriving without the command's output (the test host powered off before its
     // serial port drained): what arrived is still shown.
