@@ -15,11 +15,12 @@ use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{
     Capability, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, ContainerStatus,
     ContainerStatusRequest, CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, Int64Value,
-    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, Mount, MountPropagation, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, ReopenContainerLogRequest, SecurityProfile, StartContainerRequest,
-    StatusRequest, StopContainerRequest, StopPodSandboxRequest,
+    KeyValue, LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, MountPropagation, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, ReopenContainerLogRequest, SecurityProfile,
+    StartContainerRequest, StatusRequest, StopContainerRequest, StopPodSandboxRequest,
+    UpdateContainerResourcesRequest,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
@@ -75,6 +76,11 @@ pub const CHECKS: &[&str] = &[
     "a_removed_containers_volume_is_released_on_the_node",
     "host_mounts_propagate_into_an_rslave_volume",
     "a_recursive_read_only_volume_is_read_only_all_through",
+    "env_and_working_dir_apply",
+    "a_container_that_cannot_start_names_its_command_and_is_removable",
+    "a_restarted_container_runs_as_a_new_attempt_in_the_same_pod",
+    "containers_sharing_the_pods_pid_namespace_see_each_other",
+    "update_container_resources_changes_the_memory_limit",
     "a_pods_stop_and_remove_are_idempotent",
 ];
 
@@ -166,6 +172,11 @@ impl Checks {
             "a_removed_containers_volume_is_released_on_the_node" => self.volume_released().await,
             "host_mounts_propagate_into_an_rslave_volume" => self.rslave_propagation().await,
             "a_recursive_read_only_volume_is_read_only_all_through" => self.recursive_read_only().await,
+            "env_and_working_dir_apply" => self.env_and_working_dir().await,
+            "a_container_that_cannot_start_names_its_command_and_is_removable" => self.failed_start().await,
+            "a_restarted_container_runs_as_a_new_attempt_in_the_same_pod" => self.restart_attempt().await,
+            "containers_sharing_the_pods_pid_namespace_see_each_other" => self.shared_pid_namespace().await,
+            "update_container_resources_changes_the_memory_limit" => self.update_resources().await,
             "a_pods_stop_and_remove_are_idempotent" => self.pod_stop_and_remove().await,
             _ => bail!("no check named {check}"),
         }
@@ -469,6 +480,108 @@ impl Checks {
         Ok(())
     }
 
+    async fn env_and_working_dir(&mut self) -> Result<()> {
+        let id = self
+            .idle("env", |c| {
+                c.envs = vec![KeyValue { key: "GREETING".into(), value: "hello pod".into() }];
+                c.working_dir = "/tmp".into();
+            })
+            .await?;
+        expect_output(&self.exec(&id, &["sh", "-c", "echo \"$GREETING\" $(pwd)"]).await?, "hello pod /tmp")
+    }
+
+    async fn failed_start(&mut self) -> Result<()> {
+        let started = self.create_and_start("no-binary", vec!["/no/such/binary".into()], |_| {}).await;
+        let err = match started {
+            Ok(_) => bail!("a container whose command does not exist started"),
+            Err(err) => format!("{err:#}"),
+        };
+        ensure!(err.contains("/no/such/binary"), "the error does not name the command: {err}");
+        // A container that was created and failed to start is removed with the others (what is
+        // left after the pod is checked by the test).
+        Ok(())
+    }
+
+    async fn restart_attempt(&mut self) -> Result<()> {
+        let first = self.shell("restarted", "exit 3", |_| {}).await?;
+        let code = self.exit_code(&first).await?;
+        ensure!(code == 3, "the first attempt exited {code}");
+        let second = self
+            .idle("restarted", |c| {
+                c.metadata = Some(ContainerMetadata { name: "restarted".into(), attempt: 1 });
+                c.log_path = "restarted-1.log".into();
+            })
+            .await?;
+        expect_output(&self.exec(&second, &["echo", "second-attempt"]).await?, "second-attempt")
+    }
+
+    async fn shared_pid_namespace(&mut self) -> Result<()> {
+        let logs = self.work.join("shared-pid-logs");
+        std::fs::create_dir_all(&logs).context("the shared-PID pod's log directory")?;
+        let mut config = pod_config(&format!("conformance-{}-shared-pid", self.handler), &logs);
+        let shared = NamespaceOption { pid: NamespaceMode::Pod as i32, ..namespaces() };
+        if let Some(security) = config.linux.as_mut().and_then(|l| l.security_context.as_mut()) {
+            security.namespace_options = Some(shared.clone());
+        }
+        let pod = run_pod(&mut self.cri, &config, &self.handler).await?;
+        let seen = self.two_containers_in(&pod, &config, shared).await;
+        let removed = stop_and_remove_pod(&mut self.cri, &pod).await;
+        let seen = seen?;
+        removed?;
+        ensure!(
+            seen.lines().any(|l| l.starts_with("sleep 4242")),
+            "the other container's sleep is not visible: {seen:?}"
+        );
+        Ok(())
+    }
+
+    /// Starts `sleep 4242` and an idle container in `pod` (PID namespaces as `namespaces` says);
+    /// what the second sees of every process's command line.
+    async fn two_containers_in(
+        &mut self,
+        pod: &str,
+        config: &PodSandboxConfig,
+        namespaces: NamespaceOption,
+    ) -> Result<String> {
+        let with_namespaces = |name: &str, command: &[&str]| {
+            let mut container = idle_config(name);
+            container.command = command.iter().map(|s| s.to_string()).collect();
+            security(&mut container).namespace_options = Some(namespaces.clone());
+            container
+        };
+        create_and_start(
+            &mut self.cri,
+            pod,
+            config,
+            "sleeper",
+            with_namespaces("sleeper", &["sleep", "4242"]),
+        )
+        .await?;
+        let looker = create_and_start(
+            &mut self.cri,
+            pod,
+            config,
+            "looker",
+            with_namespaces("looker", &["sleep", "100000"]),
+        )
+        .await?;
+        let list = "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done";
+        exec(&mut self.cri, &looker, &["sh", "-c", list]).await
+    }
+
+    async fn update_resources(&mut self) -> Result<()> {
+        let id = self.idle("resized", |c| resources(c).memory_limit_in_bytes = 64 << 20).await?;
+        let linux = LinuxContainerResources { memory_limit_in_bytes: 96 << 20, ..Default::default() };
+        let request = UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(linux),
+            ..Default::default()
+        };
+        self.cri.update_container_resources(request).await.context("UpdateContainerResources")?;
+        let max = self.exec(&id, &["cat", "/sys/fs/cgroup/memory.max"]).await?;
+        expect_output(&max, &(96u64 << 20).to_string())
+    }
+
     async fn pod_stop_and_remove(&mut self) -> Result<()> {
         let logs = self.work.join("second-pod-logs");
         std::fs::create_dir_all(&logs).context("the second pod's log directory")?;
@@ -513,8 +626,20 @@ impl Checks {
         let mut config = idle_config(name);
         config.command = command;
         adjust(&mut config);
-        let id = create_and_start(&mut self.cri, &self.pod, &self.config, name, config).await?;
+        let request = CreateContainerRequest {
+            pod_sandbox_id: self.pod.clone(),
+            config: Some(config),
+            sandbox_config: Some(self.config.clone()),
+        };
+        let reply =
+            self.cri.create_container(request).await.with_context(|| format!("CreateContainer {name}"))?;
+        let id = reply.into_inner().container_id;
+        // Removed after the check even when it fails to start.
         self.containers.push(id.clone());
+        self.cri
+            .start_container(StartContainerRequest { container_id: id.clone() })
+            .await
+            .with_context(|| format!("StartContainer {name}"))?;
         Ok(id)
     }
 
