@@ -121,10 +121,11 @@ fn triple_faults_test_host_resets_kvm_panics_and_lost_output_are_rerun_then_give
     // trace, written by the command, then a reset with no status).
     let panic = "printf ' kvm_arch_vcpu_ioctl_run+0x8be/0x1750 [kvm]\\nKernel panic - not syncing: Fatal exception in interrupt\\n' >/dev/console
         echo b > /proc/sysrq-trigger; sleep 60";
-    let output = run(testhost_command(BOOT_BUDGET, &["sh", "-c", panic]).env("HUSK_TESTHOST_ATTEMPTS", "2"));
+    // One attempt: the rerun itself is shown above; here only that it counts as a fault.
+    let output = run(testhost_command(BOOT_BUDGET, &["sh", "-c", panic]).env("HUSK_TESTHOST_ATTEMPTS", "1"));
     assert_eq!(output.status.code(), Some(125), "{}", describe(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("panicked in KVM") && stderr.contains("attempt 2 of 2"), "{}", describe(&output));
+    assert!(stderr.contains("panicked in KVM") && stderr.contains("giving up"), "{}", describe(&output));
 
     // The status arriving without the command's output (the test host powered off before its
     // serial port drained): what arrived is still shown.
