@@ -14,17 +14,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{
     Capability, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, ContainerStatus,
-    ContainerStatusRequest, CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, Int64Value,
-    KeyValue, LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, MountPropagation, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
-    RemoveContainerRequest, RemovePodSandboxRequest, ReopenContainerLogRequest, SecurityProfile,
-    StartContainerRequest, StatusRequest, StopContainerRequest, StopPodSandboxRequest,
-    UpdateContainerResourcesRequest,
+    ContainerStatusRequest, DnsConfig, ExecSyncRequest, ImageSpec, Int64Value, KeyValue,
+    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, Mount, MountPropagation, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, ReopenContainerLogRequest, SecurityProfile, StatusRequest, StopContainerRequest,
+    StopPodSandboxRequest, UpdateContainerResourcesRequest,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use crate::cri::{exec, run_pod, Cri, IMAGE};
+use crate::cri::{create, create_and_start, exec, exit_code_when_exited, run_pod, start_created, Cri, IMAGE};
 
 /// The hostname, sysctls and DNS settings of the pod the checks run in.
 const POD_HOSTNAME: &str = "conformance-pod";
@@ -49,7 +48,7 @@ const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/s
 /// How long StopContainer may take for a container that exits on SIGTERM (runc: well under a
 /// second; the grace period given is a minute).
 const PROMPT_STOP: Duration = Duration::from_secs(10);
-/// How long a check waits for what a container does on its own (a log line, an exit).
+/// How long a check waits for what a container does on its own (a log line, a signal handler).
 const EVENT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The name of every check, in the order [`run_all`] runs them.
@@ -315,7 +314,7 @@ impl Checks {
         };
         let script = "mkdir /tmp/blocked 2>/dev/null && exit 0; [ -d /tmp/blocked ] && exit 1; exit 42";
         let id = self.shell("seccomp-localhost", script, |c| security(c).seccomp = Some(localhost)).await?;
-        let code = self.exit_code(&id).await?;
+        let code = exit_code_when_exited(&mut self.cri, &id).await?;
         ensure!(code == 42, "mkdir under a profile that denies it: exit {code} (0: it was allowed)");
         Ok(())
     }
@@ -417,7 +416,7 @@ impl Checks {
         let id = self
             .shell("oom", "x=a; while :; do x=$x$x; done", |c| resources(c).memory_limit_in_bytes = 32 << 20)
             .await?;
-        let code = self.exit_code(&id).await?;
+        let code = exit_code_when_exited(&mut self.cri, &id).await?;
         let status = self.status(&id).await?;
         ensure!(code == 137 && status.reason == "OOMKilled", "exit {code}, reason {:?}", status.reason);
         Ok(())
@@ -504,7 +503,7 @@ impl Checks {
 
     async fn restart_attempt(&mut self) -> Result<()> {
         let first = self.shell("restarted", "exit 3", |_| {}).await?;
-        let code = self.exit_code(&first).await?;
+        let code = exit_code_when_exited(&mut self.cri, &first).await?;
         ensure!(code == 3, "the first attempt exited {code}");
         let second = self
             .idle("restarted", |c| {
@@ -626,20 +625,10 @@ impl Checks {
         let mut config = idle_config(name);
         config.command = command;
         adjust(&mut config);
-        let request = CreateContainerRequest {
-            pod_sandbox_id: self.pod.clone(),
-            config: Some(config),
-            sandbox_config: Some(self.config.clone()),
-        };
-        let reply =
-            self.cri.create_container(request).await.with_context(|| format!("CreateContainer {name}"))?;
-        let id = reply.into_inner().container_id;
+        let id = create(&mut self.cri, &self.pod, &self.config, name, config).await?;
         // Removed after the check even when it fails to start.
         self.containers.push(id.clone());
-        self.cri
-            .start_container(StartContainerRequest { container_id: id.clone() })
-            .await
-            .with_context(|| format!("StartContainer {name}"))?;
+        start_created(&mut self.cri, &id, name).await?;
         Ok(id)
     }
 
@@ -694,19 +683,6 @@ impl Checks {
         let request = ContainerStatusRequest { container_id: id.into(), verbose: false };
         let reply = self.cri.container_status(request).await.context("ContainerStatus")?.into_inner();
         reply.status.context("ContainerStatus: no status")
-    }
-
-    /// The container's exit code once CRI reports it exited, within [`EVENT_DEADLINE`].
-    async fn exit_code(&mut self, id: &str) -> Result<i32> {
-        let deadline = Instant::now() + EVENT_DEADLINE;
-        loop {
-            let status = self.status(id).await?;
-            if status.state == ContainerState::ContainerExited as i32 {
-                return Ok(status.exit_code);
-            }
-            ensure!(Instant::now() < deadline, "the container did not exit within {EVENT_DEADLINE:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     /// A fresh directory of this handler's work directory, for a volume.
@@ -796,26 +772,6 @@ fn volume(host: &Path, container: &str, readonly: bool) -> Mount {
         readonly,
         ..Default::default()
     }
-}
-
-async fn create_and_start(
-    cri: &mut Cri,
-    pod: &str,
-    sandbox_config: &PodSandboxConfig,
-    name: &str,
-    config: ContainerConfig,
-) -> Result<String> {
-    let request = CreateContainerRequest {
-        pod_sandbox_id: pod.into(),
-        config: Some(config),
-        sandbox_config: Some(sandbox_config.clone()),
-    };
-    let reply = cri.create_container(request).await.with_context(|| format!("CreateContainer {name}"))?;
-    let id = reply.into_inner().container_id;
-    cri.start_container(StartContainerRequest { container_id: id.clone() })
-        .await
-        .with_context(|| format!("StartContainer {name}"))?;
-    Ok(id)
 }
 
 /// StopPodSandbox and RemovePodSandbox, each twice (the kubelet retries both; the second call

@@ -177,7 +177,22 @@ pub async fn start(
     create_and_start(cri, pod, sandbox_config, name, config).await
 }
 
+/// [`create`] then [`start_created`]; prints `<name>=<id>`.
 pub async fn create_and_start(
+    cri: &mut Cri,
+    pod: &str,
+    sandbox_config: &PodSandboxConfig,
+    name: &str,
+    config: ContainerConfig,
+) -> Result<String> {
+    let id = create(cri, pod, sandbox_config, name, config).await?;
+    start_created(cri, &id, name).await?;
+    println!("{name}={id}");
+    Ok(id)
+}
+
+/// CreateContainer of `config` (named `name` in errors) in `pod`; returns its id.
+pub async fn create(
     cri: &mut Cri,
     pod: &str,
     sandbox_config: &PodSandboxConfig,
@@ -189,17 +204,16 @@ pub async fn create_and_start(
         config: Some(config),
         sandbox_config: Some(sandbox_config.clone()),
     };
-    let id = cri
-        .create_container(request)
-        .await
-        .with_context(|| format!("CreateContainer {name}"))?
-        .into_inner()
-        .container_id;
-    cri.start_container(StartContainerRequest { container_id: id.clone() })
+    let reply = cri.create_container(request).await.with_context(|| format!("CreateContainer {name}"))?;
+    Ok(reply.into_inner().container_id)
+}
+
+/// StartContainer of the created container `id` (named `name` in errors).
+pub async fn start_created(cri: &mut Cri, id: &str, name: &str) -> Result<()> {
+    cri.start_container(StartContainerRequest { container_id: id.into() })
         .await
         .with_context(|| format!("StartContainer {name}"))?;
-    println!("{name}={id}");
-    Ok(id)
+    Ok(())
 }
 
 /// The longest any CRI call may take, below the 900 s a VM test gives its whole test host.

@@ -537,6 +537,40 @@ mod tests {
         assert!(mounts_below(root.path()).unwrap().is_empty());
     }
 
+    /// A node's volume `<node>/volume`, a shared mount (bound onto itself), with a directory
+    /// `sub` for a submount.
+    struct NodeVolume {
+        volume: PathBuf,
+        sub: PathBuf,
+    }
+
+    impl NodeVolume {
+        fn shared(node: &Path) -> NodeVolume {
+            let (volume, sub) = (node.join("volume"), node.join("volume/sub"));
+            std::fs::create_dir_all(&sub).unwrap();
+            let none = None::<&str>;
+            mount(Some(&volume), &volume, none, MsFlags::MS_BIND, none).unwrap();
+            mount(none, &volume, none, MsFlags::MS_SHARED, none).unwrap();
+            NodeVolume { volume, sub }
+        }
+
+        /// Asserts that the volume and its submount are still mounted on the node, then
+        /// unmounts both.
+        fn assert_left_alone_then_unmount(self, node: &Path) {
+            let left = mounts_below(node).unwrap();
+            assert!(
+                left.contains(&self.sub) && left.contains(&self.volume),
+                "the node's mounts stay: {left:?}"
+            );
+            umount2(&self.sub, MntFlags::MNT_DETACH).unwrap();
+            umount2(&self.volume, MntFlags::MNT_DETACH).unwrap();
+        }
+    }
+
+    fn mount_tmpfs(at: &Path) {
+        mount(Some("tmpfs"), at, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+    }
+
     /// A volume that is a shared mount with a submount of its own (a kubelet volume on a systemd
     /// node): its submount is confined in the view too, and the pod's teardown leaves the node's
     /// mounts alone. Needs root.
@@ -544,12 +578,8 @@ mod tests {
     fn a_pods_teardown_never_unmounts_the_nodes_mounts_under_a_volume() {
         let root = tempfile::tempdir().unwrap();
         let node = tempfile::tempdir().unwrap();
-        let (volume, sub) = (node.path().join("volume"), node.path().join("volume/sub"));
-        std::fs::create_dir_all(&sub).unwrap();
-        let none = None::<&str>;
-        mount(Some(&volume), &volume, none, MsFlags::MS_BIND, none).unwrap();
-        mount(none, &volume, none, MsFlags::MS_SHARED, none).unwrap();
-        mount(Some("tmpfs"), &sub, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+        let NodeVolume { volume, sub } = NodeVolume::shared(node.path());
+        mount_tmpfs(&sub);
         let dir = SandboxDir::create(root.path(), "pod").unwrap();
         dir.share(&volume, "c1/mounts/0", true, Propagation::Private).unwrap();
         let seen = dir.shared().join("c1/mounts/0/sub");
@@ -557,10 +587,7 @@ mod tests {
         assert!(is_read_only(&dir.shared().join("c1/mounts/0")) && !is_read_only(&seen), "ro is the top's");
         dir.release("c1").unwrap();
         drop(dir);
-        let left = mounts_below(node.path()).unwrap();
-        assert!(left.contains(&sub) && left.contains(&volume), "the node's mounts stay: {left:?}");
-        umount2(&sub, MntFlags::MNT_DETACH).unwrap();
-        umount2(&volume, MntFlags::MNT_DETACH).unwrap();
+        NodeVolume { volume, sub }.assert_left_alone_then_unmount(node.path());
     }
 
     /// An `rslave` volume: what the node mounts under it later appears in the guest's view (a
@@ -569,25 +596,18 @@ mod tests {
     fn an_rslave_share_receives_the_nodes_later_mounts_and_its_teardown_leaves_them() {
         let root = tempfile::tempdir().unwrap();
         let node = tempfile::tempdir().unwrap();
-        let (volume, sub) = (node.path().join("volume"), node.path().join("volume/sub"));
-        std::fs::create_dir_all(&sub).unwrap();
-        let none = None::<&str>;
-        mount(Some(&volume), &volume, none, MsFlags::MS_BIND, none).unwrap();
-        mount(none, &volume, none, MsFlags::MS_SHARED, none).unwrap();
+        let NodeVolume { volume, sub } = NodeVolume::shared(node.path());
         let dir = SandboxDir::create(root.path(), "pod").unwrap();
         dir.share(&volume, "c1/mounts/0", true, Propagation::FromNode).unwrap();
         dir.share(&volume, "c1/mounts/1", true, Propagation::Private).unwrap();
-        mount(Some("tmpfs"), &sub, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+        mount_tmpfs(&sub);
         std::fs::write(sub.join("late"), b"mounted after the share").unwrap();
         let shared = dir.shared();
         assert!(shared.join("c1/mounts/0/sub/late").is_file(), "the rslave share sees the node's new mount");
         assert!(!shared.join("c1/mounts/1/sub/late").exists(), "the private one does not");
         dir.release("c1").unwrap();
         drop(dir);
-        let left = mounts_below(node.path()).unwrap();
-        assert!(left.contains(&sub) && left.contains(&volume), "the node's mounts stay: {left:?}");
-        umount2(&sub, MntFlags::MNT_DETACH).unwrap();
-        umount2(&volume, MntFlags::MNT_DETACH).unwrap();
+        NodeVolume { volume, sub }.assert_left_alone_then_unmount(node.path());
     }
 
     #[test]
