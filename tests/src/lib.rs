@@ -4,6 +4,7 @@
 //!
 //! The tests expect `make build guest-image testhost` to have run (`make test` does that first).
 
+pub mod batch;
 pub mod bench;
 pub mod conformance;
 pub mod console_scenario;

@@ -5,8 +5,11 @@
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::process::Output;
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use husk_tests::batch::{batch_script, BatchCommand, BatchOutput};
 use husk_tests::containerd::{import_command, run_beside_containerd, ImageTar};
 use husk_tests::{
     assert_figure_beside_baseline, assert_figure_beside_noisy_baseline, assert_figure_records, describe,
@@ -14,6 +17,8 @@ use husk_tests::{
 };
 
 const BUDGET: Duration = Duration::from_secs(900);
+/// The three CRI benchmarks together.
+const CRI_BUDGET: Duration = Duration::from_secs(1500);
 
 #[test]
 fn the_containerd_benchmark_prints_each_figure_beside_runc() {
@@ -33,17 +38,43 @@ fn the_containerd_benchmark_prints_each_figure_beside_runc() {
     assert_figure_records(&text, &["ctr_run_ms", "shim_rss_mib", "pod_overhead_mib"]);
 }
 
+/// The CRI benchmarks, run one after another beside one containerd in one boot of the test host
+/// (on first use); each test reads its own.
+static CRI_BENCHES: OnceLock<BatchOutput> = OnceLock::new();
+
+fn cri_bench(name: &str) -> &'static Output {
+    CRI_BENCHES.get_or_init(run_cri_benches).get(name)
+}
+
+fn run_cri_benches() -> BatchOutput {
+    let (busybox, pause) = (ImageTar::busybox("cribench"), ImageTar::pause("cribench"));
+    // Each probe takes its options, containerd's address, a log directory and a size.
+    let bench = |name: &'static str, probe: &str, options: &str, size: &str| {
+        let script = format!(
+            "logs=$(mktemp -d); {} {options} \"$CONTAINERD_ADDRESS\" $logs {size}; status=$?; rm -rf $logs; exit $status",
+            target_bin(probe).display()
+        );
+        BatchCommand::new(name, &["sh", "-c", &script])
+    };
+    let benches = [
+        bench("pod", "husk-cri-pod", "--bench 1", ""),
+        // 4 MiB per transfer (make bench moves 32): the figures' shape is what this checks, and
+        // the emulated test host is slow and fault-prone under long transfers (docs/performance.md).
+        bench("net", "husk-cri-net", "--bench", "4"),
+        bench("density", "husk-cri-density", "--rounds 1", "2"),
+    ];
+    let script = format!(
+        "{imports} || exit 1\n{}",
+        batch_script(&benches),
+        imports = import_command(&[&busybox, &pause], true)
+    );
+    BatchOutput::split(run_beside_containerd(true, CRI_BUDGET, &["sh", "-c", &script]))
+}
+
 #[test]
 fn the_cri_pod_benchmark_prints_pod_start_beside_runc() {
-    let (busybox, pause) = (ImageTar::busybox("podbench"), ImageTar::pause("podbench"));
-    let script = format!(
-        "{imports} || exit 1
-logs=$(mktemp -d); {probe} --bench 1 \"$CONTAINERD_ADDRESS\" $logs; status=$?; rm -rf $logs; exit $status",
-        imports = import_command(&[&busybox, &pause], true),
-        probe = target_bin("husk-cri-pod").display()
-    );
-    let output = run_beside_containerd(true, BUDGET, &["sh", "-c", &script]);
-    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let output = cri_bench("pod");
+    assert_eq!(output.status.code(), Some(0), "{}", describe(output));
     assert_figure_beside_baseline(
         &String::from_utf8_lossy(&output.stdout),
         "pod_start_ms",
@@ -54,17 +85,8 @@ logs=$(mktemp -d); {probe} --bench 1 \"$CONTAINERD_ADDRESS\" $logs; status=$?; r
 
 #[test]
 fn the_pod_network_benchmark_prints_throughput_and_round_trip_beside_runc() {
-    // 4 MiB per transfer (make bench moves 32): the figures' shape is what this checks, and the
-    // emulated test host is slow and fault-prone under long transfers (docs/performance.md).
-    let (busybox, pause) = (ImageTar::busybox("netbench"), ImageTar::pause("netbench"));
-    let script = format!(
-        "{imports} || exit 1
-logs=$(mktemp -d); {probe} --bench \"$CONTAINERD_ADDRESS\" $logs 4; status=$?; rm -rf $logs; exit $status",
-        imports = import_command(&[&busybox, &pause], true),
-        probe = target_bin("husk-cri-net").display()
-    );
-    let output = run_beside_containerd(true, BUDGET, &["sh", "-c", &script]);
-    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let output = cri_bench("net");
+    assert_eq!(output.status.code(), Some(0), "{}", describe(output));
     let text = String::from_utf8_lossy(&output.stdout);
     assert_figure_beside_baseline(&text, "net_mb_per_s", "runc_net_mb_per_s");
     assert_figure_beside_baseline(&text, "net_rtt_us", "runc_net_rtt_us");
@@ -73,15 +95,8 @@ logs=$(mktemp -d); {probe} --bench \"$CONTAINERD_ADDRESS\" $logs 4; status=$?; r
 
 #[test]
 fn the_density_benchmark_prints_all_running_memory_and_per_pod_start_beside_runc() {
-    let (busybox, pause) = (ImageTar::busybox("densitybench"), ImageTar::pause("densitybench"));
-    let script = format!(
-        "{imports} || exit 1
-logs=$(mktemp -d); {probe} --rounds 1 \"$CONTAINERD_ADDRESS\" $logs 2; status=$?; rm -rf $logs; exit $status",
-        imports = import_command(&[&busybox, &pause], true),
-        probe = target_bin("husk-cri-density").display()
-    );
-    let output = run_beside_containerd(true, BUDGET, &["sh", "-c", &script]);
-    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let output = cri_bench("density");
+    assert_eq!(output.status.code(), Some(0), "{}", describe(output));
     let text = String::from_utf8_lossy(&output.stdout);
     let figures = ["density_2_start_ms", "density_2_mem_mib", "density_2_pod_start_ms"];
     for figure in ["density_2_start_ms", "density_2_pod_start_ms"] {
