@@ -22,6 +22,10 @@ const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
 const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 /// The smallest guest the image boots in.
 const MIN_MEMORY_MIB: u64 = 64;
+/// Bounds of `hypervisor.virtio_fs_max_fds`: enough for a container to start, and no more than
+/// the shim's own open-file limit leaves for the rest of the process.
+const MIN_FS_MAX_FDS: usize = 256;
+const MAX_FS_MAX_FDS: usize = (husk_vmm::host::WANTED_FD_LIMIT * 7 / 8) as usize;
 
 /// Why the configuration or a pod's request cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,8 @@ pub struct HypervisorConfig {
     pub kernel_params: String,
     /// vCPU and device threads under their seccomp filters (husk_vmm::seccomp).
     pub seccomp: bool,
+    /// The most host files (inodes and open handles) a pod's share holds for its guest.
+    pub virtio_fs_max_fds: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +98,7 @@ impl Default for HypervisorConfig {
             max_memory_mib: 16384,
             kernel_params: String::new(),
             seccomp: true,
+            virtio_fs_max_fds: husk_vmm::devices::virtio::fs::DEFAULT_MAX_FDS,
         }
     }
 }
@@ -168,6 +175,12 @@ impl Config {
                     "= {}: must be {MIN_MEMORY_MIB} to max_memory_mib ({})",
                     h.memory_mib, h.max_memory_mib
                 ),
+            );
+        }
+        if !(MIN_FS_MAX_FDS..=MAX_FS_MAX_FDS).contains(&h.virtio_fs_max_fds) {
+            return invalid(
+                "hypervisor.virtio_fs_max_fds",
+                format!("= {}: must be {MIN_FS_MAX_FDS} to {MAX_FS_MAX_FDS}", h.virtio_fs_max_fds),
             );
         }
         if self.agent.boot_timeout_s == 0 {
@@ -317,6 +330,8 @@ mod tests {
         assert!(err.contains("memory_mib") && err.contains("line 2"), "{err}");
         let err = parse("[hypervisor]\nvcpus = 9\n").unwrap_err().to_string();
         assert!(err.contains("hypervisor.vcpus = 9"), "{err}");
+        let err = parse("[hypervisor]\nvirtio_fs_max_fds = 10\n").unwrap_err().to_string();
+        assert!(err.contains("hypervisor.virtio_fs_max_fds = 10: must be 256 to"), "{err}");
         let err = parse("[runtime]\nenable_annotations = [\"kernel\"]\n").unwrap_err().to_string();
         assert!(err.contains("runtime.enable_annotations") && err.contains("\"kernel\""), "{err}");
         let err = Config::load(Some(Path::new("/nonexistent/husk.toml"))).unwrap_err().to_string();

@@ -44,6 +44,8 @@ pub struct RunOptions {
     pub kernel_params: String,
     /// The VMM's threads under their seccomp filters.
     pub seccomp: bool,
+    /// The most host files the share holds for the guest.
+    pub fs_max_fds: usize,
     pub agent_timeout: Duration,
 }
 
@@ -92,6 +94,7 @@ pub async fn run(options: &RunOptions) -> Result<i32, RunError> {
         sysctls: Default::default(),
         network: None,
         seccomp: options.seccomp,
+        fs_max_fds: options.fs_max_fds,
         // `husk run` stays where its caller put it.
         cgroup: None,
     };

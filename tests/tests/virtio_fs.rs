@@ -155,3 +155,36 @@ fn overlayfs_in_the_guest_works_over_a_virtio_fs_lower_directory() {
     assert!(text.contains("whiteout=0:0"), "the deletion is a whiteout in the upper layer: {text}");
     assert!(text.contains("lower-after=image-v1 tool=tool new=0"), "the image is untouched: {text}");
 }
+
+/// A guest that looks up and opens more files than the share may hold for it (`--fs-max-fds`):
+/// beyond the bound its opens fail with ENFILE, the VMM's own descriptors stay within it, and
+/// what the guest forgets makes room again.
+#[test]
+fn a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_bound() {
+    let mut scenario = shared(
+        "guest 'cd /mnt/share/many; ok=0; i=0; while [ $i -lt 1000 ]; do { read -r l < f$i; } 2>>/tmp/err && ok=$((ok+1)); i=$((i+1)); done; echo \"opened=$ok\"; grep -c \"Too many open files in system\" /tmp/err | sed s/^/refused=/'
+  sync_guest exhausted
+  echo \"host-fds=$(ls /proc/$(pidof husk-vmm)/fd | wc -l)\" >&2
+  guest 'echo 3 > /proc/sys/vm/drop_caches; i=0; until read -r l < f999 2>/dev/null || [ $i -ge 50 ]; do sleep 0.2; i=$((i+1)); done; echo \"after-forget=$l\"; cd /'
+  sync_guest forgotten",
+    );
+    scenario.host_setup =
+        "mkdir -p $work/share/many; i=0; while [ $i -lt 1000 ]; do echo x > $work/share/many/f$i; i=$((i+1)); done"
+            .into();
+    scenario.vmm_args.push_str(" --fs-max-fds 300");
+    let text = run_scenario(&scenario);
+    let value = |key: &str| -> usize {
+        // The last one: the console also echoes the command line that prints it.
+        text.lines()
+            .rev()
+            .find_map(|l| l.split_once(key).and_then(|(_, v)| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {key}: {text}"))
+    };
+    let opened = value("opened=");
+    assert!((200..300).contains(&opened), "the guest held up to the bound, not beyond: {opened}: {text}");
+    assert_eq!(value("refused=") + opened, 1000, "every other open failed with ENFILE: {text}");
+    // The VMM's own descriptors (KVM, eventfds, sockets: a few dozen) besides the bound; without
+    // it, one per file the guest opened.
+    assert!(value("host-fds=") < 400, "{text}");
+    assert!(text.contains("after-forget=x"), "forgotten inodes make room again: {text}");
+}

@@ -31,8 +31,8 @@ pub enum DeviceConfig {
     /// connections to host port P reach `<socket>_P`.
     Vsock { guest_cid: u64, socket: std::path::PathBuf, host_ports: HostPorts },
     /// virtio-fs: the host directory `shared_dir`, mounted in the guest with
-    /// `mount -t virtiofs <tag> <dir>`.
-    Fs { tag: String, shared_dir: std::path::PathBuf },
+    /// `mount -t virtiofs <tag> <dir>`, holding at most `max_fds` host files for the guest.
+    Fs { tag: String, shared_dir: std::path::PathBuf, max_fds: usize },
     /// virtio-net on an open tap (or another frame backend), with the guest NIC's MAC and MTU.
     Net(NetConfig),
 }
@@ -87,7 +87,9 @@ pub fn virtio_devices(
             DeviceConfig::Vsock { guest_cid, socket, host_ports } => {
                 Box::new(VsockDevice::new(*guest_cid, socket.clone(), host_ports.clone()))
             }
-            DeviceConfig::Fs { tag, shared_dir } => Box::new(FsDevice::new(tag, shared_dir)?),
+            DeviceConfig::Fs { tag, shared_dir, max_fds } => {
+                Box::new(FsDevice::new(tag, shared_dir, *max_fds)?)
+            }
             DeviceConfig::Net(net) => Box::new(NetDevice::new(net.clone())),
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio irq eventfd"))?;

@@ -62,6 +62,10 @@ struct Cli {
     /// mounts it with `mount -t virtiofs TAG <dir>`.
     #[arg(long, value_name = "TAG=DIR", value_parser = parse_share)]
     fs: Vec<(String, PathBuf)>,
+    /// The most host files (looked-up inodes and open handles) each share holds for the guest;
+    /// beyond it the guest's opens and lookups fail with ENFILE.
+    #[arg(long, default_value_t = husk_vmm::devices::virtio::fs::DEFAULT_MAX_FDS, value_name = "N")]
+    fs_max_fds: usize,
     /// Give the guest a virtio-net NIC on this tap (opened, or created, in the VMM's network
     /// namespace; a created tap disappears with the VMM).
     #[arg(long, value_name = "NAME")]
@@ -177,7 +181,7 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
                 devices.push(DeviceConfig::Vsock { guest_cid: cli.vsock_cid, socket, host_ports });
             }
             for (tag, shared_dir) in cli.fs {
-                devices.push(DeviceConfig::Fs { tag, shared_dir });
+                devices.push(DeviceConfig::Fs { tag, shared_dir, max_fds: cli.fs_max_fds });
             }
             if let Some(name) = &cli.net_tap {
                 let tap = Tap::open(name).with_context(|| format!("--net-tap {name}"))?;

@@ -111,6 +111,7 @@ fn main() -> Result<ExitCode> {
                 sandbox_root: config.runtime.sandbox_dir.clone(),
                 kernel_params: h.kernel_params.clone(),
                 seccomp: h.seccomp,
+                fs_max_fds: h.virtio_fs_max_fds,
                 agent_timeout: Duration::from_secs(agent_timeout_s.unwrap_or(config.agent.boot_timeout_s)),
             };
             run(&options)

@@ -245,6 +245,7 @@ impl Pod {
             sysctls: bundle::pod_net_sysctls(spec),
             network: attach_network(pod_id, bundle::pod_netns(spec)).await?,
             seccomp: h.seccomp,
+            fs_max_fds: h.virtio_fs_max_fds,
             cgroup: bundle::cgroups_path(spec),
         };
         tracing::info!(

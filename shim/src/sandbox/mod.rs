@@ -50,6 +50,8 @@ pub struct SandboxConfig {
     pub network: Option<Arc<PodNetwork>>,
     /// The VMM's threads under their seccomp filters.
     pub seccomp: bool,
+    /// The most host files the pod's share holds for its guest.
+    pub fs_max_fds: usize,
     /// The pod's cgroup on the node (the sandbox container's `linux.cgroupsPath`): the shim
     /// joins it before the VM exists, so the pod pays for its VM.
     pub cgroup: Option<String>,
@@ -139,7 +141,11 @@ impl Sandbox {
                     socket: dir.vsock_socket(),
                     host_ports: HostPorts::Only(Vec::new()),
                 },
-                DeviceConfig::Fs { tag: SHARED_FS_TAG.to_owned(), shared_dir: dir.shared() },
+                DeviceConfig::Fs {
+                    tag: SHARED_FS_TAG.to_owned(),
+                    shared_dir: dir.shared(),
+                    max_fds: config.fs_max_fds,
+                },
             ]
             .into_iter()
             .chain(config.network.iter().flat_map(|network| network.nics()).map(DeviceConfig::Net))

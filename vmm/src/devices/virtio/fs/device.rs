@@ -35,6 +35,7 @@ pub enum FsError {
 pub struct FsDevice {
     config: [u8; TAG_LEN + 4],
     dir: PathBuf,
+    max_fds: usize,
     /// Built at creation (so a bad directory fails before the guest boots) and on re-activation.
     server: Option<FsServer>,
     worker: Option<Worker>,
@@ -42,11 +43,12 @@ pub struct FsDevice {
 
 impl FsDevice {
     /// Shares `dir` under `tag` (1 to 36 bytes, no NUL: the guest mounts it with
-    /// `mount -t virtiofs <tag> <dir>`).
-    pub fn new(tag: &str, dir: &Path) -> Result<FsDevice, FsError> {
+    /// `mount -t virtiofs <tag> <dir>`), holding at most `max_fds` host files for the guest
+    /// ([`super::bounded`]).
+    pub fn new(tag: &str, dir: &Path, max_fds: usize) -> Result<FsDevice, FsError> {
         let config = config_space(tag)?;
-        let server = share::serve_directory(dir)?;
-        Ok(FsDevice { config, dir: dir.to_path_buf(), server: Some(server), worker: None })
+        let server = share::serve_directory(dir, max_fds)?;
+        Ok(FsDevice { config, dir: dir.to_path_buf(), max_fds, server: Some(server), worker: None })
     }
 }
 
@@ -103,13 +105,13 @@ impl VirtioDevice for FsDevice {
         let [hiprio, requests]: [Queue; 2] = queues
             .try_into()
             .map_err(|_| ActivateError::QueueCount { expected: QUEUE_SIZES.len(), found })?;
-        let (server, dir) = (self.server.take(), self.dir.clone());
+        let (server, dir, max_fds) = (self.server.take(), self.dir.clone(), self.max_fds);
         let worker = Worker::start("virtio-fs", seccomp.then_some(ThreadRole::Fs), move || {
             share::own_fs_context_without_umask()?;
             let server = match server {
                 Some(server) => server,
                 // Re-activation after a driver reset: a fresh server (the guest starts with FUSE_INIT).
-                None => share::serve_directory(&dir).map_err(std::io::Error::other)?,
+                None => share::serve_directory(&dir, max_fds).map_err(std::io::Error::other)?,
             };
             // Done with host paths: the thread's root becomes the share, and it keeps only the
             // capabilities serving needs (without them the guest could create device nodes on
@@ -159,11 +161,12 @@ impl std::fmt::Debug for FsQueues {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::fs::DEFAULT_MAX_FDS;
 
     #[test]
     fn config_space_holds_the_tag_and_one_request_queue() {
         let dir = tempfile::tempdir().unwrap();
-        let device = FsDevice::new("rootfs", dir.path()).unwrap();
+        let device = FsDevice::new("rootfs", dir.path(), DEFAULT_MAX_FDS).unwrap();
         let mut config = [0xffu8; TAG_LEN + 8];
         device.read_config(0, &mut config);
         assert_eq!(&config[..7], b"rootfs\0");
@@ -171,13 +174,14 @@ mod tests {
         assert_eq!(&config[TAG_LEN..TAG_LEN + 4], &1u32.to_le_bytes());
         assert_eq!(&config[TAG_LEN + 4..], &[0; 4], "beyond the structure reads as zero");
         let exactly_36 = "t".repeat(TAG_LEN);
-        FsDevice::new(&exactly_36, dir.path()).unwrap();
+        FsDevice::new(&exactly_36, dir.path(), DEFAULT_MAX_FDS).unwrap();
     }
 
     #[test]
     fn bad_tags_and_directories_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let message = |tag: &str, path: &Path| FsDevice::new(tag, path).unwrap_err().to_string();
+        let message =
+            |tag: &str, path: &Path| FsDevice::new(tag, path, DEFAULT_MAX_FDS).unwrap_err().to_string();
         assert!(message("", dir.path()).contains("must not be empty"));
         assert!(message(&"x".repeat(37), dir.path()).contains("longer than 36 bytes"));
         assert!(message("a\0b", dir.path()).contains("NUL"));

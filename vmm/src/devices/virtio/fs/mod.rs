@@ -5,6 +5,7 @@
 //! Layout:
 //! - [`share`]: the host side: the shared directory, its passthrough file system and the
 //!   options that confine the guest to it.
+//! - [`bounded`]: the bound on host files the guest may hold open through the share.
 //! - [`request`]: serving one guest request (untrusted FUSE bytes in a descriptor chain).
 //! - [`device`]: the virtio device: configuration space (tag), queues, worker.
 //!
@@ -20,10 +21,12 @@
 //! Guest-controlled: every FUSE message. A malformed one fails with an errno or is completed
 //! empty; it never panics or blocks the worker.
 
+pub mod bounded;
 pub mod device;
 pub mod request;
 pub mod share;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;
 
+pub use bounded::DEFAULT_MAX_FDS;
 pub use device::{FsDevice, FsError};

@@ -28,11 +28,13 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
+use super::bounded::BoundedFs;
+
 /// How long the guest may cache names and attributes.
 pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The FUSE server of one shared directory.
-pub type FsServer = Server<Arc<Vfs>>;
+pub type FsServer = Server<BoundedFs<Arc<Vfs>>>;
 
 /// Why a directory cannot be shared.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +49,9 @@ pub enum ShareError {
     Serve { dir: PathBuf, reason: String },
 }
 
-/// Builds the FUSE server for `dir` (which must exist and be a directory).
-pub fn serve_directory(dir: &Path) -> Result<FsServer, ShareError> {
+/// Builds the FUSE server for `dir` (which must exist and be a directory), holding at most
+/// `max_fds` host files (inodes and open handles) for the guest.
+pub fn serve_directory(dir: &Path, max_fds: usize) -> Result<FsServer, ShareError> {
     let metadata =
         std::fs::metadata(dir).map_err(|source| ShareError::Directory { dir: dir.to_path_buf(), source })?;
     if !metadata.is_dir() {
@@ -83,7 +86,7 @@ pub fn serve_directory(dir: &Path) -> Result<FsServer, ShareError> {
     .map_err(|e| serve_error(e.to_string()))?;
     let vfs = Vfs::new(vfs_options());
     vfs.mount(Box::new(passthrough), "/").map_err(|e| serve_error(format!("{e:?}")))?;
-    Ok(Server::new(Arc::new(vfs)))
+    Ok(Server::new(BoundedFs::new(Arc::new(vfs), max_fds)))
 }
 
 /// Options negotiated with the guest at FUSE_INIT: large requests, parallel lookups, automatic
@@ -172,7 +175,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // SAFETY: umask only sets this thread's file mode creation mask (restored below).
         let before = unsafe { libc::umask(0o027) };
-        let served = serve_directory(dir.path());
+        let served = serve_directory(dir.path(), super::super::DEFAULT_MAX_FDS);
         // SAFETY: as above; reading it back means setting it.
         let after = unsafe { libc::umask(before) };
         assert!(served.is_ok());

@@ -19,10 +19,14 @@ use crate::devices::virtio::Interrupt;
 /// FUSE opcodes used by tests.
 pub mod opcode {
     pub const LOOKUP: u32 = 1;
+    pub const FORGET: u32 = 2;
     pub const GETATTR: u32 = 3;
     pub const MKNOD: u32 = 8;
     pub const MKDIR: u32 = 9;
+    pub const OPEN: u32 = 14;
+    pub const RELEASE: u32 = 18;
     pub const INIT: u32 = 26;
+    pub const DESTROY: u32 = 38;
 }
 
 /// The root's node id.
@@ -86,6 +90,11 @@ pub struct FsHarness {
 impl FsHarness {
     /// A harness sharing a fresh directory (mode 0755, removed on drop).
     pub fn new() -> std::io::Result<FsHarness> {
+        FsHarness::with_max_fds(super::DEFAULT_MAX_FDS)
+    }
+
+    /// [`FsHarness::new`], holding at most `max_fds` host files for the guest.
+    pub fn with_max_fds(max_fds: usize) -> std::io::Result<FsHarness> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "husk-fs-harness-{}-{}",
@@ -93,7 +102,7 @@ impl FsHarness {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir)?;
-        let server = share::serve_directory(&dir).map_err(std::io::Error::other)?;
+        let server = share::serve_directory(&dir, max_fds).map_err(std::io::Error::other)?;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
             .map_err(std::io::Error::other)?;
         let (queue, device_queue) =
