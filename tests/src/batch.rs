@@ -35,6 +35,12 @@ pub struct BatchOutput {
 }
 
 impl BatchOutput {
+    /// The parts of `whole`, the output of a [`batch_script`].
+    pub fn split(whole: Output) -> BatchOutput {
+        let parts = split_output(&String::from_utf8_lossy(&whole.stdout));
+        BatchOutput { whole, parts }
+    }
+
     /// Command `name`'s output (stdout and stderr together, as through the test host; stderr
     /// empty) with its own exit status.
     ///
@@ -52,14 +58,6 @@ impl BatchOutput {
 pub fn run_batch(timeout: Duration, files: &[&Path], commands: &[BatchCommand]) -> BatchOutput {
     let script = batch_script(commands);
     BatchOutput::split(run(&mut VmHost::detect().command_with(timeout, files, &["sh", "-c", &script])))
-}
-
-impl BatchOutput {
-    /// The parts of `whole`, the output of a [`batch_script`].
-    pub fn split(whole: Output) -> BatchOutput {
-        let parts = split_output(&String::from_utf8_lossy(&whole.stdout));
-        BatchOutput { whole, parts }
-    }
 }
 
 /// A shell script running `commands` in turn, each with stdin from /dev/null and stderr on

@@ -43,6 +43,20 @@ impl Held {
         self.inodes.len() + self.handles.len()
     }
 
+    /// Counts a lookup of `inode` (0: a negative entry, nothing held) and an open `handle`
+    /// (`(directory, handle)`) together, or neither when what is new would pass `max`.
+    fn hold(&mut self, inode: u64, handle: Option<(bool, u64)>, max: usize) -> bool {
+        let new_inode = inode != 0 && !self.inodes.contains_key(&inode);
+        if self.count() + usize::from(new_inode) + usize::from(handle.is_some()) > max {
+            return false;
+        }
+        if inode != 0 {
+            *self.inodes.entry(inode).or_insert(0) += 1;
+        }
+        self.handles.extend(handle);
+        true
+    }
+
     fn forget(&mut self, inode: u64, count: u64) {
         if let Some(lookups) = self.inodes.get_mut(&inode) {
             *lookups = lookups.saturating_sub(count);
@@ -97,33 +111,24 @@ where
     }
 
     /// Takes `entry` (a lookup the inner file system made) into the count, or hands it back and
-    /// refuses it when it is a new inode and the guest holds `max_fds - spare` already.
-    fn admit_entry(&self, ctx: &Context, entry: Entry, spare: usize) -> io::Result<Entry> {
-        if entry.inode == 0 {
-            return Ok(entry); // a negative entry holds nothing
-        }
-        let mut held = self.lock();
-        if let Some(lookups) = held.inodes.get_mut(&entry.inode) {
-            *lookups += 1;
+    /// refuses it when it is a new inode and the guest holds `max_fds` already.
+    fn admit_entry(&self, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+        if self.lock().hold(entry.inode, None, self.max_fds) {
             return Ok(entry);
         }
-        if held.count() + spare >= self.max_fds {
-            drop(held);
-            self.inner.forget(ctx, entry.inode.into(), 1);
-            return Err(self.refused("inode"));
-        }
-        held.inodes.insert(entry.inode, 1);
-        Ok(entry)
+        self.inner.forget(ctx, entry.inode.into(), 1);
+        Err(self.refused("inode"))
     }
 
-    /// Takes an open handle into the count; `false` when the guest holds `max_fds` already.
-    fn admit_handle(&self, dir: bool, handle: u64) -> bool {
-        let mut held = self.lock();
-        if held.count() >= self.max_fds {
-            return false;
+    /// Takes an open handle (of a directory with `dir`) into the count, or hands it back with
+    /// `release` and refuses it when the guest holds `max_fds` already.
+    fn admit_handle(&self, dir: bool, handle: Option<u64>, release: impl FnOnce(u64)) -> io::Result<()> {
+        let Some(handle) = handle else { return Ok(()) };
+        if self.lock().hold(0, Some((dir, handle)), self.max_fds) {
+            return Ok(());
         }
-        held.handles.insert((dir, handle));
-        true
+        release(handle);
+        Err(self.refused(if dir { "open directory" } else { "open file" }))
     }
 }
 
@@ -157,7 +162,7 @@ where
 
     fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
         let entry = self.inner.lookup(ctx, parent, name)?;
-        self.admit_entry(ctx, entry, 0)
+        self.admit_entry(ctx, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: Self::Inode, count: u64) {
@@ -177,7 +182,7 @@ where
 
     fn symlink(&self, ctx: &Context, linkname: &CStr, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
         let entry = self.inner.symlink(ctx, linkname, parent, name)?;
-        self.admit_entry(ctx, entry, 0)
+        self.admit_entry(ctx, entry)
     }
 
     fn mknod(
@@ -190,7 +195,7 @@ where
         umask: u32,
     ) -> io::Result<Entry> {
         let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
-        self.admit_entry(ctx, entry, 0)
+        self.admit_entry(ctx, entry)
     }
 
     fn mkdir(
@@ -202,7 +207,7 @@ where
         umask: u32,
     ) -> io::Result<Entry> {
         let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
-        self.admit_entry(ctx, entry, 0)
+        self.admit_entry(ctx, entry)
     }
 
     fn link(
@@ -213,7 +218,7 @@ where
         newname: &CStr,
     ) -> io::Result<Entry> {
         let entry = self.inner.link(ctx, inode, newparent, newname)?;
-        self.admit_entry(ctx, entry, 0)
+        self.admit_entry(ctx, entry)
     }
 
     fn open(
@@ -224,13 +229,10 @@ where
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
-        match opened.0 {
-            Some(handle) if !self.admit_handle(false, handle) => {
-                let _ = self.inner.release(ctx, inode, flags, handle, false, false, None);
-                Err(self.refused("open file"))
-            }
-            _ => Ok(opened),
-        }
+        self.admit_handle(false, opened.0, |handle| {
+            let _ = self.inner.release(ctx, inode, flags, handle, false, false, None);
+        })?;
+        Ok(opened)
     }
 
     fn create(
@@ -240,29 +242,17 @@ where
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
-        let (entry, handle, options, passthrough) = self.inner.create(ctx, parent, name, args)?;
-        let inode = entry.inode;
-        // Room for the handle too, when there is one.
-        let release = |this: &Self, handle| {
-            let _ = this.inner.release(ctx, inode.into(), args.flags, handle, false, false, None);
-        };
-        let entry = match self.admit_entry(ctx, entry, usize::from(handle.is_some())) {
-            Ok(entry) => entry,
-            Err(err) => {
-                if let Some(handle) = handle {
-                    release(self, handle);
-                }
-                return Err(err);
-            }
-        };
-        if let Some(handle) = handle {
-            if !self.admit_handle(false, handle) {
-                release(self, handle);
-                self.forget(ctx, inode.into(), 1);
-                return Err(self.refused("open file"));
-            }
+        let created = self.inner.create(ctx, parent, name, args)?;
+        let (inode, handle) = (created.0.inode, created.1);
+        // The new file's inode and its handle are held together, or neither.
+        if self.lock().hold(inode, handle.map(|handle| (false, handle)), self.max_fds) {
+            return Ok(created);
         }
-        Ok((entry, handle, options, passthrough))
+        if let Some(handle) = handle {
+            let _ = self.inner.release(ctx, inode.into(), args.flags, handle, false, false, None);
+        }
+        self.inner.forget(ctx, inode.into(), 1);
+        Err(self.refused("created file"))
     }
 
     fn release(
@@ -286,13 +276,10 @@ where
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         let opened = self.inner.opendir(ctx, inode, flags)?;
-        match opened.0 {
-            Some(handle) if !self.admit_handle(true, handle) => {
-                let _ = self.inner.releasedir(ctx, inode, flags, handle);
-                Err(self.refused("open directory"))
-            }
-            _ => Ok(opened),
-        }
+        self.admit_handle(true, opened.0, |handle| {
+            let _ = self.inner.releasedir(ctx, inode, flags, handle);
+        })?;
+        Ok(opened)
     }
 
     fn releasedir(&self, ctx: &Context, inode: Self::Inode, flags: u32, handle: u64) -> io::Result<()> {
@@ -317,8 +304,9 @@ where
         self.inner.readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
             let inode = entry.inode;
             let added = add_entry(dir_entry, entry)?;
-            if added > 0 && inode != 0 {
-                *self.lock().inodes.entry(inode).or_insert(0) += 1;
+            if added > 0 {
+                // Past the bound by this reply's entries at most (checked before it).
+                self.lock().hold(inode, None, usize::MAX);
             }
             Ok(added)
         })
