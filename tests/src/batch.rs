@@ -99,6 +99,40 @@ fn split_output(text: &str) -> HashMap<String, Output> {
     parts
 }
 
+/// Whether the test `name` is one the running test binary was asked for: its command line's
+/// filters, `--exact` and `--skip`, read as libtest reads them. A batch made for the tests of a
+/// file runs only the commands of the chosen ones (`cargo test --test F NAME` boots for NAME's).
+pub fn chosen_test(name: &str) -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    chosen_by(&args, name)
+}
+
+/// [`chosen_test`] for the arguments `args` (without the program).
+fn chosen_by(args: &[String], name: &str) -> bool {
+    // libtest's options that take their value as the next argument.
+    const TAKES_VALUE: &[&str] =
+        &["--test-threads", "--logfile", "--format", "--color", "-Z", "--shuffle-seed"];
+    let (mut filters, mut skips, mut exact) = (Vec::<&str>::new(), Vec::<&str>::new(), false);
+    let mut args = args.iter().map(String::as_str);
+    while let Some(arg) = args.next() {
+        match arg {
+            "--exact" => exact = true,
+            "--skip" => skips.extend(args.next()),
+            option if TAKES_VALUE.contains(&option) => {
+                args.next();
+            }
+            option if option.starts_with('-') => {
+                if let Some(skip) = option.strip_prefix("--skip=") {
+                    skips.push(skip);
+                }
+            }
+            filter => filters.push(filter),
+        }
+    }
+    let matches = |pattern: &&str| if exact { name == *pattern } else { name.contains(*pattern) };
+    (filters.is_empty() || filters.iter().any(matches)) && !skips.iter().any(matches)
+}
+
 /// `word` quoted for sh.
 fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
@@ -123,5 +157,20 @@ mod tests {
         assert_eq!(parts["second"].status.code(), Some(0));
         assert_eq!(String::from_utf8_lossy(&parts["second"].stdout), "it's unterminated");
         assert!(!parts.contains_key("never") && !parts.contains_key("after"), "{parts:?}");
+    }
+
+    #[test]
+    fn a_test_is_chosen_by_the_filters_exact_and_skip_as_libtest_reads_them() {
+        let args = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        let name = "a_crashed_agent_ends_the_pods_tasks";
+        assert!(chosen_by(&args("--test-threads 2"), name), "no filter: every test");
+        assert!(chosen_by(&args("crashed_agent --nocapture"), name));
+        assert!(!chosen_by(&args("--test-threads 2 hung_agent"), name), "a value is no filter");
+        assert!(chosen_by(&args("hung_agent crashed"), name), "any filter");
+        assert!(!chosen_by(&args("--exact crashed_agent"), name));
+        assert!(chosen_by(&args(&format!("--exact {name}")), name));
+        assert!(!chosen_by(&args("--skip crashed"), name));
+        assert!(!chosen_by(&args("agent --skip=crashed"), name));
+        assert!(chosen_by(&args("--skip hung"), name));
     }
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use crate::batch::{batch_script, BatchCommand, BatchOutput};
 use crate::{describe, run, workspace_root, VmHost};
 
 /// The busybox image (`scripts/busybox-oci-image`).
@@ -91,35 +92,106 @@ pub fn run_beside_containerd(cri: bool, timeout: Duration, args: &[&str]) -> Out
 /// How long a test's whole containerd run may take in the test host.
 pub const BUDGET: Duration = Duration::from_secs(900);
 
+/// How long one test's steps may run beside a shared containerd before they are stopped (and
+/// reported as such), so that one wedged test leaves the others of its session their time.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Nothing of a pod is left: no shim, sandbox directory, /run/husk mount, shim socket or pod
 /// cgroup (containerd names `/<namespace>/<id>` when CRI gives no cgroup parent).
 pub const NOTHING_LEFT: &str = "left: shims=0 sandboxes=0 mounts=0 sockets=0 cgroups=0";
 
-/// Runs `steps` (POSIX sh, with `$husk` = `ctr run --runtime io.containerd.husk.v2`) beside a
-/// private containerd that has the busybox image (with `cri`: its CRI plugin too, and the
-/// busybox and pause images in CRI's namespace), then waits for the pod shims to go and asserts
-/// that what is left of them is [`NOTHING_LEFT`]; returns the output.
+/// One test's shell steps (POSIX sh) for [`beside_one_containerd`], by a name unique in its
+/// session.
+#[derive(Debug, Clone)]
+pub struct Steps {
+    pub name: &'static str,
+    pub script: String,
+}
+
+impl Steps {
+    pub fn new(name: &'static str, script: impl Into<String>) -> Steps {
+        Steps { name, script: script.into() }
+    }
+}
+
+/// Runs each test's `steps`, one after another, beside one private containerd (with its CRI
+/// plugin, the busybox image in its default namespace and in CRI's `k8s.io`, and the pause image)
+/// in one boot of the VM host: a containerd and a test-host boot cost ~12 s under emulation, per
+/// test. Each test's steps see:
+/// - `$husk`: `ctr run --runtime io.containerd.husk.v2`;
+/// - `step_log`: a shell function printing containerd's log (the shims' included) written since
+///   its steps began, for what the shims said about this test's pods alone;
+/// - `$HUSK_CONFIG` as shipped, whatever an earlier test wrote into it.
 ///
-/// # Panics
-/// When the steps fail or something is left.
-pub fn with_containerd(name: &str, cri: bool, steps: &str) -> String {
-    let (image, pause) = (ImageTar::busybox(name), cri.then(|| ImageTar::pause(name)));
-    let mut images = vec![&image];
-    images.extend(pause.as_ref());
-    let imports = import_command(&images, cri);
+/// Each test's steps are bounded by [`STEP_TIMEOUT`]; afterwards the pod shims are waited for and
+/// what is left of them is reported (see [`step_text`]), with the step's shim warnings and VM
+/// ends when it failed. `budget` bounds the whole session.
+pub fn beside_one_containerd(tag: &str, steps: &[Steps], budget: Duration) -> BatchOutput {
+    let (image, pause) = (ImageTar::busybox(tag), ImageTar::pause(tag));
+    let commands: Vec<BatchCommand> = steps
+        .iter()
+        .map(|step| BatchCommand::new(step.name, &["sh", "-c", &step_script(&step.script)]))
+        .collect();
     let script = format!(
-        "{imports} || exit 1
+        "{} && {} || exit 1
+cp \"$HUSK_CONFIG\" \"$HUSK_CONFIG.shipped\"
+{}",
+        import_command(&[&image], false),
+        import_command(&[&image, &pause], true),
+        batch_script(&commands)
+    );
+    BatchOutput::split(run_beside_containerd(true, budget, &["sh", "-c", &script]))
+}
+
+/// The shell running one test's `steps` for [`beside_one_containerd`].
+fn step_script(steps: &str) -> String {
+    let timeout = STEP_TIMEOUT.as_secs();
+    format!(
+        "export HUSK_STEP_LOG_START=$(wc -c < \"$CONTAINERD_LOG\")
+cp \"$HUSK_CONFIG.shipped\" \"$HUSK_CONFIG\"
+steps=$(mktemp)
+cat > \"$steps\" <<'HUSK_STEPS_END'
 husk='ctr run --runtime io.containerd.husk.v2'
+step_log() {{ tail -c +$((HUSK_STEP_LOG_START + 1)) \"$CONTAINERD_LOG\"; }}
 {steps}
+HUSK_STEPS_END
+started=$(cut -d. -f1 /proc/uptime)
+timeout {timeout} sh \"$steps\"; status=$?
+rm -f \"$steps\"
+echo \"steps: status $status after $(( $(cut -d. -f1 /proc/uptime) - started )) s (stopped at {timeout} s)\"
 # [c]: the pattern must not match this script's own command line (a step kills shims by it).
 shims() {{ ls -l /proc/[0-9]*/exe 2>/dev/null | grep -c '/[c]ontainerd-shim-husk-v2$'; }}
 i=0; while [ \"$(shims)\" != 0 ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
-echo \"left: shims=$(shims) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) sockets=$(ls /run/containerd/s 2>/dev/null | wc -l) \
-cgroups=$(ls -d /sys/fs/cgroup/default/*/ /sys/fs/cgroup/k8s.io/*/ 2>/dev/null | wc -l)\"",
-    );
-    let output = run_beside_containerd(cri, BUDGET, &["sh", "-c", &script]);
-    let text = crate::combined(&output);
-    assert!(output.status.success(), "{}", describe(&output));
+left=\"left: shims=$(shims) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) \
+sockets=$(ls /run/containerd/s 2>/dev/null | wc -l) cgroups=$(ls -d /sys/fs/cgroup/default/*/ /sys/fs/cgroup/k8s.io/*/ 2>/dev/null | wc -l)\"
+echo \"$left\"
+if [ $status != 0 ] || [ \"$left\" != '{NOTHING_LEFT}' ]; then
+    # The shims' warnings and their VMs' ends first: the tail is mostly containerd's cleanup.
+    echo '--- shim warnings and VM ends of these steps'
+    tail -c +$((HUSK_STEP_LOG_START + 1)) \"$CONTAINERD_LOG\" | grep -E ' (WARN|ERROR) |VM ended' | tail -40
+    echo '--- containerd log of these steps (last lines)'
+    tail -c +$((HUSK_STEP_LOG_START + 1)) \"$CONTAINERD_LOG\" | tail -30
+fi
+exit $status"
+    )
+}
+
+/// The output of one test's steps of a [`beside_one_containerd`] session.
+///
+/// # Panics
+/// When the steps failed or left something of their pods ([`NOTHING_LEFT`]).
+pub fn step_text(output: &Output) -> String {
+    let text = crate::combined(output);
+    assert!(output.status.success(), "{}", describe(output));
     assert!(text.contains(NOTHING_LEFT), "nothing left behind: {text}");
     text
+}
+
+/// Runs `steps` as the only test of a [`beside_one_containerd`] session (bounded by [`BUDGET`])
+/// and returns their output.
+///
+/// # Panics
+/// When the steps fail or something is left.
+pub fn with_containerd(tag: &str, steps: &str) -> String {
+    step_text(beside_one_containerd(tag, &[Steps::new("steps", steps)], BUDGET).get("steps"))
 }

@@ -1,19 +1,135 @@
 //! containerd 2.x runs containers in Husk microVMs: `ctr` against a private containerd (Debian's
 //! package, `make containerd`) with the offline busybox image and the runtime
 //! `io.containerd.husk.v2`, inside the test host (or directly on working KVM). After each test no
-//! shim, sandbox directory, mount or shim socket is left behind.
+//! shim, sandbox directory, mount or shim socket is left behind. Every test's steps run one after
+//! another beside one containerd in one boot of the test host ([`SESSION`]); each test asserts on
+//! its own steps' output.
 
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use husk_tests::containerd::{with_containerd, BUSYBOX as IMAGE};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use husk_tests::batch::{chosen_test, BatchOutput};
+use husk_tests::containerd::{beside_one_containerd, step_text, Steps, BUSYBOX as IMAGE};
 use husk_tests::pod_cgroup::runtimeclass_memory_overhead;
 use husk_tests::target_bin;
 
-#[test]
-fn ctr_run_prints_the_output_returns_the_exit_status_gives_a_terminal_and_limits_cpu() {
+/// Every test's steps below, run on first use.
+static SESSION: OnceLock<BatchOutput> = OnceLock::new();
+/// The whole session (~10 min in CI); each test's steps are bounded on their own as well.
+const SESSION_BUDGET: Duration = Duration::from_secs(2700);
+
+/// Each test's steps by a short name, in the order they run (the faults that end VMs, shims or
+/// containerd last), with the test that reads them: a run of chosen tests runs only theirs.
+const TESTS: &[TestSteps] = &[
+    TestSteps {
+        name: "run",
+        test: "ctr_run_prints_the_output_returns_the_exit_status_gives_a_terminal_and_limits_cpu",
+        steps: run_steps,
+    },
+    TestSteps {
+        name: "tasks",
+        test: "ctr_task_exec_metrics_pause_resume_and_kill_reach_the_guest",
+        steps: tasks_steps,
+    },
+    TestSteps {
+        name: "cri",
+        test: "a_cri_pod_runs_its_containers_in_one_vm_sharing_a_volume_and_the_pods_namespaces",
+        steps: cri_pod_steps,
+    },
+    TestSteps {
+        name: "disk-full",
+        test: "a_full_volume_fails_the_containers_writes_with_enospc_and_the_pod_keeps_serving",
+        steps: disk_full_steps,
+    },
+    TestSteps {
+        name: "cri-net",
+        test: "cri_pods_get_their_cni_address_in_the_guest_and_reach_husk_and_runc_pods",
+        steps: cri_net_steps,
+    },
+    TestSteps {
+        name: "net-host",
+        test: "a_host_network_container_is_refused_with_a_message_naming_why_and_leaves_nothing",
+        steps: net_host_steps,
+    },
+    TestSteps {
+        name: "bad-input",
+        test: "malformed_annotations_specs_and_configurations_are_refused_by_name_and_leave_nothing",
+        steps: bad_input_steps,
+    },
+    TestSteps {
+        name: "hostile",
+        test: "a_root_guest_cannot_steer_the_shims_mounts_onto_node_paths",
+        steps: hostile_steps,
+    },
+    TestSteps {
+        name: "soak",
+        test: "a_soak_of_pods_started_and_removed_in_rounds_leaves_the_node_as_it_was",
+        steps: soak_steps,
+    },
+    TestSteps {
+        name: "vm-dies",
+        test: "when_a_pods_vm_dies_every_task_exits_with_an_error_and_the_console_is_logged",
+        steps: vm_dies_steps,
+    },
+    TestSteps {
+        name: "vm-panics",
+        test: "a_guest_kernel_panic_ends_the_pods_tasks_with_the_panic_in_the_shims_log",
+        steps: vm_panics_steps,
+    },
+    TestSteps {
+        name: "agent-crash",
+        test: "a_crashed_agent_ends_the_pods_tasks_and_the_guest_kernel_names_it",
+        steps: agent_crash_steps,
+    },
+    TestSteps {
+        name: "agent-hang",
+        test: "a_hung_agent_fails_its_health_check_and_the_pods_tasks_exit_with_that_reason",
+        steps: agent_hang_steps,
+    },
+    TestSteps {
+        name: "vm-oom",
+        test: "a_guest_filling_its_memory_is_charged_to_the_pods_cgroup_stays_within_it_and_keeps_serving",
+        steps: vm_oom_steps,
+    },
+    TestSteps {
+        name: "shim-kill",
+        test: "a_killed_cri_pod_shim_is_cleaned_up_and_its_tasks_report_the_kill",
+        steps: shim_kill_steps,
+    },
+    TestSteps {
+        name: "restart",
+        test: "containerd_restarting_under_a_running_pod_finds_it_serving_and_hears_its_exit",
+        steps: restart_steps,
+    },
+];
+
+/// A test's steps ([`husk_tests::containerd::Steps`] when chosen): a short name, the test that
+/// reads them, and what makes them.
+struct TestSteps {
+    name: &'static str,
+    test: &'static str,
+    steps: fn() -> String,
+}
+
+/// The output of test `name`'s steps, which succeeded and left nothing of their pods.
+fn steps_output(name: &str) -> String {
+    let session = SESSION.get_or_init(|| {
+        let chosen: Vec<Steps> = TESTS
+            .iter()
+            .filter(|test| chosen_test(test.test))
+            .map(|test| Steps::new(test.name, (test.steps)()))
+            .collect();
+        beside_one_containerd("husk", &chosen, SESSION_BUDGET)
+    });
+    step_text(session.get(name))
+}
+
+fn run_steps() -> String {
     let pty_run = target_bin("husk-pty-run");
-    let steps = format!(
+    format!(
         "$husk --rm {IMAGE} t1 echo hi-from-a-microvm; echo \"echo-status=$?\"
 $husk --rm {IMAGE} t2 sh -c 'echo to-stderr >&2; exit 7'; echo \"exit-status=$?\"
 guest=$($husk --rm {IMAGE} t3 uname -r); echo \"guest-kernel=$guest host-kernel=$(uname -r)\"
@@ -28,8 +144,12 @@ echo \"binary-log: $(cat /tmp/logger.out) / $(cat /tmp/logger.err)\"
 echo \"cpu-limit: $($husk --rm --privileged --cpus 1.5 {IMAGE} t8 sh -c 'mkdir -p /tmp/cg && mount -t cgroup2 none /tmp/cg && cat /tmp/cg$(cut -d: -f3 /proc/self/cgroup)/cpu.max')\"
 echo \"seccomp: $($husk --rm --seccomp {IMAGE} t9 grep Seccomp: /proc/self/status | tr -d '\\t')\"",
         pty = pty_run.display()
-    );
-    let text = with_containerd("run", false, &steps);
+    )
+}
+
+#[test]
+fn ctr_run_prints_the_output_returns_the_exit_status_gives_a_terminal_and_limits_cpu() {
+    let text = steps_output("run");
     assert!(text.contains("hi-from-a-microvm\necho-status=0"), "{text}");
     assert!(text.contains("to-stderr") && text.contains("exit-status=7"), "{text}");
     // The container ran on the guest's kernel, not on the kernel of the host running containerd.
@@ -49,9 +169,8 @@ echo \"seccomp: $($husk --rm --seccomp {IMAGE} t9 grep Seccomp: /proc/self/statu
     assert!(text.contains("seccomp: Seccomp:2"), "{text}");
 }
 
-#[test]
-fn ctr_task_exec_metrics_pause_resume_and_kill_reach_the_guest() {
-    let steps = format!(
+fn tasks_steps() -> String {
+    format!(
         "ctr events > /tmp/husk-events 2>&1 & events_pid=$!
 $husk -d {IMAGE} long sleep 1000 || exit 1
 ctr task exec --exec-id e1 long sh -c 'echo from-exec; ls /proc | grep -c ^[0-9]; exit 3'; echo \"exec-status=$?\"
@@ -75,8 +194,12 @@ $husk --rm --memory-limit 33554432 {IMAGE} hog sh -c 'x=a; while :; do x=$x$x; d
 # The OOM event may follow the exit: wait for it (or 30 s), not for a fixed time.
 i=0; until grep -q /tasks/oom /tmp/husk-events || [ $i -ge 150 ]; do sleep 0.2; i=$((i+1)); done
 kill $events_pid; echo \"topics: $(grep -o '/tasks/[a-z-]*' /tmp/husk-events | sort -u | tr '\\n' ' ')\""
-    );
-    let text = with_containerd("tasks", false, &steps);
+    )
+}
+
+#[test]
+fn ctr_task_exec_metrics_pause_resume_and_kill_reach_the_guest() {
+    let text = steps_output("tasks");
     assert!(text.contains("from-exec") && text.contains("exec-status=3"), "{text}");
     let metric = |name: &str| -> u64 {
         let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}: {text}"));
@@ -89,7 +212,7 @@ kill $events_pid; echo \"topics: $(grep -o '/tasks/[a-z-]*' /tmp/husk-events | s
     assert!(text.lines().any(|l| l.starts_with("resumed: ") && l.contains("RUNNING")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("killed: ") && l.contains("STOPPED")), "{text}");
     assert!(text.contains("sigkill-status=137"), "SIGKILL ends ctr run with 137: {text}");
-    // A shim killed with its pod: containerd's `shim delete` cleans up (checked by with_containerd).
+    // A shim killed with its pod: containerd's `shim delete` cleans up (checked after every test's steps).
     assert!(text.contains("shim-killed: the task is no longer running"), "{text}");
     // A container over its memory limit is OOM-killed in the guest and containerd hears of it.
     assert!(text.contains("oom-status=137"), "{text}");
@@ -101,16 +224,19 @@ kill $events_pid; echo \"topics: $(grep -o '/tasks/[a-z-]*' /tmp/husk-events | s
     }
 }
 
-#[test]
-fn a_cri_pod_runs_its_containers_in_one_vm_sharing_a_volume_and_the_pods_namespaces() {
-    let steps = format!(
+fn cri_pod_steps() -> String {
+    format!(
         "vol=$(mktemp -d); logs=$(mktemp -d)
 {probe} \"$CONTAINERD_ADDRESS\" $vol $logs; echo \"cri-status=$?\"
 sed 's/^/writer-log: /' $logs/writer.log; rm -rf $vol $logs
 echo \"host-boot-id=$(cat /proc/sys/kernel/random/boot_id)\"",
         probe = target_bin("husk-cri-pod").display()
-    );
-    let text = with_containerd("cri", true, &steps);
+    )
+}
+
+#[test]
+fn a_cri_pod_runs_its_containers_in_one_vm_sharing_a_volume_and_the_pods_namespaces() {
+    let text = steps_output("cri");
     assert!(text.contains("cri-status=0") && text.contains("pod-removed"), "{text}");
     assert!(text.contains("host-sees=from-the-writer"), "the writer's file reached the host volume: {text}");
     assert!(text.contains("reader-sees=from-the-writer"), "the reader sees the writer's file: {text}");
@@ -139,17 +265,22 @@ echo \"host-boot-id=$(cat /proc/sys/kernel/random/boot_id)\"",
 
 /// `husk-cri-pod --fault FAULT` against a CRI pod, after the shell steps `before` and followed by
 /// `after`; also reports the pod network namespaces left (`netns-left=`).
-/// The probe is bounded (10 min) so that a wedged pod fails with containerd's log, not with the
-/// test host killed at the test's budget.
-fn with_cri_fault(name: &str, fault: &str, before: &str, after: &str) -> String {
-    let steps = format!(
+/// The probe is bounded (8 min, within the steps' own bound) so that a wedged pod fails with
+/// containerd's log and what `after` finds.
+fn cri_fault_steps(fault: &str, before: &str, after: &str) -> String {
+    format!(
         "{before}
-logs=$(mktemp -d); timeout 600 {probe} --fault {fault} \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
+logs=$(mktemp -d); timeout 480 {probe} --fault {fault} \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
 {after}
 echo \"netns-left=$(ls /var/run/netns 2>/dev/null | wc -l)\"",
         probe = target_bin("husk-cri-pod").display()
-    );
-    let text = with_containerd(name, true, &steps);
+    )
+}
+
+/// The output of the fault test `name` ([`cri_fault_steps`]), whose pod went and took its
+/// network namespace and cgroup with it.
+fn cri_fault_output(name: &str) -> String {
+    let text = steps_output(name);
     assert!(text.contains("cri-status=0") && text.contains("pod-removed"), "{text}");
     assert!(text.contains("netns-left=0"), "{text}");
     // The shim (VMM and all) runs in the pod's cgroup, with the kernel threads KVM makes for
@@ -162,15 +293,19 @@ echo \"netns-left=$(ls /var/run/netns 2>/dev/null | wc -l)\"",
     text
 }
 
-/// Shell steps printing the first `the VM ended: ...` of the shims' log.
-const VM_END: &str = "grep -o 'the VM ended: [a-z ]*' $CONTAINERD_LOG | head -1";
+/// Shell steps printing the first `the VM ended: ...` the shims logged during the test's steps.
+const VM_END: &str = "step_log | grep -o 'the VM ended: [a-z ]*' | head -1";
+
+fn vm_dies_steps() -> String {
+    let after = format!(
+        "echo \"lost=$(step_log | grep -c 'lost the process') console=$(step_log | grep -c 'guest console')\"\n{VM_END}"
+    );
+    cri_fault_steps("reboot", "", &after)
+}
 
 #[test]
 fn when_a_pods_vm_dies_every_task_exits_with_an_error_and_the_console_is_logged() {
-    let after = format!(
-        "echo \"lost=$(grep -c 'lost the process' $CONTAINERD_LOG) console=$(grep -c 'guest console' $CONTAINERD_LOG)\"\n{VM_END}"
-    );
-    let text = with_cri_fault("vm-dies", "reboot", "", &after);
+    let text = cri_fault_output("vm-dies");
     assert!(text.contains("victim-pid1=init"), "a hostPID pod shares the VM's PID namespace: {text}");
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(
@@ -180,20 +315,27 @@ fn when_a_pods_vm_dies_every_task_exits_with_an_error_and_the_console_is_logged(
     assert!(text.contains("the VM ended: guest requested a reboot"), "{text}");
 }
 
+fn vm_panics_steps() -> String {
+    let after = format!("{VM_END}\necho \"panic-in-log=$(step_log | grep -c 'panic_on_oom is enabled')\"");
+    cri_fault_steps("panic", "", &after)
+}
+
 #[test]
 fn a_guest_kernel_panic_ends_the_pods_tasks_with_the_panic_in_the_shims_log() {
-    let after =
-        format!("{VM_END}\necho \"panic-in-log=$(grep -c 'panic_on_oom is enabled' $CONTAINERD_LOG)\"");
-    let text = with_cri_fault("vm-panics", "panic", "", &after);
+    let text = cri_fault_output("vm-panics");
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(text.contains("the VM ended: guest kernel panicked"), "{text}");
     assert!(!text.contains("panic-in-log=0"), "the console's panic reached the shim's log: {text}");
 }
 
+fn agent_crash_steps() -> String {
+    let after = format!("{VM_END}\necho \"init-killed=$(step_log | grep -c 'Attempted to kill init')\"");
+    cri_fault_steps("agent-crash", "", &after)
+}
+
 #[test]
 fn a_crashed_agent_ends_the_pods_tasks_and_the_guest_kernel_names_it() {
-    let after = format!("{VM_END}\necho \"init-killed=$(grep -c 'Attempted to kill init' $CONTAINERD_LOG)\"");
-    let text = with_cri_fault("agent-crash", "agent-crash", "", &after);
+    let text = cri_fault_output("agent-crash");
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(text.contains("the VM ended: guest kernel panicked"), "{text}");
     assert!(
@@ -202,17 +344,26 @@ fn a_crashed_agent_ends_the_pods_tasks_and_the_guest_kernel_names_it() {
     );
 }
 
+fn agent_hang_steps() -> String {
+    // A short health check (the default is 30 s), written where the shims read their
+    // configuration (the next test's steps find it as shipped again).
+    let before = "sed -i 's/^health_timeout_s = .*/health_timeout_s = 10/' \"$HUSK_CONFIG\"";
+    let after = "echo \"hung-reported=$(step_log | grep -c 'the agent answered no health check within 10s')\"
+echo \"console-logged=$(step_log | grep 'its agent does not answer' | grep -c 'console=')\"";
+    cri_fault_steps("agent-hang", before, after)
+}
+
 #[test]
 fn a_hung_agent_fails_its_health_check_and_the_pods_tasks_exit_with_that_reason() {
-    // A short health check (the default is 30 s), written where the shims read their configuration.
-    let before = "sed -i 's/^health_timeout_s = .*/health_timeout_s = 10/' \"$HUSK_CONFIG\"";
-    let after =
-        "echo \"hung-reported=$(grep -c 'the agent answered no health check within 10s' $CONTAINERD_LOG)\"
-echo \"console-logged=$(grep 'its agent does not answer' $CONTAINERD_LOG | grep -c 'console=')\"";
-    let text = with_cri_fault("agent-hang", "agent-hang", before, after);
+    let text = cri_fault_output("agent-hang");
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
     assert!(!text.contains("hung-reported=0") && text.contains("hung-reported="), "{text}");
     assert!(!text.contains("console-logged=0"), "the console's tail is logged with it: {text}");
+}
+
+fn vm_oom_steps() -> String {
+    let limit = format!("export HUSK_POD_MEMORY_MAX={}", runtimeclass_memory_overhead());
+    cri_fault_steps("vm-oom", &limit, "")
 }
 
 /// A pod whose guest fills all its memory (a container without a limit): the guest's OOM killer
@@ -221,8 +372,7 @@ echo \"console-logged=$(grep 'its agent does not answer' $CONTAINERD_LOG | grep 
 /// so the node's OOM killer takes nothing.
 #[test]
 fn a_guest_filling_its_memory_is_charged_to_the_pods_cgroup_stays_within_it_and_keeps_serving() {
-    let limit = format!("export HUSK_POD_MEMORY_MAX={}", runtimeclass_memory_overhead());
-    let text = with_cri_fault("vm-oom", "vm-oom", &limit, "");
+    let text = cri_fault_output("vm-oom");
     assert!(text.contains("bystander-after=answers"), "the pod's VM and agent survive: {text}");
     assert!(!text.contains("guest-oom-kills=0\n") && text.contains("guest-oom-kills="), "{text}");
     assert!(text.contains("pod-cgroup-oom-kills=0\n"), "the node's OOM killer took nothing: {text}");
@@ -236,9 +386,13 @@ fn a_guest_filling_its_memory_is_charged_to_the_pods_cgroup_stays_within_it_and_
     assert!(peak >= 0.75 * guest_mib, "the guest's RAM is charged to the pod: {peak} MiB: {text}");
 }
 
+fn shim_kill_steps() -> String {
+    cri_fault_steps("shim-kill", "", "")
+}
+
 #[test]
 fn a_killed_cri_pod_shim_is_cleaned_up_and_its_tasks_report_the_kill() {
-    let text = with_cri_fault("shim-kill", "shim-kill", "", "");
+    let text = cri_fault_output("shim-kill");
     assert!(text.contains("shims-killed=1"), "{text}");
     // CRI reports the exit of a task whose shim died as 255 (unknown).
     assert!(text.contains("victim-exit=255") && text.contains("bystander-exit=255"), "{text}");
@@ -247,15 +401,18 @@ fn a_killed_cri_pod_shim_is_cleaned_up_and_its_tasks_report_the_kill() {
 /// The test suite's soak: pods at once, pods in all (`make soak` runs 20 and 200).
 const SOAK: (usize, usize) = (4, 12);
 
-#[test]
-fn a_soak_of_pods_started_and_removed_in_rounds_leaves_the_node_as_it_was() {
-    let steps = format!(
+fn soak_steps() -> String {
+    format!(
         "logs=$(mktemp -d); {soak} \"$CONTAINERD_ADDRESS\" $logs {} {}; echo \"soak-status=$?\"; rm -rf $logs",
         SOAK.0,
         SOAK.1,
         soak = target_bin("husk-cri-soak").display()
-    );
-    let text = with_containerd("soak", true, &steps);
+    )
+}
+
+#[test]
+fn a_soak_of_pods_started_and_removed_in_rounds_leaves_the_node_as_it_was() {
+    let text = steps_output("soak");
     assert!(text.contains("soak-status=0") && text.contains("soak: no growth"), "{text}");
     let growth: Vec<&str> = text.lines().filter(|l| l.starts_with("soak_growth ")).collect();
     assert_eq!(growth.len(), 11, "every count is reported: {text}");
@@ -266,9 +423,8 @@ fn a_soak_of_pods_started_and_removed_in_rounds_leaves_the_node_as_it_was() {
     }
 }
 
-#[test]
-fn containerd_restarting_under_a_running_pod_finds_it_serving_and_hears_its_exit() {
-    let steps = format!(
+fn restart_steps() -> String {
+    format!(
         "$husk -d {IMAGE} survivor sleep 1000 || exit 1
 $CONTAINERD_RESTART && echo containerd-restarted
 ctr task ls | grep '^survivor ' | sed 's/^/after-restart: /'
@@ -281,8 +437,12 @@ kill $events_pid
 grep '/tasks/exit' /tmp/husk-restart-events | grep -q survivor && echo exit-event=survivor
 ctr task ls | grep '^survivor ' | sed 's/^/after-kill: /'
 ctr task delete survivor >/dev/null; ctr container rm survivor"
-    );
-    let text = with_containerd("restart", false, &steps);
+    )
+}
+
+#[test]
+fn containerd_restarting_under_a_running_pod_finds_it_serving_and_hears_its_exit() {
+    let text = steps_output("restart");
     assert!(text.contains("containerd-restarted"), "{text}");
     assert!(text.lines().any(|l| l.starts_with("after-restart: ") && l.contains("RUNNING")), "{text}");
     assert!(text.contains("exec=still-serving"), "the shim serves the new containerd: {text}");
@@ -290,17 +450,20 @@ ctr task delete survivor >/dev/null; ctr container rm survivor"
     assert!(text.lines().any(|l| l.starts_with("after-kill: ") && l.contains("STOPPED")), "{text}");
 }
 
-#[test]
-fn a_full_volume_fails_the_containers_writes_with_enospc_and_the_pod_keeps_serving() {
-    let steps = format!(
+fn disk_full_steps() -> String {
+    format!(
         "mkdir -p /tmp/husk-small && mount -t tmpfs -o size=4m tmpfs /tmp/husk-small || exit 1
 $husk --rm --mount type=bind,src=/tmp/husk-small,dst=/data,options=rbind:rw {IMAGE} filler sh -c \
   'dd if=/dev/zero of=/data/fill bs=1M count=16 conv=fsync 2>&1 | grep -o \"No space left on device\" | head -1
    rm /data/fill && echo after-full > /data/after && cat /data/after'; echo \"filler-status=$?\"
 echo \"host-sees=$(cat /tmp/husk-small/after)\"
 umount /tmp/husk-small"
-    );
-    let text = with_containerd("disk-full", false, &steps);
+    )
+}
+
+#[test]
+fn a_full_volume_fails_the_containers_writes_with_enospc_and_the_pod_keeps_serving() {
+    let text = steps_output("disk-full");
     assert!(text.contains("No space left on device"), "the writer hears ENOSPC: {text}");
     assert!(
         text.contains("after-full") && text.contains("filler-status=0"),
@@ -309,14 +472,17 @@ umount /tmp/husk-small"
     assert!(text.contains("host-sees=after-full"), "{text}");
 }
 
-#[test]
-fn cri_pods_get_their_cni_address_in_the_guest_and_reach_husk_and_runc_pods() {
-    let steps = format!(
+fn cri_net_steps() -> String {
+    format!(
         "logs=$(mktemp -d); {probe} \"$CONTAINERD_ADDRESS\" $logs; echo \"cri-status=$?\"; rm -rf $logs
 echo \"taps-left=$(/usr/bin/ip -o link | grep -c _husk)\"; echo \"ingress-left=$(/usr/sbin/tc qdisc show | grep -c ingress)\"",
         probe = target_bin("husk-cri-net").display()
-    );
-    let text = with_containerd("cri-net", true, &steps);
+    )
+}
+
+#[test]
+fn cri_pods_get_their_cni_address_in_the_guest_and_reach_husk_and_runc_pods() {
+    let text = steps_output("cri-net");
     assert!(text.contains("cri-status=0") && text.contains("pods-removed"), "{text}");
     let value = |key: &str| {
         let key = format!("{key}=");
@@ -342,10 +508,13 @@ echo \"taps-left=$(/usr/bin/ip -o link | grep -c _husk)\"; echo \"ingress-left=$
     }
 }
 
+fn net_host_steps() -> String {
+    format!("$husk --rm --net-host {IMAGE} hostnet true; echo \"status=$?\"")
+}
+
 #[test]
 fn a_host_network_container_is_refused_with_a_message_naming_why_and_leaves_nothing() {
-    let steps = format!("$husk --rm --net-host {IMAGE} hostnet true; echo \"status=$?\"");
-    let text = with_containerd("net-host", false, &steps);
+    let text = steps_output("net-host");
     assert!(!text.contains("status=0"), "{text}");
     assert!(text.contains("host networking is not supported"), "{text}");
 }
@@ -438,15 +607,14 @@ const BAD_INPUTS: &[BadInput] = &[
     },
 ];
 
-#[test]
-fn malformed_annotations_specs_and_configurations_are_refused_by_name_and_leave_nothing() {
+fn bad_input_steps() -> String {
     let mut steps = String::from("cp \"$HUSK_CONFIG\" /tmp/husk-good.toml\n");
     for (i, bad) in BAD_INPUTS.iter().enumerate() {
         steps.push_str(&format!(
             "{setup}
 $husk --rm {flags} {target} > /tmp/husk-bad-out 2>&1; echo \"{label}-status=$?\"
 echo \"{label}-said: $(tr '\\n' ' ' < /tmp/husk-bad-out)\"
-cp /tmp/husk-good.toml \"$HUSK_CONFIG\"; ctr container rm bad{i} >/dev/null 2>&1
+cp /tmp/husk-good.toml \"$HUSK_CONFIG\"; ctr container rm bad{i} >/dev/null 2>&1 || true
 ",
             setup = bad.setup,
             flags = bad.flags,
@@ -454,7 +622,12 @@ cp /tmp/husk-good.toml \"$HUSK_CONFIG\"; ctr container rm bad{i} >/dev/null 2>&1
             label = bad.label,
         ));
     }
-    let text = with_containerd("bad-input", false, &steps);
+    steps
+}
+
+#[test]
+fn malformed_annotations_specs_and_configurations_are_refused_by_name_and_leave_nothing() {
+    let text = steps_output("bad-input");
     for bad in BAD_INPUTS {
         let status = format!("{}-status=", bad.label);
         let code =
@@ -468,16 +641,10 @@ cp /tmp/husk-good.toml \"$HUSK_CONFIG\"; ctr container rm bad{i} >/dev/null 2>&1
     }
 }
 
-/// The escape of issue 19, as an attacker would try it: the pod's privileged sandbox container
-/// (root in the VM) mounts the pod's virtio-fs share and plants symlinks at the names the shim
-/// will mount the next container's rootfs and volume on, pointing at node paths. The share's tree
-/// is read-only to the guest (only the mounts in it are writable), so every plant fails, the next
-/// container starts with its volume, and the node's files and mount table are untouched.
-#[test]
-fn a_root_guest_cannot_steer_the_shims_mounts_onto_node_paths() {
+fn hostile_steps() -> String {
     let sandbox = "--annotation io.kubernetes.cri.container-type=sandbox";
     let member = "--annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id=pwn";
-    let steps = format!(
+    format!(
         "mkdir -p /tmp/victim-dir /tmp/vol; echo precious > /tmp/victim-file; echo volume-content > /tmp/vol/f
 $husk -d --privileged {sandbox} {IMAGE} pwn sleep 1000 || exit 1
 ctr task exec --exec-id plant pwn sh -c 'mkdir -p /mnt/s && mount -t virtiofs husk-shared /mnt/s || exit 9
@@ -493,8 +660,17 @@ ctr task kill -s SIGKILL pwn
 i=0; until ctr task ls | grep -q '^pwn .*STOPPED' || [ $i -ge 100 ]; do sleep 0.2; i=$((i+1)); done
 ctr task delete pwn; ctr container rm pwn
 echo \"node: victim-file=$(cat /tmp/victim-file) victim-dir-entries=$(ls -A /tmp/victim-dir | wc -l) victim-mounts=$(grep -c victim /proc/mounts)\""
-    );
-    let text = with_containerd("hostile", false, &steps);
+    )
+}
+
+/// The escape of issue 19, as an attacker would try it: the pod's privileged sandbox container
+/// (root in the VM) mounts the pod's virtio-fs share and plants symlinks at the names the shim
+/// will mount the next container's rootfs and volume on, pointing at node paths. The share's tree
+/// is read-only to the guest (only the mounts in it are writable), so every plant fails, the next
+/// container starts with its volume, and the node's files and mount table are untouched.
+#[test]
+fn a_root_guest_cannot_steer_the_shims_mounts_onto_node_paths() {
+    let text = steps_output("hostile");
     for refused in ["plant-dir", "plant-link", "plant-beside-rootfs"] {
         assert!(text.contains(&format!("{refused}=1")), "{refused}: the guest's plant must fail: {text}");
     }

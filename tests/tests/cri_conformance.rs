@@ -36,7 +36,7 @@ fn a_pod_under_husk_behaves_as_under_runc_in_every_cri_conformance_check() {
 rm -rf $work",
         probe = target_bin("husk-cri-conformance").display()
     );
-    let text = with_containerd("conformance", true, &steps);
+    let text = with_containerd("conformance", &steps);
     println!("{text}");
     assert!(text.contains("conformance-status=0"), "{text}");
     let mut unexpected = Vec::new();
