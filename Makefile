@@ -57,10 +57,10 @@ fuzz:
 	fuzz/run --time $(FUZZ_SECONDS)
 
 ## test: everything CI runs: lint, unit tests, guest image checks and VM tests (in the test host
-## where this machine's KVM cannot run guests)
+## where this machine's KVM cannot run guests); the fuzz targets build beside the tests, on the
+## CPU time the emulated test host leaves idle (scripts/test-suite)
 test: lint build-tests guest-image testhost containerd
-	fuzz/run --build-only
-	$(CARGO) test --workspace --locked -- --test-threads=2
+	scripts/test-suite $(CARGO)
 
 ## flaky: the tests of every VM test binary (tests/tests/*.rs) K times (default 3) on one build,
 ## one test at a time; prints per test its passes, failures and times, and per test binary its
