@@ -70,7 +70,9 @@ fn a_container_cannot_reach_the_agent_over_the_guests_loopback_vsock() {
     let probe = workspace_root().join("target/x86_64-unknown-linux-gnu/guest/husk-vsock-test");
     std::fs::copy(&probe, rootfs.join("bin/husk-vsock-test")).expect("the guest build of husk-vsock-test");
     // Port 4000: a listener of the container's own, the control that keeps its connection open.
-    let inside = "husk-vsock-test listen 4000 >/dev/null & sleep 1
+    // The probes start once it accepts (the rootfs is read-only: no file to say so), within 30 s.
+    let inside = "husk-vsock-test listen 4000 >/dev/null &
+i=0; until [ \"$(husk-vsock-test probe 1 4000)\" = kept-open ] || [ $i -ge 300 ]; do sleep 0.1; i=$((i+1)); done
 for target in '1 4000' '1 1024' '1 1025' '3 1024' '3 1025'; do
     echo \"probe $target: $(husk-vsock-test probe $target)\"
 done";
@@ -98,6 +100,7 @@ fn the_vmms_vcpu_and_device_threads_run_under_their_seccomp_filters() {
 i=0; until grep -q container-started /tmp/husk-run.out 2>/dev/null || [ $i -ge 600 ]; do sleep 0.1; i=$((i+1)); done
 for task in /proc/$run/task/*; do echo \"thread $(cat $task/comm) $(grep Seccomp: $task/status)\"; done
 for task in /proc/$run/task/*; do [ \"$(cat $task/comm)\" = virtio-fs ] && echo \"fs-root=$(readlink $task/root) fs-$(grep CapPrm: $task/status | tr -d '\\t')\"; done
+for task in /proc/$run/task/*; do [ \"$(cat $task/comm)\" = virtio-vsock ] && echo \"vsock-root=$(readlink $task/root) vsock-$(grep CapPrm: $task/status | tr -d '\\t')\"; done
 wait $run; echo \"run-status=$?\"",
         husk = target_bin("husk").display(),
         rootfs = rootfs.display()
@@ -121,4 +124,10 @@ wait $run; echo \"run-status=$?\"",
     let fs = text.lines().find_map(|l| l.strip_prefix("fs-root=")).unwrap_or_else(|| panic!("{text}"));
     assert!(fs.starts_with("/run/husk/sandboxes/") && fs.contains("/shared "), "{text}");
     assert!(fs.ends_with("fs-CapPrm:00000000000000df"), "{text}");
+    // The vsock thread's root is the sandbox directory of its socket, and it keeps no capability
+    // (its guest reaches no host port, so its filter has no socket or connect either).
+    let vsock = text.lines().find_map(|l| l.strip_prefix("vsock-root=")).unwrap_or_else(|| panic!("{text}"));
+    let (root, caps) = vsock.split_once(' ').unwrap_or_else(|| panic!("{text}"));
+    assert!(root.starts_with("/run/husk/sandboxes/") && !root.contains("/shared"), "{text}");
+    assert_eq!(caps, "vsock-CapPrm:0000000000000000", "{text}");
 }

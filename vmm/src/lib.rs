@@ -20,6 +20,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod host;
+pub mod jail;
 pub mod launcher;
 pub mod layout;
 pub mod memory_usage;

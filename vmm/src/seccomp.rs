@@ -30,8 +30,12 @@ pub enum ThreadRole {
     /// virtio-net: frames between guest buffers and a tap (opened before the VM started; its
     /// offloads are set during setup).
     Net,
-    /// virtio-vsock: the hybrid vsock's unix sockets (connects to `<socket>_<port>`).
+    /// virtio-vsock: the hybrid vsock's unix sockets (accepts the host's connections, connects
+    /// to `<socket>_<port>` for the host ports the guest may reach).
     Vsock,
+    /// virtio-vsock whose guest may reach no host port (the shim's): [`ThreadRole::Vsock`]
+    /// without `socket` and `connect`, so it serves only the connections the host opened.
+    VsockNoConnect,
     /// virtio-fs: serves the pod's shared directory (file syscalls of a passthrough server).
     Fs,
 }
@@ -76,7 +80,7 @@ impl ThreadRole {
             ThreadRole::Vcpu => b"vCPU",
             ThreadRole::Rng => b"virtio-rng",
             ThreadRole::Net => b"virtio-net",
-            ThreadRole::Vsock => b"virtio-vsock",
+            ThreadRole::Vsock | ThreadRole::VsockNoConnect => b"virtio-vsock",
             ThreadRole::Fs => b"virtio-fs",
         }
     }
@@ -115,7 +119,12 @@ fn rules(role: ThreadRole) -> Result<Rules, seccompiler::BackendError> {
             allow(&mut rules, VSOCK);
             // Unix sockets only: `<socket>_<port>` listeners of the host.
             rules.insert(libc::SYS_socket, vec![arg_is(0, libc::AF_UNIX as u64)?]);
+            allow(&mut rules, &[libc::SYS_connect]);
             // std's set_nonblocking.
+            rules.insert(libc::SYS_ioctl, vec![arg_is(1, libc::FIONBIO)?]);
+        }
+        ThreadRole::VsockNoConnect => {
+            allow(&mut rules, VSOCK);
             rules.insert(libc::SYS_ioctl, vec![arg_is(1, libc::FIONBIO)?]);
         }
         ThreadRole::Fs => {
@@ -188,10 +197,10 @@ const VCPU: &[i64] = &[libc::SYS_eventfd2, libc::SYS_epoll_create1, libc::SYS_du
 /// virtio-net besides [`COMMON`]: the tap is read and written with read/write.
 const NET: &[i64] = &[];
 
-/// virtio-vsock besides [`COMMON`] (and `socket(AF_UNIX)`, `ioctl(FIONBIO)`).
+/// virtio-vsock besides [`COMMON`] and `ioctl(FIONBIO)` (and, for [`ThreadRole::Vsock`],
+/// `socket(AF_UNIX)` and `connect`).
 const VSOCK: &[i64] = &[
     libc::SYS_accept4,
-    libc::SYS_connect,
     libc::SYS_shutdown,
     libc::SYS_getsockopt,
     libc::SYS_recvfrom,
@@ -406,7 +415,15 @@ mod tests {
 
     #[test]
     fn every_role_builds_a_filter() {
-        for role in [ThreadRole::Vcpu, ThreadRole::Rng, ThreadRole::Net, ThreadRole::Vsock, ThreadRole::Fs] {
+        let roles = [
+            ThreadRole::Vcpu,
+            ThreadRole::Rng,
+            ThreadRole::Net,
+            ThreadRole::Vsock,
+            ThreadRole::VsockNoConnect,
+            ThreadRole::Fs,
+        ];
+        for role in roles {
             let program = program(role).unwrap();
             assert!(!program.is_empty(), "{role:?}");
         }
@@ -460,6 +477,31 @@ mod tests {
             4
         });
         assert_eq!(inet, SIGSYS_EXIT_STATUS, "AF_INET is not");
+    }
+
+    #[test]
+    fn a_vsock_thread_whose_guest_reaches_no_host_port_cannot_open_a_socket() {
+        let vsock = program(ThreadRole::VsockNoConnect).unwrap();
+        install_reporter().unwrap();
+        let unix = in_child(|| {
+            if seccompiler::apply_filter(&vsock).is_err() {
+                return 2;
+            }
+            // SAFETY: creating a socket this child would own.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            4
+        });
+        assert_eq!(unix, SIGSYS_EXIT_STATUS, "not even AF_UNIX");
+        let connect = in_child(|| {
+            if seccompiler::apply_filter(&vsock).is_err() {
+                return 2;
+            }
+            // SAFETY: connect on a descriptor that is no socket, with a null address: refused
+            // by the filter before the kernel looks at either.
+            unsafe { libc::connect(-1, std::ptr::null(), 0) };
+            4
+        });
+        assert_eq!(connect, SIGSYS_EXIT_STATUS, "nor connect");
     }
 
     #[test]

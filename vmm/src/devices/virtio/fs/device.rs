@@ -116,7 +116,7 @@ impl VirtioDevice for FsDevice {
             // Done with host paths: the thread's root becomes the share, and it keeps only the
             // capabilities serving needs (without them the guest could create device nodes on
             // the host, or open files by handle). A failure means the share is not served.
-            share::enter_share_root(&dir)?;
+            crate::jail::enter_root(&dir)?;
             share::keep_share_capabilities().map_err(std::io::Error::other)?;
             let handler = FsQueues {
                 mem,

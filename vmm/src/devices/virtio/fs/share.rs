@@ -6,7 +6,7 @@
 //! host), names with `/` are refused, `..` at the root is the root, only regular files and
 //! directories are ever opened, and file handles are never taken from the guest
 //! (`inode_file_handles` off). On top of that Husk:
-//! - confines the serving thread: its root is the share ([`enter_share_root`]) and it keeps only
+//! - confines the serving thread: its root is the share ([`crate::jail::enter_root`]) and it keeps only
 //!   [`SHARE_CAPABILITIES`] ([`keep_share_capabilities`]);
 //! - refuses device nodes: the serving thread holds no `CAP_MKNOD`, so a guest
 //!   `mknod` of a character or block device fails with `EPERM` (FIFOs, sockets and overlayfs's
@@ -108,15 +108,12 @@ fn vfs_options() -> VfsOptions {
     }
 }
 
-/// Gives the calling thread its own file-system context (`unshare(CLONE_FS)`: umask, root and
-/// working directory) with umask 0: the passthrough server applies each request's own umask to
-/// the modes the guest asks for, so the thread serving them must mask nothing more, and only
-/// that thread may have umask 0 (the rest of the process keeps its own).
+/// Gives the calling thread its own file-system context ([`crate::jail::own_fs_context`]: umask,
+/// root and working directory) with umask 0: the passthrough server applies each request's own
+/// umask to the modes the guest asks for, so the thread serving them must mask nothing more, and
+/// only that thread may have umask 0 (the rest of the process keeps its own).
 pub fn own_fs_context_without_umask() -> std::io::Result<()> {
-    // SAFETY: unshare(CLONE_FS) only gives this thread a private copy of its fs context.
-    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    crate::jail::own_fs_context()?;
     // SAFETY: umask only sets this thread's (now unshared) file mode creation mask.
     unsafe { libc::umask(0) };
     Ok(())
@@ -139,29 +136,10 @@ pub const SHARE_CAPABILITIES: &[caps::Capability] = &[
     caps::Capability::CAP_SETUID,
 ];
 
-/// Leaves the calling thread only [`SHARE_CAPABILITIES`] (effective and permitted: the
-/// per-request switch of the effective uid back to root would otherwise restore the others;
-/// nothing inheritable). Capabilities are per thread, so this confines only the thread serving
-/// the guest's requests.
+/// Leaves the calling thread only [`SHARE_CAPABILITIES`]. Capabilities are per thread, so this
+/// confines only the thread serving the guest's requests.
 pub fn keep_share_capabilities() -> Result<(), caps::errors::CapsError> {
-    use caps::CapSet;
-    let keep: caps::CapsHashSet = SHARE_CAPABILITIES.iter().copied().collect();
-    caps::set(None, CapSet::Effective, &keep)?;
-    caps::set(None, CapSet::Permitted, &keep)?;
-    caps::clear(None, CapSet::Inheritable)
-}
-
-/// Makes `dir` the calling thread's root (its file-system context must be its own:
-/// [`own_fs_context_without_umask`]), once the server holds its descriptors: a path the thread
-/// resolves, in an exploit too, can then name nothing outside the share.
-pub fn enter_share_root(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: chroot(2) with a NUL-terminated path; it changes only this thread's root.
-    if unsafe { libc::chroot(path.as_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    std::env::set_current_dir("/")
+    crate::jail::keep_capabilities(SHARE_CAPABILITIES)
 }
 
 #[cfg(test)]

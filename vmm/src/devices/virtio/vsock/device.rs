@@ -19,8 +19,8 @@ use super::HostPorts;
 use crate::devices::virtio::{
     ActivateError, DeviceContext, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
 };
-use crate::launcher;
 use crate::seccomp::{self, ThreadRole};
+use crate::{jail, launcher};
 
 const VIRTIO_ID_VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 const QUEUE_SIZES: &[u16] = &[256, 256, 256];
@@ -98,6 +98,7 @@ impl VirtioDevice for VsockDevice {
         let setup = move || -> std::io::Result<(EventLoop, EventFd)> {
             // A previous activation (before a driver reset) may have left the socket.
             let _ = std::fs::remove_file(&path);
+            let role = if host_ports.any_allowed() { ThreadRole::Vsock } else { ThreadRole::VsockNoConnect };
             let mut lp = EventLoop::new(mem, rx, tx, interrupt, &path, guest_cid)?;
             lp.muxer.set_host_ports(host_ports);
             lp.watch(stop_seen.as_raw_fd(), STOP_TOKEN)?;
@@ -105,8 +106,9 @@ impl VirtioDevice for VsockDevice {
                 lp.watch(event.as_raw_fd(), index as u64)?;
             }
             lp.queue_events = queue_events;
+            confine(&mut lp.muxer, &path)?;
             if seccomp {
-                seccomp::apply(ThreadRole::Vsock).map_err(std::io::Error::other)?;
+                seccomp::apply(role).map_err(std::io::Error::other)?;
             }
             Ok((lp, stop_seen))
         };
@@ -120,6 +122,24 @@ impl VirtioDevice for VsockDevice {
     fn reset(&mut self) {
         self.stop();
     }
+}
+
+/// Done with host paths once the socket is bound: the device's thread makes the socket's
+/// directory its root (a guest connection can then reach only listeners beside the device's own
+/// socket, `<socket>_<port>`, whatever the muxer is made to connect to) and keeps no capability
+/// (the sockets it accepts and connects to are its owner's: root's, in the shim).
+fn confine(muxer: &mut Muxer, socket: &Path) -> std::io::Result<()> {
+    let socket = std::path::absolute(socket)?;
+    let (Some(dir), Some(name)) = (socket.parent(), socket.file_name()) else {
+        return Err(std::io::Error::other(format!(
+            "vsock socket {}: no directory and name",
+            socket.display()
+        )));
+    };
+    jail::own_fs_context()?;
+    jail::enter_root(dir)?;
+    muxer.set_listeners(Path::new("/").join(name));
+    jail::keep_capabilities(&[]).map_err(std::io::Error::other)
 }
 
 /// The device's worker: moves packets between the queues and the muxer's host sockets.

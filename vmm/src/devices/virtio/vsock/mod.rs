@@ -31,6 +31,12 @@ pub enum HostPorts {
 }
 
 impl HostPorts {
+    /// Whether the guest may reach any host port at all (the device's thread then keeps no way
+    /// to connect: see [`crate::seccomp::ThreadRole::VsockNoConnect`]).
+    pub fn any_allowed(&self) -> bool {
+        !matches!(self, HostPorts::Only(ports) if ports.is_empty())
+    }
+
     /// Whether a guest connection to host `port` may be tried.
     pub fn allows(&self, port: u32) -> bool {
         match self {

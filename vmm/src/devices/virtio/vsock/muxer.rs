@@ -43,7 +43,9 @@ type Key = (u32, u32);
 #[derive(Debug)]
 pub struct Muxer {
     guest_cid: u64,
-    path: PathBuf,
+    /// Guest connections to host port P go to the listener at `<listeners>_<P>`: the device's
+    /// socket path, or that path as seen from a jailed thread ([`Muxer::set_listeners`]).
+    listeners: PathBuf,
     listener: UnixListener,
     /// Host connections still sending their `CONNECT` line, with the time they must be done by.
     handshakes: HashMap<RawFd, Handshake>,
@@ -75,7 +77,7 @@ impl Muxer {
         )?;
         Ok(Muxer {
             guest_cid,
-            path: path.to_path_buf(),
+            listeners: path.to_path_buf(),
             listener,
             handshakes: HashMap::new(),
             conns: BTreeMap::new(),
@@ -86,6 +88,12 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             host_ports: HostPorts::Any,
         })
+    }
+
+    /// Guest connections to host port P go to `<prefix>_<P>` from now on (the socket's own path
+    /// until called).
+    pub fn set_listeners(&mut self, prefix: PathBuf) {
+        self.listeners = prefix;
     }
 
     /// Limits guest-initiated connections to `ports` (every port until called).
@@ -191,9 +199,9 @@ impl Muxer {
         }
     }
 
-    /// A guest connection to an allowed host port P reaches a listener at `<path>_<P>`.
+    /// A guest connection to an allowed host port P reaches a listener at `<listeners>_<P>`.
     fn guest_connect(&mut self, header: &PacketHeader, epoll: &Epoll) {
-        let target = PathBuf::from(format!("{}_{}", self.path.display(), header.dst_port));
+        let target = PathBuf::from(format!("{}_{}", self.listeners.display(), header.dst_port));
         let allowed = self.host_ports.allows(header.dst_port) && self.conns.len() < MAX_CONNECTIONS;
         let connected = allowed.then(|| connect_nonblocking(&target).ok()).flatten();
         let Some(stream) = connected else {
