@@ -430,7 +430,8 @@ $CONTAINERD_RESTART && echo containerd-restarted
 ctr task ls | grep '^survivor ' | sed 's/^/after-restart: /'
 echo \"exec=$(ctr task exec --exec-id e1 survivor echo still-serving)\"
 ctr events > /tmp/husk-restart-events 2>&1 & events_pid=$!
-sleep 1
+# Subscribed once it hears an event: an exec's, until one arrives (at most 30 execs).
+i=0; until grep -q /tasks/exec-started /tmp/husk-restart-events || [ $i -ge 30 ]; do ctr task exec --exec-id listening$i survivor true; i=$((i+1)); done
 ctr task kill -s SIGKILL survivor
 i=0; until grep -q '/tasks/exit' /tmp/husk-restart-events || [ $i -ge 150 ]; do sleep 0.2; i=$((i+1)); done
 kill $events_pid
