@@ -6,17 +6,64 @@
 // Test code: a failed expectation is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use husk_tests::{combined, describe, run, ConsoleScenario, VmHost};
+use husk_tests::batch::{chosen_test, run_batch, BatchCommand, BatchOutput};
+use husk_tests::{combined, describe, ConsoleScenario};
 
-const BUDGET: Duration = Duration::from_secs(900);
+/// All of the scenarios together (~4 min in CI).
+const BUDGET: Duration = Duration::from_secs(1500);
 const FILES: usize = 2000;
 
-fn run_scenario(scenario: &ConsoleScenario) -> String {
-    let output = run(&mut VmHost::detect().command(BUDGET, &["sh", "-c", &scenario.script()]));
-    let text = combined(&output);
-    assert!(text.contains("vmm-status=0"), "{}", describe(&output));
+/// Every test's VM run below, one after another in one boot of the test host (on first use):
+/// each boots a guest of its own over a share of its own.
+static RUNS: OnceLock<BatchOutput> = OnceLock::new();
+
+/// A test's name and what makes its scenario.
+type NamedScenario = (&'static str, fn() -> ConsoleScenario);
+
+/// Each test's scenario, by the test's name: a run of chosen tests runs only theirs.
+const SCENARIOS: &[NamedScenario] = &[
+    (
+        "guest_and_host_see_each_others_file_operations",
+        guest_and_host_see_each_others_file_operations_scenario,
+    ),
+    (
+        "a_tree_of_thousands_of_files_copies_through_the_share_intact",
+        a_tree_of_thousands_of_files_copies_through_the_share_intact_scenario,
+    ),
+    (
+        "the_guest_cannot_reach_outside_the_shared_directory",
+        the_guest_cannot_reach_outside_the_shared_directory_scenario,
+    ),
+    (
+        "a_symlink_race_from_two_guest_processes_neither_escapes_nor_wedges",
+        a_symlink_race_from_two_guest_processes_neither_escapes_nor_wedges_scenario,
+    ),
+    (
+        "overlayfs_in_the_guest_works_over_a_virtio_fs_lower_directory",
+        overlayfs_in_the_guest_works_over_a_virtio_fs_lower_directory_scenario,
+    ),
+    (
+        "a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_bound",
+        a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_bound_scenario,
+    ),
+];
+
+/// The output of test `name`'s scenario, whose VM ran and ended well.
+fn scenario_output(name: &str) -> String {
+    let runs = RUNS.get_or_init(|| {
+        let chosen: Vec<BatchCommand> = SCENARIOS
+            .iter()
+            .filter(|(test, _)| chosen_test(test))
+            .map(|(test, scenario)| BatchCommand::new(test, &["sh", "-c", &scenario().script()]))
+            .collect();
+        run_batch(BUDGET, &[], &chosen)
+    });
+    let output = runs.get(name);
+    let text = combined(output);
+    assert!(text.contains("vmm-status=0"), "{}", describe(output));
     assert!(!text.contains("guest never reached"), "{text}");
     text
 }
@@ -30,8 +77,7 @@ fn shared(steps: &str) -> ConsoleScenario {
     }
 }
 
-#[test]
-fn guest_and_host_see_each_others_file_operations() {
+fn guest_and_host_see_each_others_file_operations_scenario() -> ConsoleScenario {
     let mut scenario = shared(
         "guest 'cd /mnt/share && echo from-guest > g.txt && mkdir d && echo data > d/f && mv d/f d/moved'
   guest 'echo gone > del.txt && rm del.txt && chmod 0640 g.txt && ln -s g.txt sym && ln g.txt hard'
@@ -45,7 +91,12 @@ fn guest_and_host_see_each_others_file_operations() {
          moved=$(cat d/moved) f=$(ls d/f 2>/dev/null | wc -l) del=$(ls del.txt 2>/dev/null | wc -l) \
          sym=$(readlink sym) links=$(stat -c %h hard) inode-same=$([ g.txt -ef hard ] && echo yes)\"; cd /"
         .into();
-    let text = run_scenario(&scenario);
+    scenario
+}
+
+#[test]
+fn guest_and_host_see_each_others_file_operations() {
+    let text = scenario_output("guest_and_host_see_each_others_file_operations");
     assert!(
         text.contains(
             "host-sees g=from-guest mode=640 moved=data f=0 del=0 sym=g.txt links=2 inode-same=yes"
@@ -56,8 +107,7 @@ fn guest_and_host_see_each_others_file_operations() {
     assert!(text.contains("links=2") && text.contains("guest-readlink=g.txt"), "{text}");
 }
 
-#[test]
-fn a_tree_of_thousands_of_files_copies_through_the_share_intact() {
+fn a_tree_of_thousands_of_files_copies_through_the_share_intact_scenario() -> ConsoleScenario {
     let tree_sum = "find . -type f | sort | xargs sha256sum | sha256sum | cut -c1-64";
     let mut scenario = shared(&format!(
         "guest 'cd /mnt/share/src && echo \"guest-src-sum=$({tree_sum})\"; cd /'
@@ -71,7 +121,12 @@ fn a_tree_of_thousands_of_files_copies_through_the_share_intact() {
          echo \"host-src-sum=$(cd $work/share/src && {tree_sum})\""
     );
     scenario.host_checks = format!("echo \"host-copy-sum=$(cd $work/share/copy && {tree_sum})\"");
-    let text = run_scenario(&scenario);
+    scenario
+}
+
+#[test]
+fn a_tree_of_thousands_of_files_copies_through_the_share_intact() {
+    let text = scenario_output("a_tree_of_thousands_of_files_copies_through_the_share_intact");
     let sum = |key: &str| {
         // The last one: the console also echoes the command line that prints it.
         text.lines()
@@ -94,8 +149,7 @@ fn escape_setup() -> String {
         .into()
 }
 
-#[test]
-fn the_guest_cannot_reach_outside_the_shared_directory() {
+fn the_guest_cannot_reach_outside_the_shared_directory_scenario() -> ConsoleScenario {
     let mut scenario = shared(
         "guest 'cat /mnt/share/abs /mnt/share/rel /mnt/share/../outside-secret /mnt/share/dir-link/outside-secret'
   guest 'mknod /mnt/share/null c 1 3 || echo mknod-refused'
@@ -107,7 +161,12 @@ fn the_guest_cannot_reach_outside_the_shared_directory() {
     scenario.host_checks =
         "echo \"host-null=$(ls $work/share/null 2>/dev/null | wc -l) host-fifo=$([ -p $work/share/fifo ] && echo yes)\""
             .into();
-    let text = run_scenario(&scenario);
+    scenario
+}
+
+#[test]
+fn the_guest_cannot_reach_outside_the_shared_directory() {
+    let text = scenario_output("the_guest_cannot_reach_outside_the_shared_directory");
     assert!(!text.contains("TOP-SECRET-1337"), "no path reached the host file outside the share: {text}");
     assert!(text.contains("mknod-refused") && text.contains("host-null=0"), "no device node: {text}");
     assert!(text.contains("fifo-ok") && text.contains("host-fifo=yes"), "FIFOs are fine: {text}");
@@ -116,15 +175,19 @@ fn the_guest_cannot_reach_outside_the_shared_directory() {
 /// Two guest processes racing a directory/symlink swap against lookups through it: nothing
 /// escapes the share, and the shell's `wait` sees its background job end. (That `wait` once slept
 /// forever: the debug console inherited PID 1's blocked SIGCHLD.)
-#[test]
-fn a_symlink_race_from_two_guest_processes_neither_escapes_nor_wedges() {
+fn a_symlink_race_from_two_guest_processes_neither_escapes_nor_wedges_scenario() -> ConsoleScenario {
     let mut scenario = shared(
         "guest 'echo \"console-$(grep SigBlk /proc/$$/status)\"'
   guest 'cd /mnt/share; i=0; while [ $i -lt 100 ]; do rm -rf race; mkdir race; rm -rf race; ln -s / race; i=$((i+1)); done & j=0; while [ $j -lt 100 ]; do cat race/outside-secret race/../outside-secret 2>/dev/null; j=$((j+1)); done; wait; echo \"race-waited=$?\"; cd /'
   sync_guest raced",
     );
     scenario.host_setup = escape_setup();
-    let text = run_scenario(&scenario);
+    scenario
+}
+
+#[test]
+fn a_symlink_race_from_two_guest_processes_neither_escapes_nor_wedges() {
+    let text = scenario_output("a_symlink_race_from_two_guest_processes_neither_escapes_nor_wedges");
     assert!(
         text.contains("console-SigBlk:\t0000000000000000"),
         "the shell starts with no signal blocked: {text}"
@@ -133,8 +196,7 @@ fn a_symlink_race_from_two_guest_processes_neither_escapes_nor_wedges() {
     assert!(!text.contains("TOP-SECRET-1337"), "no path reached the host file outside the share: {text}");
 }
 
-#[test]
-fn overlayfs_in_the_guest_works_over_a_virtio_fs_lower_directory() {
+fn overlayfs_in_the_guest_works_over_a_virtio_fs_lower_directory_scenario() -> ConsoleScenario {
     let mut scenario = shared(
         "guest 'mkdir -p /tmp/up /tmp/work /merged && mount -t overlay overlay -o lowerdir=/mnt/share/lower,upperdir=/tmp/up,workdir=/tmp/work /merged && echo overlay-mounted'
   guest 'echo \"merged-reads=$(cat /merged/etc/os-release)\"; echo changed > /merged/etc/os-release; rm /merged/bin/tool; echo new > /merged/new'
@@ -148,7 +210,12 @@ fn overlayfs_in_the_guest_works_over_a_virtio_fs_lower_directory() {
     scenario.host_checks = "echo \"lower-after=$(cat $work/share/lower/etc/os-release) \
         tool=$(cat $work/share/lower/bin/tool) new=$(ls $work/share/lower/new 2>/dev/null | wc -l)\""
         .into();
-    let text = run_scenario(&scenario);
+    scenario
+}
+
+#[test]
+fn overlayfs_in_the_guest_works_over_a_virtio_fs_lower_directory() {
+    let text = scenario_output("overlayfs_in_the_guest_works_over_a_virtio_fs_lower_directory");
     assert!(text.contains("overlay-mounted"), "{text}");
     assert!(text.contains("merged-reads=image-v1"), "{text}");
     assert!(text.contains("merged-now=changed tool=0 new=new"), "{text}");
@@ -159,8 +226,8 @@ fn overlayfs_in_the_guest_works_over_a_virtio_fs_lower_directory() {
 /// A guest that looks up and opens more files than the share may hold for it (`--fs-max-fds`):
 /// beyond the bound its opens fail with ENFILE, the VMM's own descriptors stay within it, and
 /// what the guest forgets makes room again.
-#[test]
-fn a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_bound() {
+fn a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_bound_scenario() -> ConsoleScenario
+{
     let mut scenario = shared(
         "guest 'cd /mnt/share/many; ok=0; i=0; while [ $i -lt 1000 ]; do { read -r l < f$i; } 2>>/tmp/err && ok=$((ok+1)); i=$((i+1)); done; echo \"opened=$ok\"; grep -c \"Too many open files in system\" /tmp/err | sed s/^/refused=/'
   sync_guest exhausted
@@ -172,7 +239,13 @@ fn a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_boun
         "mkdir -p $work/share/many; i=0; while [ $i -lt 1000 ]; do echo x > $work/share/many/f$i; i=$((i+1)); done"
             .into();
     scenario.vmm_args.push_str(" --fs-max-fds 300");
-    let text = run_scenario(&scenario);
+    scenario
+}
+
+#[test]
+fn a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_bound() {
+    let text =
+        scenario_output("a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_bound");
     let value = |key: &str| -> usize {
         // The last one: the console also echoes the command line that prints it.
         text.lines()
