@@ -115,17 +115,15 @@ fn rules(role: ThreadRole) -> Result<Rules, seccompiler::BackendError> {
         }
         ThreadRole::Rng => {}
         ThreadRole::Net => allow(&mut rules, NET),
-        ThreadRole::Vsock => {
+        ThreadRole::Vsock | ThreadRole::VsockNoConnect => {
             allow(&mut rules, VSOCK);
-            // Unix sockets only: `<socket>_<port>` listeners of the host.
-            rules.insert(libc::SYS_socket, vec![arg_is(0, libc::AF_UNIX as u64)?]);
-            allow(&mut rules, &[libc::SYS_connect]);
             // std's set_nonblocking.
             rules.insert(libc::SYS_ioctl, vec![arg_is(1, libc::FIONBIO)?]);
-        }
-        ThreadRole::VsockNoConnect => {
-            allow(&mut rules, VSOCK);
-            rules.insert(libc::SYS_ioctl, vec![arg_is(1, libc::FIONBIO)?]);
+            if role == ThreadRole::Vsock {
+                // Unix sockets only: `<socket>_<port>` listeners of the host.
+                rules.insert(libc::SYS_socket, vec![arg_is(0, libc::AF_UNIX as u64)?]);
+                allow(&mut rules, &[libc::SYS_connect]);
+            }
         }
         ThreadRole::Fs => {
             allow(&mut rules, FS);
@@ -391,15 +389,15 @@ impl DecimalBuf {
 mod tests {
     use super::*;
 
-    /// Runs `body` in a forked child and returns how the child ended (`WEXITSTATUS`, or 1000 +
-    /// the signal).
-    fn in_child(body: impl FnOnce() -> i32) -> i32 {
+    /// Runs `body` in a forked child under `filter` and returns how the child ended
+    /// (`WEXITSTATUS`, 2 when the filter could not be installed, or 1000 + the signal).
+    fn under_filter(filter: &BpfProgram, body: impl FnOnce() -> i32) -> i32 {
         // SAFETY: the child only runs `body` (syscalls, no locks held by other threads are
         // needed: the filters are built before forking) and then _exits.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork");
         if pid == 0 {
-            let code = body();
+            let code = if seccompiler::apply_filter(filter).is_err() { 2 } else { body() };
             // SAFETY: ends the forked child without running the parent's destructors.
             unsafe { libc::_exit(code) };
         }
@@ -433,10 +431,7 @@ mod tests {
     fn a_filtered_thread_is_stopped_at_a_forbidden_syscall_and_allowed_ones_pass() {
         let vcpu = program(ThreadRole::Vcpu).unwrap();
         install_reporter().unwrap();
-        let status = in_child(|| {
-            if seccompiler::apply_filter(&vcpu).is_err() {
-                return 2;
-            }
+        let status = under_filter(&vcpu, || {
             // Allowed: a write and an eventfd.
             // SAFETY: plain syscalls on a buffer and flags this closure owns.
             let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
@@ -455,10 +450,7 @@ mod tests {
     fn the_vsock_thread_may_open_unix_sockets_only() {
         let vsock = program(ThreadRole::Vsock).unwrap();
         install_reporter().unwrap();
-        let unix = in_child(|| {
-            if seccompiler::apply_filter(&vsock).is_err() {
-                return 2;
-            }
+        let unix = under_filter(&vsock, || {
             // SAFETY: creating a socket this child owns.
             let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
             if fd < 0 {
@@ -468,10 +460,7 @@ mod tests {
             }
         });
         assert_eq!(unix, 0, "AF_UNIX is allowed");
-        let inet = in_child(|| {
-            if seccompiler::apply_filter(&vsock).is_err() {
-                return 2;
-            }
+        let inet = under_filter(&vsock, || {
             // SAFETY: as above.
             unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
             4
@@ -483,19 +472,13 @@ mod tests {
     fn a_vsock_thread_whose_guest_reaches_no_host_port_cannot_open_a_socket() {
         let vsock = program(ThreadRole::VsockNoConnect).unwrap();
         install_reporter().unwrap();
-        let unix = in_child(|| {
-            if seccompiler::apply_filter(&vsock).is_err() {
-                return 2;
-            }
+        let unix = under_filter(&vsock, || {
             // SAFETY: creating a socket this child would own.
             unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
             4
         });
         assert_eq!(unix, SIGSYS_EXIT_STATUS, "not even AF_UNIX");
-        let connect = in_child(|| {
-            if seccompiler::apply_filter(&vsock).is_err() {
-                return 2;
-            }
+        let connect = under_filter(&vsock, || {
             // SAFETY: connect on a descriptor that is no socket, with a null address: refused
             // by the filter before the kernel looks at either.
             unsafe { libc::connect(-1, std::ptr::null(), 0) };
@@ -509,11 +492,7 @@ mod tests {
         let fs = program(ThreadRole::Fs).unwrap();
         install_reporter().unwrap();
         let map = |prot: libc::c_int| {
-            let fs = fs.clone();
-            in_child(move || {
-                if seccompiler::apply_filter(&fs).is_err() {
-                    return 2;
-                }
+            under_filter(&fs, || {
                 // SAFETY: an anonymous private mapping this child owns and never uses.
                 let at = unsafe {
                     libc::mmap(
