@@ -143,6 +143,10 @@ cp \"$HUSK_CONFIG\" \"$HUSK_CONFIG.shipped\"
     BatchOutput::split(run_beside_containerd(true, budget, &["sh", "-c", &script]))
 }
 
+/// The shell function printing containerd's log since a test's steps began (the steps and the
+/// report after them run in different shells: both define it).
+const STEP_LOG: &str = "step_log() { tail -c +$((HUSK_STEP_LOG_START + 1)) \"$CONTAINERD_LOG\"; }";
+
 /// The shell running one test's `steps` for [`beside_one_containerd`].
 fn step_script(steps: &str) -> String {
     let timeout = STEP_TIMEOUT.as_secs();
@@ -152,7 +156,7 @@ cp \"$HUSK_CONFIG.shipped\" \"$HUSK_CONFIG\"
 steps=$(mktemp)
 cat > \"$steps\" <<'HUSK_STEPS_END'
 husk='ctr run --runtime io.containerd.husk.v2'
-step_log() {{ tail -c +$((HUSK_STEP_LOG_START + 1)) \"$CONTAINERD_LOG\"; }}
+{STEP_LOG}
 {steps}
 HUSK_STEPS_END
 started=$(cut -d. -f1 /proc/uptime)
@@ -166,11 +170,12 @@ left=\"left: shims=$(shims) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc 
 sockets=$(ls /run/containerd/s 2>/dev/null | wc -l) cgroups=$(ls -d /sys/fs/cgroup/default/*/ /sys/fs/cgroup/k8s.io/*/ 2>/dev/null | wc -l)\"
 echo \"$left\"
 if [ $status != 0 ] || [ \"$left\" != '{NOTHING_LEFT}' ]; then
+    {STEP_LOG}
     # The shims' warnings and their VMs' ends first: the tail is mostly containerd's cleanup.
     echo '--- shim warnings and VM ends of these steps'
-    tail -c +$((HUSK_STEP_LOG_START + 1)) \"$CONTAINERD_LOG\" | grep -E ' (WARN|ERROR) |VM ended' | tail -40
+    step_log | grep -E ' (WARN|ERROR) |VM ended' | tail -40
     echo '--- containerd log of these steps (last lines)'
-    tail -c +$((HUSK_STEP_LOG_START + 1)) \"$CONTAINERD_LOG\" | tail -30
+    step_log | tail -30
 fi
 exit $status"
     )
@@ -194,4 +199,31 @@ pub fn step_text(output: &Output) -> String {
 /// When the steps fail or something is left.
 pub fn with_containerd(tag: &str, steps: &str) -> String {
     step_text(beside_one_containerd(tag, &[Steps::new("steps", steps)], BUDGET).get("steps"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failing test's steps: their status and output, then what containerd logged since they
+    /// began (not before), and the configuration as shipped whatever the previous steps wrote.
+    #[test]
+    fn a_failing_step_reports_its_status_and_the_log_written_since_it_began() {
+        let work = tempfile::tempdir().unwrap();
+        let (log, config) = (work.path().join("containerd.log"), work.path().join("husk.toml"));
+        std::fs::write(&log, "before the steps ERROR not ours\n").unwrap();
+        std::fs::write(config.with_extension("toml.shipped"), "shipped\n").unwrap();
+        std::fs::write(&config, "changed by an earlier test\n").unwrap();
+        let steps = "echo \"config=$(cat $HUSK_CONFIG)\"; echo 'x ERROR ours' >> $CONTAINERD_LOG
+echo \"since=$(step_log | wc -l)\"; exit 3";
+        let output = run(Command::new("sh")
+            .args(["-c", &step_script(steps)])
+            .env("CONTAINERD_LOG", &log)
+            .env("HUSK_CONFIG", &config));
+        let text = crate::combined(&output);
+        assert_eq!(output.status.code(), Some(3), "{text}");
+        assert!(text.contains("config=shipped\nsince=1\nsteps: status 3 after "), "{text}");
+        let report = text.split("--- shim warnings and VM ends of these steps\n").nth(1).unwrap_or_default();
+        assert!(report.starts_with("x ERROR ours\n") && !report.contains("not ours"), "{text}");
+    }
 }
