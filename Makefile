@@ -63,13 +63,15 @@ test: lint build-tests guest-image testhost containerd
 	scripts/test-suite $(CARGO)
 
 ## flaky: the tests of every VM test binary (tests/tests/*.rs) K times (default 3) on one build,
-## one test at a time; prints per test its passes, failures and times, and per test binary its
-## time per round (build/flaky/report.md; failures' output beside it). FILTER (a regular expression) picks binaries.
+## each binary as make test runs it (ONE_AT_A_TIME=1: each test alone); prints per test its
+## passes, failures and times, and per test binary its time per round (build/flaky/report.md;
+## failures' output beside it). FILTER (a regular expression) picks binaries.
 K ?= 3
 FILTER ?=
+ONE_AT_A_TIME ?=
 flaky: build-tests guest-image testhost containerd
 	fuzz/run --build-only
-	scripts/flaky $(K) '$(FILTER)'
+	scripts/flaky $(if $(ONE_AT_A_TIME),--one-at-a-time) $(K) '$(FILTER)'
 
 GUEST := --kernel build/guest/vmlinux --initrd build/guest/initramfs.cpio
 
