@@ -14,7 +14,7 @@ use std::time::Duration;
 use husk_tests::batch::{chosen_test, BatchOutput};
 use husk_tests::containerd::{beside_one_containerd, step_text, Steps, BUSYBOX as IMAGE};
 use husk_tests::pod_cgroup::runtimeclass_memory_overhead;
-use husk_tests::target_bin;
+use husk_tests::{target_bin, workspace_root};
 
 /// Every test's steps below, run on first use.
 static SESSION: OnceLock<BatchOutput> = OnceLock::new();
@@ -63,6 +63,11 @@ const TESTS: &[TestSteps] = &[
         name: "hostile",
         test: "a_root_guest_cannot_steer_the_shims_mounts_onto_node_paths",
         steps: hostile_steps,
+    },
+    TestSteps {
+        name: "hostile-guest",
+        test: "a_root_guest_racing_a_create_flooding_vsock_and_making_setuid_files_gains_nothing_on_the_node",
+        steps: hostile_guest_steps,
     },
     TestSteps {
         name: "soak",
@@ -687,4 +692,99 @@ fn a_root_guest_cannot_steer_the_shims_mounts_onto_node_paths() {
     let counts: Vec<&str> = shares.split(['=', ' ']).collect();
     assert!(counts[3] != "0" && counts[1] == counts[3], "every share is nosuid on the node: {shares}");
     assert!(text.contains("node: victim-file=precious victim-dir-entries=0 victim-mounts=0"), "{text}");
+}
+
+/// Shim descriptors a finished exec may still hold for a moment (its stdio), not a leak.
+const FD_NOISE: i64 = 4;
+
+fn hostile_guest_steps() -> String {
+    let sandbox = "--annotation io.kubernetes.cri.container-type=sandbox";
+    let member = "--annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id=attacker";
+    let vsock_tool = workspace_root().join("target/x86_64-unknown-linux-gnu/guest/husk-vsock-test");
+    format!(
+        "mkdir -p /tmp/tools /tmp/vol2 /tmp/race-victim && cp {vsock_tool} /tmp/tools/ && echo volume-content > /tmp/vol2/f
+cp {probe} /tmp/vol2/setuid-probe && chmod 0755 /tmp/vol2/setuid-probe || exit 1
+$husk -d --privileged --mount type=bind,src=/tmp/tools,dst=/tools,options=rbind:ro {sandbox} {IMAGE} attacker sleep 1000 || exit 1
+ctr task exec --exec-id mount attacker sh -c 'mkdir -p /mnt/s && mount -t virtiofs husk-shared /mnt/s'; echo \"mount-status=$?\"
+# Plants at every name of the next container's share, over and over while it is being created:
+# new directories and links (and a rename of its directory) count when they succeed.
+ctr task exec --detach --log-uri file:///tmp/race.log --exec-id race attacker sh -c 'n=0; ok=0; while [ ! -e /tmp/stop ]; do
+  for name in target target/rootfs target/mounts target/mounts/0 target-rootfs; do
+    mkdir /mnt/s/$name 2>/dev/null && ok=$((ok+1))
+    ln -s /tmp/race-victim /mnt/s/$name.link 2>/dev/null && ok=$((ok+1))
+  done
+  mv /mnt/s/target /mnt/s/moved 2>/dev/null && ok=$((ok+1))
+  n=$((n+1)); echo \"$n $ok\" > /tmp/race; done'
+i=0; until [ -n \"$(ctr task exec --exec-id w$i attacker cat /tmp/race 2>/dev/null)\" ] || [ $i -ge 60 ]; do sleep 0.5; i=$((i+1)); done
+echo \"race-started: $(ctr task exec --exec-id r1 attacker cat /tmp/race)\"
+# The next container makes the probe in its volume setuid-root (as root in the guest may).
+$husk -d --log-uri file:///tmp/target.log --mount type=bind,src=/tmp/vol2,dst=/data,options=rbind:rw {member} {IMAGE} target \\
+  sh -c 'cat /data/f; chmod 4755 /data/setuid-probe && echo chmod-done; exec sleep 1000'; echo \"target-status=$?\"
+i=0; until grep -q chmod-done /tmp/target.log 2>/dev/null || [ $i -ge 300 ]; do sleep 0.2; i=$((i+1)); done
+echo \"race-ended: $(ctr task exec --exec-id r2 attacker sh -c 'cat /tmp/race; touch /tmp/stop')\"
+echo \"target-log: $(tr '\\n' ' ' < /tmp/target.log)\"
+echo \"probe-mode: $(stat -c '%a %u' /tmp/vol2/setuid-probe)\"
+share=$(awk '$2 ~ /\\/target\\/mounts\\/0$/ {{ print $2; exit }}' /proc/mounts)
+echo \"via-share: $({probe} --exec-as 65534 \"$share/setuid-probe\" 2>&1)\"
+echo \"via-node-path: $({probe} --exec-as 65534 /tmp/vol2/setuid-probe 2>&1)\"
+# Guest connections to a host port nobody may reach, 200 at once then 100 in a row.
+shim=$(ps -o pid,args | grep '[c]ontainerd-shim-husk-v2' | awk '{{ print $1 }}' | head -1)
+fds_before=$(ls /proc/$shim/fd | wc -l)
+ctr task exec --exec-id flood attacker sh -c 'i=0; while [ $i -lt 200 ]; do /tools/husk-vsock-test connect 5000 </dev/null >/dev/null 2>&1 & i=$((i+1)); done; wait
+  r=0; for j in $(seq 100); do /tools/husk-vsock-test connect 5000 </dev/null >/dev/null 2>&1 || r=$((r+1)); done; echo \"flood-refused=$r\"'
+echo \"shim-fds: before=$fds_before after=$(ls /proc/$shim/fd | wc -l) port-files=$(ls /run/husk/sandboxes/*/ | grep -c _5000)\"
+echo \"after-flood: $(ctr task exec --exec-id after target cat /data/f)\"
+for task in target attacker; do
+  ctr task kill -s SIGKILL $task
+  i=0; until ctr task ls | grep -q \"^$task .*STOPPED\" || [ $i -ge 100 ]; do sleep 0.2; i=$((i+1)); done
+  ctr task delete $task; ctr container rm $task
+done
+echo \"node: race-victim-entries=$(ls -A /tmp/race-victim | wc -l) race-victim-mounts=$(grep -c race-victim /proc/mounts)\"",
+        vsock_tool = vsock_tool.display(),
+        probe = target_bin("husk-setuid-probe").display(),
+    )
+}
+
+/// The rest of the hostile-guest suite (issue 19), through a pod as an attacker would use it: a
+/// privileged sandbox container (root in the VM) mounts the share and keeps planting directories
+/// and links at every name of the next container while that container is created (the race
+/// the read-only share view closes: every plant fails, and the next container gets its volume);
+/// that container makes a copy of a probe in its volume setuid-root, which through the pod's
+/// share runs as its caller on the node (`nosuid`); and the attacker floods vsock with
+/// connections to a host port it may not reach: all refused, no host descriptor or file made, and
+/// the pod keeps serving.
+#[test]
+fn a_root_guest_racing_a_create_flooding_vsock_and_making_setuid_files_gains_nothing_on_the_node() {
+    let text = steps_output("hostile-guest");
+    let field =
+        |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("{key}: {text}"));
+    assert!(text.contains("mount-status=0") && text.contains("target-status=0"), "{text}");
+    let counts = |key: &str| -> (u64, u64) {
+        let value = field(key);
+        let mut numbers =
+            value.split_whitespace().map(|n| n.parse::<u64>().unwrap_or_else(|_| panic!("{key} {value}")));
+        (numbers.next().unwrap(), numbers.next().unwrap())
+    };
+    let (started, _) = counts("race-started: ");
+    let (ended, planted) = counts("race-ended: ");
+    assert!(started >= 1 && ended > started, "the plants ran before and during the create: {text}");
+    assert_eq!(planted, 0, "no plant succeeded: {text}");
+    assert!(field("target-log: ").contains("volume-content chmod-done"), "{text}");
+    // The guest made it setuid-root on the node (the control below runs it as root), and the
+    // pod's share does not honour that.
+    assert_eq!(field("probe-mode: "), "4755 0", "{text}");
+    assert_eq!(field("via-share: "), "euid=65534", "{text}");
+    assert_eq!(field("via-node-path: "), "euid=0", "{text}");
+    assert!(text.contains("flood-refused=100"), "{text}");
+    let fds = field("shim-fds: ");
+    let number = |key: &str| -> i64 {
+        fds.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key}: {fds}"))
+    };
+    assert!(number("after=") - number("before=") <= FD_NOISE, "the shim holds no more descriptors: {fds}");
+    assert_eq!(number("port-files="), 0, "no host socket was made for the guest: {fds}");
+    assert_eq!(field("after-flood: "), "volume-content", "the pod keeps serving: {text}");
+    assert!(text.contains("node: race-victim-entries=0 race-victim-mounts=0"), "{text}");
 }
