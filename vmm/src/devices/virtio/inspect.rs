@@ -68,6 +68,8 @@ pub struct DeviceState {
     pub interrupt_status: u32,
     /// Interrupts raised since the VM started (compare with the guest's `/proc/interrupts`).
     pub interrupts_raised: u64,
+    /// Of those, raised again because the driver left the status unacknowledged (a lost edge).
+    pub interrupts_raised_again: u64,
     /// Empty until the device is activated.
     pub queues: Vec<QueueState>,
     /// The device model's own counters, if it keeps any.
@@ -78,8 +80,13 @@ impl fmt::Display for DeviceState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "virtio device {} status={:#x} activated={} interrupt_status={:#x} interrupts_raised={}",
-            self.device_type, self.status, self.activated, self.interrupt_status, self.interrupts_raised
+            "virtio device {} status={:#x} activated={} interrupt_status={:#x} interrupts_raised={} raised_again={}",
+            self.device_type,
+            self.status,
+            self.activated,
+            self.interrupt_status,
+            self.interrupts_raised,
+            self.interrupts_raised_again
         )?;
         for (index, queue) in self.queues.iter().enumerate() {
             write!(f, "; q{index}: {queue}")?;

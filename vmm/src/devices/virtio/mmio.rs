@@ -133,6 +133,7 @@ impl MmioTransport {
             activated: self.activated,
             interrupt_status: self.interrupt.status(),
             interrupts_raised: self.interrupt.raised(),
+            interrupts_raised_again: self.interrupt.raised_again(),
             queues: self.active_rings.iter().map(|rings| QueueState::read(&self.mem, rings)).collect(),
             device: self.device.debug_state(),
         }

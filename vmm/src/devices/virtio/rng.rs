@@ -96,6 +96,10 @@ impl QueueHandler for RngQueue {
     fn process_queue(&mut self, _index: usize) {
         self.process();
     }
+
+    fn interrupt(&self) -> Option<&Interrupt> {
+        Some(&self.interrupt)
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::Interrupt;
 use crate::launcher;
 use crate::seccomp::{self, ThreadRole};
 
@@ -21,6 +22,11 @@ pub trait QueueHandler: Send + 'static {
     fn process_queue(&mut self, index: usize);
     /// Source `index` of [`Worker::spawn_with_sources`] is ready.
     fn process_source(&mut self, _index: usize) {}
+    /// The device's interrupt, raised again by the worker while the driver leaves it
+    /// unacknowledged (see [`Interrupt`]).
+    fn interrupt(&self) -> Option<&Interrupt> {
+        None
+    }
 }
 
 /// A running worker; dropping it stops and joins the thread.
@@ -103,11 +109,13 @@ fn prepare<H: QueueHandler>(
     Ok((handler, queue_events, epoll))
 }
 
-/// The worker's loop: hands each ready event to the handler until the stop event.
+/// The worker's loop: hands each ready event to the handler until the stop event, and raises the
+/// device's interrupt again while the driver leaves it unacknowledged.
 fn serve<H: QueueHandler>(handler: &mut H, queue_events: &[EventFd], epoll: &Epoll) {
     let mut ready = [EpollEvent::default(); 8];
     loop {
-        let count = match epoll.wait(-1, &mut ready) {
+        let recheck = handler.interrupt().and_then(Interrupt::recheck_in);
+        let count = match epoll.wait(epoll_timeout_ms(recheck), &mut ready) {
             Ok(count) => count,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
             Err(err) => {
@@ -128,7 +136,16 @@ fn serve<H: QueueHandler>(handler: &mut H, queue_events: &[EventFd], epoll: &Epo
                 handler.process_queue(token as usize);
             }
         }
+        if let Some(interrupt) = handler.interrupt() {
+            interrupt.raise_again_if_unacknowledged();
+        }
     }
+}
+
+/// `epoll_wait`'s timeout for waiting at most `limit` (-1: no limit), rounded up to whole
+/// milliseconds so that a wait less than one away does not spin with timeout 0.
+pub fn epoll_timeout_ms(limit: Option<std::time::Duration>) -> i32 {
+    limit.map_or(-1, |t| t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32)
 }
 
 impl Drop for Worker {
@@ -144,6 +161,7 @@ impl Drop for Worker {
 mod tests {
     use super::*;
     use std::sync::mpsc::{channel, Sender};
+    use std::sync::Arc;
     use std::time::Duration;
 
     struct Recorder(Sender<usize>);
@@ -152,6 +170,38 @@ mod tests {
         fn process_queue(&mut self, index: usize) {
             let _ = self.0.send(index);
         }
+    }
+
+    /// Raises its interrupt for every notification and never sees it acknowledged.
+    struct Raiser(Arc<Interrupt>);
+
+    impl QueueHandler for Raiser {
+        fn process_queue(&mut self, _index: usize) {
+            self.0.trigger(super::super::INTERRUPT_USED_BUFFER);
+        }
+
+        fn interrupt(&self) -> Option<&Interrupt> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn the_worker_raises_an_interrupt_again_while_the_driver_leaves_it_unacknowledged() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::raised_again_after(irq, Duration::from_millis(20)));
+        let events = vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()];
+        let notify = events[0].try_clone().unwrap();
+        let worker = Worker::spawn("test-raiser", Raiser(interrupt.clone()), events).unwrap();
+        notify.write(1).unwrap();
+        // With no further event, the worker wakes on its own to raise the line again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while interrupt.raised_again() < 2 {
+            assert!(std::time::Instant::now() < deadline, "raised {} times in all", interrupt.raised());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        interrupt.acknowledge(u32::MAX);
+        drop(worker);
+        assert_eq!(interrupt.recheck_in(), None);
     }
 
     #[test]

@@ -150,6 +150,10 @@ impl QueueHandler for FsQueues {
             queue.serve(mem, interrupt, |chain| request::serve(server, mem, chain));
         }
     }
+
+    fn interrupt(&self) -> Option<&Interrupt> {
+        Some(&self.interrupt)
+    }
 }
 
 impl std::fmt::Debug for FsQueues {

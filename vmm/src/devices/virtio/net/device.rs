@@ -392,6 +392,10 @@ impl QueueHandler for NetQueues {
             _ => {}
         }
     }
+
+    fn interrupt(&self) -> Option<&Interrupt> {
+        Some(&self.interrupt)
+    }
 }
 
 impl Drop for NetQueues {

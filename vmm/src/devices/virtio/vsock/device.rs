@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::{Muxer, FD_TOKEN_BASE, LISTENER_TOKEN};
 use super::packet::{PacketHeader, HEADER_LEN, MAX_PAYLOAD};
 use super::HostPorts;
+use crate::devices::virtio::worker::epoll_timeout_ms;
 use crate::devices::virtio::{
     ActivateError, DeviceContext, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
 };
@@ -190,13 +191,9 @@ impl EventLoop {
         let mut events = [EpollEvent::default(); 64];
         let now = Instant::now();
         let until_deadline = self.muxer.next_deadline().map(|at| at.saturating_duration_since(now));
-        let timeout = match (until_deadline, limit) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        // Round up so a deadline less than a millisecond away does not spin with timeout 0.
-        let timeout_ms = timeout.map_or(-1, |t| t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
-        let count = match self.epoll.wait(timeout_ms, &mut events) {
+        // The earliest of the muxer's deadline, the caller's limit and the interrupt's recheck.
+        let timeout = [until_deadline, limit, self.interrupt.recheck_in()].into_iter().flatten().min();
+        let count = match self.epoll.wait(epoll_timeout_ms(timeout), &mut events) {
             Ok(count) => count,
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => 0,
             Err(err) => {
@@ -225,6 +222,7 @@ impl EventLoop {
         self.muxer.expire(&self.epoll, Instant::now());
         let rx_room = self.process_rx();
         self.muxer.update(&self.epoll, rx_room);
+        self.interrupt.raise_again_if_unacknowledged();
         true
     }
 
