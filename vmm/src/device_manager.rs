@@ -19,6 +19,7 @@ use crate::devices::virtio::{
 use crate::devices::Bus;
 use crate::exit::ExitNotifier;
 use crate::layout;
+use crate::threads::DeviceThread;
 use crate::vm::Vm;
 use crate::VmError;
 
@@ -35,6 +36,18 @@ pub enum DeviceConfig {
     Fs { tag: String, shared_dir: std::path::PathBuf, max_fds: usize },
     /// virtio-net on an open tap (or another frame backend), with the guest NIC's MAC and MTU.
     Net(NetConfig),
+}
+
+impl DeviceConfig {
+    /// The name of the device's thread (its `comm`, as the seccomp report and tests see it).
+    fn thread_name(&self) -> &'static str {
+        match self {
+            DeviceConfig::Rng => "virtio-rng",
+            DeviceConfig::Vsock { .. } => "virtio-vsock",
+            DeviceConfig::Fs { .. } => "virtio-fs",
+            DeviceConfig::Net(_) => "virtio-net",
+        }
+    }
 }
 
 /// First GSI for virtio devices (legacy ISA lines 0-4 are taken or reserved).
@@ -82,15 +95,17 @@ pub fn virtio_devices(
     let mut transports = Transports::new();
     for (index, config) in configs.iter().enumerate() {
         let (base, gsi) = virtio_slot(index);
+        // The device's thread, made now: no thread is started once the vCPUs run (see `threads`).
+        let thread = DeviceThread::spawn(config.thread_name()).map_err(io("a device thread"))?;
         let device: Box<dyn VirtioDevice> = match config {
-            DeviceConfig::Rng => Box::new(Rng::default()),
+            DeviceConfig::Rng => Box::new(Rng::new(thread)),
             DeviceConfig::Vsock { guest_cid, socket, host_ports } => {
-                Box::new(VsockDevice::new(*guest_cid, socket.clone(), host_ports.clone()))
+                Box::new(VsockDevice::new(*guest_cid, socket.clone(), host_ports.clone(), thread))
             }
             DeviceConfig::Fs { tag, shared_dir, max_fds } => {
-                Box::new(FsDevice::new(tag, shared_dir, *max_fds)?)
+                Box::new(FsDevice::new(tag, shared_dir, *max_fds, thread)?)
             }
-            DeviceConfig::Net(net) => Box::new(NetDevice::new(net.clone())),
+            DeviceConfig::Net(net) => Box::new(NetDevice::new(net.clone(), thread)),
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio irq eventfd"))?;
         vm.fd()
@@ -107,6 +122,7 @@ pub fn virtio_devices(
         }
         let transport =
             MmioTransport::new(device, vm.memory().clone(), Arc::new(Interrupt::new(irq)), queue_events)
+                .map_err(io("virtio queue eventfds"))?
                 .with_seccomp(seccomp);
         let transport = Arc::new(Mutex::new(transport));
         bus.insert(base, MMIO_WINDOW, transport.clone())?;

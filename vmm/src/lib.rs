@@ -12,8 +12,8 @@
 //! - [`exit`]: why a VM ended.
 //! - [`memory_usage`]: the VMM's memory footprint besides guest RAM.
 //! - [`rate_limit`]: limits on what the guest makes the host repeat (log lines, events).
-//! - [`seccomp`]: the syscall filters of vCPU and device threads; [`launcher`] starts device
-//!   threads for filtered ones.
+//! - [`seccomp`]: the syscall filters of vCPU and device threads; [`threads`]: device threads,
+//!   made with the VM before any vCPU runs.
 
 pub mod boot;
 pub mod device_manager;
@@ -21,11 +21,11 @@ pub mod devices;
 pub mod exit;
 pub mod host;
 pub mod jail;
-pub mod launcher;
 pub mod layout;
 pub mod memory_usage;
 pub mod rate_limit;
 pub mod seccomp;
+pub mod threads;
 pub mod vcpu;
 pub mod vm;
 
@@ -239,8 +239,6 @@ impl VmHandle {
         let timestamps = Arc::new(GuestTimestamps::default());
         let (pio, serial) = device_manager::legacy_devices(&vm, &config.console, &notifier, &timestamps)?;
         if config.seccomp {
-            // Filtered threads start device threads through it (see `launcher`).
-            launcher::start().map_err(|cause| VmError::Io { what: "starting the thread launcher", cause })?;
             seccomp::install_reporter()?;
         }
         let (mmio, transports) = device_manager::virtio_devices(&vm, &config.devices, config.seccomp)?;

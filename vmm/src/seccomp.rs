@@ -4,8 +4,8 @@
 //! per thread (no `TSYNC`): the VMM lives inside the shim, whose other threads keep theirs.
 //!
 //! A filtered thread must not start threads (they would inherit its filter): device threads are
-//! started through [`crate::launcher`] instead, and a device's setup (sockets, files, capability
-//! drops) runs on its own new thread before the filter goes on.
+//! made with the VM, before any vCPU runs ([`crate::threads`]), and a device's setup (sockets,
+//! files, capability drops) runs on its own thread before the filter goes on.
 //!
 //! A forbidden syscall raises `SIGSYS`; the handler installed by [`install_reporter`] writes the
 //! syscall number and the thread's name to stderr, then ends the process (a thread that tried one
@@ -22,8 +22,8 @@ use seccompiler::{
 /// What a thread does, and so which syscalls it may make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThreadRole {
-    /// Runs the guest (`KVM_RUN`), emulates MMIO and port I/O, resets and (through the launcher)
-    /// activates devices.
+    /// Runs the guest (`KVM_RUN`), emulates MMIO and port I/O, activates and resets devices (by
+    /// handing their parked threads a job, and joining them).
     Vcpu,
     /// virtio-rng: reads `/dev/urandom` (opened during setup) into guest buffers.
     Rng,
@@ -188,9 +188,9 @@ const COMMON: &[i64] = &[
     libc::SYS_rseq,
 ];
 
-/// vCPU threads besides [`COMMON`] and their ioctls: device activation (eventfds, epoll sets,
-/// duplicated fds) and reset (joining a device thread).
-const VCPU: &[i64] = &[libc::SYS_eventfd2, libc::SYS_epoll_create1, libc::SYS_dup, libc::SYS_dup3];
+/// vCPU threads besides [`COMMON`]: only their ioctls. Activating a device hands its thread (made
+/// with the VM) a job and resetting one joins it: locks and channels, no new descriptor.
+const VCPU: &[i64] = &[];
 
 /// virtio-net besides [`COMMON`]: the tap is read and written with read/write.
 const NET: &[i64] = &[];

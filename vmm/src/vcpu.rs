@@ -50,7 +50,7 @@ pub fn install_kick_handler() -> io::Result<()> {
 /// Starts vCPU `index` on its own thread.
 pub fn spawn(index: u8, vcpu: VcpuFd, shared: VcpuShared) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
-        crate::launcher::mask_process_signals();
+        crate::threads::mask_process_signals();
         run(index, vcpu, &shared)
     })
 }

@@ -66,7 +66,11 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
+    /// For `QueueNotify` writes that reach the transport (KVM's ioeventfds normally take them).
     queue_events: Vec<EventFd>,
+    /// The device's copies, handed over at its (one) activation: made here, with the VM, so the
+    /// vCPU that activates the device duplicates no descriptor.
+    device_queue_events: Option<Vec<EventFd>>,
     device_features_sel: u32,
     driver_features_sel: u32,
     acked_features: u64,
@@ -99,14 +103,16 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
         queue_events: Vec<EventFd>,
-    ) -> MmioTransport {
+    ) -> std::io::Result<MmioTransport> {
         let queues = fresh_queues(device.as_ref());
-        MmioTransport {
+        let device_queue_events = queue_events.iter().map(EventFd::try_clone).collect::<Result<_, _>>()?;
+        Ok(MmioTransport {
             device,
             mem,
             interrupt,
             queues,
             queue_events,
+            device_queue_events: Some(device_queue_events),
             device_features_sel: 0,
             driver_features_sel: 0,
             acked_features: 0,
@@ -116,7 +122,7 @@ impl MmioTransport {
             active_ready: Vec::new(),
             active_rings: Vec::new(),
             seccomp: false,
-        }
+        })
     }
 
     /// The transport, its device's thread running under the device's seccomp filter.
@@ -264,14 +270,8 @@ impl MmioTransport {
             );
             return false;
         }
-        let queue_events =
-            match self.queue_events.iter().map(EventFd::try_clone).collect::<Result<Vec<_>, _>>() {
-                Ok(events) => events,
-                Err(err) => {
-                    tracing::error!(%err, "virtio-mmio: cannot clone queue eventfds");
-                    return false;
-                }
-            };
+        // A second activation (after a reset) finds none: real devices refuse it anyway.
+        let queue_events = self.device_queue_events.take().unwrap_or_default();
         self.active_ready = self.queues.iter().map(|q| q.ready()).collect();
         self.active_rings = self.queues.iter().map(Rings::of).collect();
         let queues = std::mem::replace(&mut self.queues, fresh_queues(self.device.as_ref()));
@@ -387,7 +387,8 @@ mod tests {
             mem,
             interrupt,
             vec![notify.try_clone().unwrap()],
-        );
+        )
+        .unwrap();
         (t, calls, notify)
     }
 

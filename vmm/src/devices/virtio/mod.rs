@@ -47,6 +47,8 @@ pub enum ActivateError {
     QueueCount { expected: usize, found: usize },
     #[error("starting the device worker: {0}")]
     Worker(std::io::Error),
+    #[error("the device served once and was reset: it is not activated again (its thread has ended)")]
+    AlreadyServed,
 }
 
 /// How long interrupt status bits may wait unacknowledged before the line is raised again (see

@@ -11,6 +11,7 @@ use super::queue::RequestQueue;
 use super::worker::{QueueHandler, Served, Worker};
 use super::{ActivateError, DeviceContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::seccomp::ThreadRole;
+use crate::threads::DeviceThread;
 use std::sync::Arc;
 
 const VIRTIO_ID_RNG: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -19,9 +20,18 @@ const QUEUE_SIZES: &[u16] = &[256];
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// The entropy device.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Rng {
+    /// Made with the VM; serves the device once activated.
+    thread: Option<DeviceThread>,
     worker: Option<Worker>,
+}
+
+impl Rng {
+    /// An entropy device whose queue `thread` will serve.
+    pub fn new(thread: DeviceThread) -> Rng {
+        Rng { thread: Some(thread), worker: None }
+    }
 }
 
 impl VirtioDevice for Rng {
@@ -43,7 +53,8 @@ impl VirtioDevice for Rng {
             .try_into()
             .map_err(|q: Vec<Queue>| ActivateError::QueueCount { expected: 1, found: q.len() })?;
         let queue = RequestQueue::new("virtio-rng", queue);
-        let worker = Worker::start("virtio-rng", seccomp.then_some(ThreadRole::Rng), move || {
+        let thread = self.thread.take().ok_or(ActivateError::AlreadyServed)?;
+        let worker = Worker::start(thread, seccomp.then_some(ThreadRole::Rng), move || {
             let source = File::open("/dev/urandom")?;
             let handler = RngQueue { mem, queue, interrupt, source, buffer: Vec::new() };
             Ok(Served { handler, queue_events, sources: Vec::new() })

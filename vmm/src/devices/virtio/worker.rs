@@ -4,14 +4,13 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Interrupt;
-use crate::launcher;
 use crate::seccomp::{self, ThreadRole};
+use crate::threads::{DeviceThread, RunningDevice};
 
 /// Device logic run on the worker thread.
 pub trait QueueHandler: Send + 'static {
@@ -32,8 +31,8 @@ pub trait QueueHandler: Send + 'static {
 /// A running worker; dropping it stops and joins the thread.
 #[derive(Debug)]
 pub struct Worker {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    /// Held for its drop (which stops the thread): nothing else to do with it.
+    _running: RunningDevice,
 }
 
 /// epoll data value of the stop eventfd (queue indices are small).
@@ -52,7 +51,8 @@ pub struct Served<H> {
 }
 
 impl Worker {
-    /// Starts a thread named `name` serving `queue_events` with `handler` (no seccomp filter).
+    /// Starts a thread named `name` serving `queue_events` with `handler` (no seccomp filter; for
+    /// tests).
     pub fn spawn<H: QueueHandler>(name: &str, handler: H, queue_events: Vec<EventFd>) -> io::Result<Worker> {
         Worker::spawn_with_sources(name, handler, queue_events, Vec::new())
     }
@@ -64,26 +64,27 @@ impl Worker {
         queue_events: Vec<EventFd>,
         sources: Vec<(RawFd, EventSet)>,
     ) -> io::Result<Worker> {
-        Worker::start(name, None, move || Ok(Served { handler, queue_events, sources }))
+        let thread = DeviceThread::spawn(name)?;
+        Worker::start(thread, None, move || Ok(Served { handler, queue_events, sources }))
     }
 
-    /// Starts a device thread named `name` (through [`crate::launcher`]): `setup` runs on it
-    /// first (opening files and sockets, dropping capabilities), then [`QueueHandler::on_start`],
-    /// then the thread installs the seccomp filter of `filter`, if any, and serves. Returns once
-    /// the thread is serving, or with the error that stopped it before.
-    pub fn start<H, F>(name: &str, filter: Option<ThreadRole>, setup: F) -> io::Result<Worker>
+    /// Gives the device's `thread` (made with the VM) its job: `setup` runs on it first (opening
+    /// files and sockets, dropping capabilities), then [`QueueHandler::on_start`], then the thread
+    /// installs the seccomp filter of `filter`, if any, and serves. Returns once the thread is
+    /// serving, or with the error that stopped it before.
+    pub fn start<H, F>(thread: DeviceThread, filter: Option<ThreadRole>, setup: F) -> io::Result<Worker>
     where
         H: QueueHandler,
         F: FnOnce() -> io::Result<Served<H>> + Send + 'static,
     {
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let stop_seen = stop.try_clone()?;
-        let thread = launcher::spawn_set_up(
-            name,
-            move || setup().and_then(|served| prepare(served, &stop_seen, filter).map(|p| (p, stop_seen))),
+        let running = thread.start(
+            move |stop_seen| {
+                setup().and_then(|served| prepare(served, &stop_seen, filter).map(|p| (p, stop_seen)))
+            },
+            // The stop eventfd's copy lives as long as the epoll set that watches it.
             |((mut handler, queue_events, epoll), _stop_seen)| serve(&mut handler, &queue_events, &epoll),
         )?;
-        Ok(Worker { stop, thread: Some(thread) })
+        Ok(Worker { _running: running })
     }
 }
 
@@ -146,15 +147,6 @@ fn serve<H: QueueHandler>(handler: &mut H, queue_events: &[EventFd], epoll: &Epo
 /// milliseconds so that a wait less than one away does not spin with timeout 0.
 pub fn epoll_timeout_ms(limit: Option<std::time::Duration>) -> i32 {
     limit.map_or(-1, |t| t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32)
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 #[cfg(test)]

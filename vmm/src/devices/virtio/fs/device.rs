@@ -13,6 +13,7 @@ use crate::devices::virtio::queue::RequestQueue;
 use crate::devices::virtio::worker::{QueueHandler, Served, Worker};
 use crate::devices::virtio::{ActivateError, DeviceContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::seccomp::ThreadRole;
+use crate::threads::DeviceThread;
 
 const VIRTIO_ID_FS: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 /// The high-priority queue and one request queue (Linux 6.1 uses one). The request queue is large:
@@ -35,20 +36,20 @@ pub enum FsError {
 pub struct FsDevice {
     config: [u8; TAG_LEN + 4],
     dir: PathBuf,
-    max_fds: usize,
-    /// Built at creation (so a bad directory fails before the guest boots) and on re-activation.
-    server: Option<FsServer>,
+    /// Built at creation, so a bad directory fails before the guest boots; the thread (made with
+    /// the VM) takes both when the driver activates the device.
+    served: Option<(FsServer, DeviceThread)>,
     worker: Option<Worker>,
 }
 
 impl FsDevice {
     /// Shares `dir` under `tag` (1 to 36 bytes, no NUL: the guest mounts it with
     /// `mount -t virtiofs <tag> <dir>`), holding at most `max_fds` host files for the guest
-    /// ([`super::bounded`]).
-    pub fn new(tag: &str, dir: &Path, max_fds: usize) -> Result<FsDevice, FsError> {
+    /// ([`super::bounded`]), served by `thread`.
+    pub fn new(tag: &str, dir: &Path, max_fds: usize, thread: DeviceThread) -> Result<FsDevice, FsError> {
         let config = config_space(tag)?;
         let server = share::serve_directory(dir, max_fds)?;
-        Ok(FsDevice { config, dir: dir.to_path_buf(), max_fds, server: Some(server), worker: None })
+        Ok(FsDevice { config, dir: dir.to_path_buf(), served: Some((server, thread)), worker: None })
     }
 }
 
@@ -105,14 +106,10 @@ impl VirtioDevice for FsDevice {
         let [hiprio, requests]: [Queue; 2] = queues
             .try_into()
             .map_err(|_| ActivateError::QueueCount { expected: QUEUE_SIZES.len(), found })?;
-        let (server, dir, max_fds) = (self.server.take(), self.dir.clone(), self.max_fds);
-        let worker = Worker::start("virtio-fs", seccomp.then_some(ThreadRole::Fs), move || {
+        let (server, thread) = self.served.take().ok_or(ActivateError::AlreadyServed)?;
+        let dir = self.dir.clone();
+        let worker = Worker::start(thread, seccomp.then_some(ThreadRole::Fs), move || {
             share::own_fs_context_without_umask()?;
-            let server = match server {
-                Some(server) => server,
-                // Re-activation after a driver reset: a fresh server (the guest starts with FUSE_INIT).
-                None => share::serve_directory(&dir, max_fds).map_err(std::io::Error::other)?,
-            };
             // Done with host paths: the thread's root becomes the share, and it keeps only the
             // capabilities serving needs (without them the guest could create device nodes on
             // the host, or open files by handle). A failure means the share is not served.
@@ -167,10 +164,14 @@ mod tests {
     use super::*;
     use crate::devices::virtio::fs::DEFAULT_MAX_FDS;
 
+    fn thread() -> DeviceThread {
+        DeviceThread::spawn("test-fs").unwrap()
+    }
+
     #[test]
     fn config_space_holds_the_tag_and_one_request_queue() {
         let dir = tempfile::tempdir().unwrap();
-        let device = FsDevice::new("rootfs", dir.path(), DEFAULT_MAX_FDS).unwrap();
+        let device = FsDevice::new("rootfs", dir.path(), DEFAULT_MAX_FDS, thread()).unwrap();
         let mut config = [0xffu8; TAG_LEN + 8];
         device.read_config(0, &mut config);
         assert_eq!(&config[..7], b"rootfs\0");
@@ -178,14 +179,15 @@ mod tests {
         assert_eq!(&config[TAG_LEN..TAG_LEN + 4], &1u32.to_le_bytes());
         assert_eq!(&config[TAG_LEN + 4..], &[0; 4], "beyond the structure reads as zero");
         let exactly_36 = "t".repeat(TAG_LEN);
-        FsDevice::new(&exactly_36, dir.path(), DEFAULT_MAX_FDS).unwrap();
+        FsDevice::new(&exactly_36, dir.path(), DEFAULT_MAX_FDS, thread()).unwrap();
     }
 
     #[test]
     fn bad_tags_and_directories_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let message =
-            |tag: &str, path: &Path| FsDevice::new(tag, path, DEFAULT_MAX_FDS).unwrap_err().to_string();
+        let message = |tag: &str, path: &Path| {
+            FsDevice::new(tag, path, DEFAULT_MAX_FDS, thread()).unwrap_err().to_string()
+        };
         assert!(message("", dir.path()).contains("must not be empty"));
         assert!(message(&"x".repeat(37), dir.path()).contains("longer than 36 bytes"));
         assert!(message("a\0b", dir.path()).contains("NUL"));

@@ -24,6 +24,7 @@ use crate::devices::virtio::queue::{Chain, RequestQueue};
 use crate::devices::virtio::worker::{QueueHandler, Served, Worker};
 use crate::devices::virtio::{ActivateError, DeviceContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::seccomp::ThreadRole;
+use crate::threads::DeviceThread;
 
 const VIRTIO_ID_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 const QUEUE_SIZES: &[u16] = &[256, 256];
@@ -55,15 +56,17 @@ const OFFLOAD_FEATURES: u64 = bit(vn::VIRTIO_NET_F_CSUM)
 #[derive(Debug)]
 pub struct NetDevice {
     config: NetConfig,
+    /// Made with the VM; serves the device once activated.
+    thread: Option<DeviceThread>,
     worker: Option<Worker>,
     /// What the worker has moved, published for [`VirtioDevice::debug_state`].
     published: Arc<PublishedCounters>,
 }
 
 impl NetDevice {
-    /// A device with the MAC, MTU and backend of `config`.
-    pub fn new(config: NetConfig) -> NetDevice {
-        NetDevice { config, worker: None, published: Arc::default() }
+    /// A device with the MAC, MTU and backend of `config`, served by `thread`.
+    pub fn new(config: NetConfig, thread: DeviceThread) -> NetDevice {
+        NetDevice { config, thread: Some(thread), worker: None, published: Arc::default() }
     }
 
     /// `struct virtio_net_config`: mac[6], status, max_virtqueue_pairs, mtu (little endian).
@@ -116,7 +119,8 @@ impl VirtioDevice for NetDevice {
         };
         let backend = Arc::clone(&self.config.backend);
         let published = Arc::clone(&self.published);
-        let worker = Worker::start("virtio-net", seccomp.then_some(ThreadRole::Net), move || {
+        let thread = self.thread.take().ok_or(ActivateError::AlreadyServed)?;
+        let worker = Worker::start(thread, seccomp.then_some(ThreadRole::Net), move || {
             backend.set_offloads(to_guest)?;
             let tap = backend.as_raw_fd();
             let mut handler = NetQueues::new(mem, rx, tx, interrupt, backend, from_guest, to_guest.csum)?;
@@ -535,7 +539,8 @@ mod tests {
     fn configuration_space_holds_the_mac_and_mtu() {
         let (backend, _peer) = crate::devices::virtio::net::test_utils::SocketBackend::pair().unwrap();
         let mac = MacAddr::new([0x0a, 0x58, 0x0a, 0xf4, 0, 5]);
-        let device = NetDevice::new(NetConfig { backend, mac, mtu: 1450 });
+        let thread = DeviceThread::spawn("test-net").unwrap();
+        let device = NetDevice::new(NetConfig { backend, mac, mtu: 1450 }, thread);
         let mut space = [0u8; 12];
         device.read_config(0, &mut space);
         assert_eq!(&space[..6], &mac.octets());

@@ -5,7 +5,6 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -20,8 +19,9 @@ use crate::devices::virtio::worker::epoll_timeout_ms;
 use crate::devices::virtio::{
     ActivateError, DeviceContext, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
 };
+use crate::jail;
 use crate::seccomp::{self, ThreadRole};
-use crate::{jail, launcher};
+use crate::threads::{DeviceThread, RunningDevice};
 
 const VIRTIO_ID_VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 const QUEUE_SIZES: &[u16] = &[256, 256, 256];
@@ -35,21 +35,20 @@ pub struct VsockDevice {
     guest_cid: u64,
     path: PathBuf,
     host_ports: HostPorts,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    /// Made with the VM; serves the device once activated.
+    thread: Option<DeviceThread>,
+    worker: Option<RunningDevice>,
 }
 
 impl VsockDevice {
     /// A device giving the guest CID `guest_cid`, with its host side at the unix socket `path`;
-    /// the guest may connect to `host_ports` there.
-    pub fn new(guest_cid: u64, path: PathBuf, host_ports: HostPorts) -> VsockDevice {
-        VsockDevice { guest_cid, path, host_ports, worker: None }
+    /// the guest may connect to `host_ports` there; `thread` serves it.
+    pub fn new(guest_cid: u64, path: PathBuf, host_ports: HostPorts, thread: DeviceThread) -> VsockDevice {
+        VsockDevice { guest_cid, path, host_ports, thread: Some(thread), worker: None }
     }
 
     fn stop(&mut self) {
-        if let Some((stop, thread)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = thread.join();
-        }
+        self.worker = None; // stops and joins the thread
     }
 }
 
@@ -92,11 +91,10 @@ impl VirtioDevice for VsockDevice {
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err(ActivateError::QueueCount { expected: QUEUE_SIZES.len(), found: 0 });
         };
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let stop_seen = stop.try_clone().map_err(ActivateError::Worker)?;
+        let thread = self.thread.take().ok_or(ActivateError::AlreadyServed)?;
         let (path, guest_cid, host_ports) = (self.path.clone(), self.guest_cid, self.host_ports.clone());
         // Set up on the device's own thread: binding the host socket is nothing a vCPU may do.
-        let setup = move || -> std::io::Result<(EventLoop, EventFd)> {
+        let setup = move |stop_seen: EventFd| -> std::io::Result<(EventLoop, EventFd)> {
             // A previous activation (before a driver reset) may have left the socket.
             let _ = std::fs::remove_file(&path);
             let role = if host_ports.any_allowed() { ThreadRole::Vsock } else { ThreadRole::VsockNoConnect };
@@ -114,9 +112,8 @@ impl VirtioDevice for VsockDevice {
             Ok((lp, stop_seen))
         };
         // The stop eventfd's copy stays with the loop it is watched by.
-        let thread = launcher::spawn_set_up("virtio-vsock", setup, |(mut lp, _stop_seen)| lp.run())
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some((stop, thread));
+        let running = thread.start(setup, |(mut lp, _stop_seen)| lp.run()).map_err(ActivateError::Worker)?;
+        self.worker = Some(running);
         Ok(())
     }
 
@@ -373,7 +370,8 @@ mod tests {
 
     #[test]
     fn config_space_holds_the_guest_cid() {
-        let device = VsockDevice::new(0x1_0000_0007, PathBuf::from("/nonexistent"), HostPorts::Any);
+        let thread = DeviceThread::spawn("test-vsock").unwrap();
+        let device = VsockDevice::new(0x1_0000_0007, PathBuf::from("/nonexistent"), HostPorts::Any, thread);
         let mut cid = [0u8; 8];
         device.read_config(0, &mut cid);
         assert_eq!(u64::from_le_bytes(cid), 0x1_0000_0007);
