@@ -119,6 +119,10 @@ wait $run; echo \"run-status=$?\"",
         assert_eq!(mode(thread), ["2"], "{thread} runs under a filter: {text}");
     }
     assert_eq!(mode("husk"), ["0"], "the process's own thread is not filtered: {text}");
+    assert!(
+        mode("vmm-launcher").is_empty(),
+        "device threads are made with the VM, none by a launcher: {text}"
+    );
     // The share's thread has the share as its root and keeps only CAP_CHOWN, CAP_DAC_OVERRIDE,
     // CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_SETGID and CAP_SETUID (bits 0-4, 6, 7).
     let fs = text.lines().find_map(|l| l.strip_prefix("fs-root=")).unwrap_or_else(|| panic!("{text}"));
