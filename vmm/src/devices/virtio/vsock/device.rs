@@ -56,8 +56,7 @@ impl Drop for VsockDevice {
     fn drop(&mut self) {
         self.stop();
         // The socket path is ours: leave nothing behind. (Not on a reset: the vCPU thread that
-        // resets may not unlink files; the next activation replaces the stale socket.) The VM's
-        // owner drops the devices, after the vCPU threads.
+        // resets may not unlink files.) The VM's owner drops the devices, after the vCPU threads.
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -95,7 +94,7 @@ impl VirtioDevice for VsockDevice {
         let (path, guest_cid, host_ports) = (self.path.clone(), self.guest_cid, self.host_ports.clone());
         // Set up on the device's own thread: binding the host socket is nothing a vCPU may do.
         let setup = move |stop_seen: EventFd| -> std::io::Result<(EventLoop, EventFd)> {
-            // A previous activation (before a driver reset) may have left the socket.
+            // A stale socket left at the path (by an earlier VM that did not end cleanly) goes.
             let _ = std::fs::remove_file(&path);
             let role = if host_ports.any_allowed() { ThreadRole::Vsock } else { ThreadRole::VsockNoConnect };
             let mut lp = EventLoop::new(mem, rx, tx, interrupt, &path, guest_cid)?;
