@@ -647,9 +647,16 @@ fn malformed_annotations_specs_and_configurations_are_refused_by_name_and_leave_
     }
 }
 
+/// `ctr run` flags of a CRI pod's sandbox container, as CRI annotates it (the shim groups by them).
+const SANDBOX: &str = "--annotation io.kubernetes.cri.container-type=sandbox";
+
+/// `ctr run` flags of a member container of the CRI pod whose sandbox is `pod`.
+fn member_of(pod: &str) -> String {
+    format!("--annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id={pod}")
+}
+
 fn hostile_steps() -> String {
-    let sandbox = "--annotation io.kubernetes.cri.container-type=sandbox";
-    let member = "--annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id=pwn";
+    let (sandbox, member) = (SANDBOX, member_of("pwn"));
     format!(
         "mkdir -p /tmp/victim-dir /tmp/vol; echo precious > /tmp/victim-file; echo volume-content > /tmp/vol/f
 $husk -d --privileged {sandbox} {IMAGE} pwn sleep 1000 || exit 1
@@ -698,8 +705,7 @@ fn a_root_guest_cannot_steer_the_shims_mounts_onto_node_paths() {
 const FD_NOISE: i64 = 4;
 
 fn hostile_guest_steps() -> String {
-    let sandbox = "--annotation io.kubernetes.cri.container-type=sandbox";
-    let member = "--annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id=attacker";
+    let (sandbox, member) = (SANDBOX, member_of("attacker"));
     let vsock_tool = workspace_root().join("target/x86_64-unknown-linux-gnu/guest/husk-vsock-test");
     format!(
         "mkdir -p /tmp/tools /tmp/vol2 /tmp/race-victim && cp {vsock_tool} /tmp/tools/ && echo volume-content > /tmp/vol2/f

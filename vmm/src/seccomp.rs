@@ -106,7 +106,8 @@ fn rules(role: ThreadRole) -> Result<Rules, seccompiler::BackendError> {
     }
     match role {
         ThreadRole::Vcpu => {
-            allow(&mut rules, VCPU);
+            // Nothing besides COMMON but its ioctls: activating a device hands its thread (made
+            // with the VM) a job and resetting one joins it (locks and channels, no descriptor).
             let mut ioctls = Vec::new();
             for request in [kvm::run(), kvm::get_regs(), kvm::get_sregs()] {
                 ioctls.push(arg_is(1, request)?);
@@ -187,10 +188,6 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
     libc::SYS_rseq,
 ];
-
-/// vCPU threads besides [`COMMON`]: only their ioctls. Activating a device hands its thread (made
-/// with the VM) a job and resetting one joins it: locks and channels, no new descriptor.
-const VCPU: &[i64] = &[];
 
 /// virtio-net besides [`COMMON`]: the tap is read and written with read/write.
 const NET: &[i64] = &[];

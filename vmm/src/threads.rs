@@ -18,13 +18,12 @@ use vmm_sys_util::eventfd::EventFd;
 type Job = Box<dyn FnOnce(EventFd) + Send + 'static>;
 
 /// A device's thread, parked until [`DeviceThread::start`] gives it its job. Dropped unstarted, it
-/// ends and is joined.
+/// ends (its job channel closes first, fields drop in order) and is joined.
 #[derive(Debug)]
 pub struct DeviceThread {
-    jobs: Option<SyncSender<Job>>,
-    thread: Option<JoinHandle<()>>,
-    /// Written to stop the job (made here, so the vCPU that activates the device makes no fd).
-    stop: Option<EventFd>,
+    jobs: SyncSender<Job>,
+    /// Its stop eventfd (made here, so the vCPU that activates the device makes no fd) and handle.
+    running: RunningDevice,
 }
 
 impl DeviceThread {
@@ -39,7 +38,7 @@ impl DeviceThread {
                 job(stop_seen);
             }
         })?;
-        Ok(DeviceThread { jobs: Some(jobs), thread: Some(thread), stop: Some(stop) })
+        Ok(DeviceThread { jobs, running: RunningDevice { stop, thread: Some(thread) } })
     }
 
     /// Runs `setup` on the thread (given the stop eventfd, to watch), then `run` with what it
@@ -47,15 +46,12 @@ impl DeviceThread {
     /// Device threads open their files and sockets this way before their seccomp filter goes on,
     /// and a failure still reaches the driver's activation.
     pub fn start<T: 'static>(
-        mut self,
+        self,
         setup: impl FnOnce(EventFd) -> io::Result<T> + Send + 'static,
         run: impl FnOnce(T) + Send + 'static,
     ) -> io::Result<RunningDevice> {
         let gone = || io::Error::other("the device's thread has ended");
-        let (jobs, thread, stop) = match (self.jobs.take(), self.thread.take(), self.stop.take()) {
-            (Some(jobs), Some(thread), Some(stop)) => (jobs, thread, stop),
-            _ => return Err(gone()),
-        };
+        let DeviceThread { jobs, running } = self;
         let (ready, set_up) = sync_channel::<io::Result<()>>(1);
         let job: Job = Box::new(move |stop_seen| match setup(stop_seen) {
             Ok(made) => {
@@ -70,17 +66,7 @@ impl DeviceThread {
             Ok(()) => set_up.recv().unwrap_or_else(|_| Err(gone())),
             Err(_) => Err(gone()),
         };
-        let running = RunningDevice { stop, thread: Some(thread) };
         outcome.map(|()| running) // a failed setup's thread is joined as `running` drops
-    }
-}
-
-impl Drop for DeviceThread {
-    fn drop(&mut self) {
-        self.jobs.take(); // ends the parked thread's wait
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
