@@ -69,6 +69,8 @@ struct World {
 fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
     WORLD.get_or_init(|| {
+        // As the shim's main does: the client's reply thread runs under a seccomp filter.
+        husk_vmm::seccomp::prepare_allocator();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         // An abstract socket: nothing to clean up when the fuzzer exits.
         let socket = PathBuf::from(format!("\0husk-fuzz-agent-{}", std::process::id()));

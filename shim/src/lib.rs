@@ -3,7 +3,8 @@
 //! - [`guest_image`]: locating and verifying the guest kernel + initramfs built by `make guest-image`.
 //! - [`check`]: `husk check`, whether this host can run Husk and why not.
 //! - [`config`]: `/etc/husk/configuration.toml` and the `io.husk.*` pod annotations it allows.
-//! - [`agent_client`]: the agent API client (hybrid vsock or unix socket).
+//! - [`agent_client`]: the agent API client (hybrid vsock or unix socket); the guest's replies are
+//!   decoded on a confined thread of its own.
 //! - [`network`]: the pod's network namespace carried into the guest (taps, tc, what the agent sets).
 //! - [`sandbox`]: a pod's microVM: its host directory, the VM in this process, its agent.
 //! - [`run`]: `husk run`, one container in a microVM without containerd.

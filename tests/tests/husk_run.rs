@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use husk_shim::agent_client::REPLY_THREAD_NAME;
 use husk_tests::{combined, describe, run, target_bin, workspace_root, VmHost};
 
 /// A busybox rootfs under build/ (which the test host sees), made by scripts/busybox-rootfs.
@@ -101,9 +102,11 @@ i=0; until grep -q container-started /tmp/husk-run.out 2>/dev/null || [ $i -ge 6
 for task in /proc/$run/task/*; do echo \"thread $(cat $task/comm) $(grep Seccomp: $task/status)\"; done
 for task in /proc/$run/task/*; do [ \"$(cat $task/comm)\" = virtio-fs ] && echo \"fs-root=$(readlink $task/root) fs-$(grep CapPrm: $task/status | tr -d '\\t')\"; done
 for task in /proc/$run/task/*; do [ \"$(cat $task/comm)\" = virtio-vsock ] && echo \"vsock-root=$(readlink $task/root) vsock-$(grep CapPrm: $task/status | tr -d '\\t')\"; done
+for task in /proc/$run/task/*; do [ \"$(cat $task/comm)\" = {replies} ] && echo \"replies-$(grep CapPrm: $task/status | tr -d '\\t')\"; done
 wait $run; echo \"run-status=$?\"",
         husk = target_bin("husk").display(),
-        rootfs = rootfs.display()
+        rootfs = rootfs.display(),
+        replies = REPLY_THREAD_NAME,
     );
     let output = run(&mut VmHost::detect().command(Duration::from_secs(600), &["sh", "-c", &script]));
     let _ = std::fs::remove_dir_all(&rootfs);
@@ -115,7 +118,7 @@ wait $run; echo \"run-status=$?\"",
             .map(|rest| rest.trim_start_matches("Seccomp:").trim())
             .collect()
     };
-    for thread in ["vcpu0", "virtio-vsock", "virtio-fs", "virtio-rng"] {
+    for thread in ["vcpu0", "virtio-vsock", "virtio-fs", "virtio-rng", REPLY_THREAD_NAME] {
         assert_eq!(mode(thread), ["2"], "{thread} runs under a filter: {text}");
     }
     assert_eq!(mode("husk"), ["0"], "the process's own thread is not filtered: {text}");
@@ -134,4 +137,7 @@ wait $run; echo \"run-status=$?\"",
     let (root, caps) = vsock.split_once(' ').unwrap_or_else(|| panic!("{text}"));
     assert!(root.starts_with("/run/husk/sandboxes/") && !root.contains("/shared"), "{text}");
     assert_eq!(caps, "vsock-CapPrm:0000000000000000", "{text}");
+    // The thread that decodes the agent's replies keeps no capability either.
+    let replies = text.lines().find(|l| l.starts_with("replies-")).unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(replies, "replies-CapPrm:0000000000000000", "{text}");
 }

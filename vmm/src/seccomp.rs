@@ -1,7 +1,9 @@
 //! Seccomp filters for the VMM's own threads: each vCPU and device thread installs the filter of
 //! its [`ThreadRole`] (seccompiler) before it touches anything the guest controls, so code
 //! execution gained through a device bug gets only the syscalls that device needs. Filters are
-//! per thread (no `TSYNC`): the VMM lives inside the shim, whose other threads keep theirs.
+//! per thread (no `TSYNC`): the VMM lives inside the shim, whose other threads keep theirs. The
+//! shim's thread that decodes the agent's replies has its role here too, so that every filter of
+//! the process is built, and reported, in one place.
 //!
 //! A filtered thread must not start threads (they would inherit its filter): device threads are
 //! made with the VM, before any vCPU runs ([`crate::threads`]), and a device's setup (sockets,
@@ -38,6 +40,9 @@ pub enum ThreadRole {
     VsockNoConnect,
     /// virtio-fs: serves the pod's shared directory (file syscalls of a passthrough server).
     Fs,
+    /// Not the VMM's: the shim's thread that reads and decodes the agent's replies (the guest's
+    /// bytes) on connections opened for it; it may read and write them, and nothing else.
+    AgentReplies,
 }
 
 /// Errors building or installing a filter.
@@ -82,6 +87,7 @@ impl ThreadRole {
             ThreadRole::Net => b"virtio-net",
             ThreadRole::Vsock | ThreadRole::VsockNoConnect => b"virtio-vsock",
             ThreadRole::Fs => b"virtio-fs",
+            ThreadRole::AgentReplies => b"agent reply",
         }
     }
 }
@@ -130,6 +136,7 @@ fn rules(role: ThreadRole) -> Result<Rules, seccompiler::BackendError> {
             allow(&mut rules, FS);
             rules.insert(libc::SYS_ioctl, vec![arg_is(1, libc::FIONBIO)?]);
         }
+        ThreadRole::AgentReplies => allow(&mut rules, AGENT_REPLIES),
     }
     Ok(rules)
 }
@@ -205,6 +212,11 @@ const VSOCK: &[i64] = &[
     libc::SYS_poll,
     libc::SYS_ppoll,
 ];
+
+/// The agent's reply thread besides [`COMMON`]: its connections' socket calls (no `socket`,
+/// `connect` or `accept`: they are opened for it).
+const AGENT_REPLIES: &[i64] =
+    &[libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_recvmsg, libc::SYS_sendmsg, libc::SYS_shutdown];
 
 /// virtio-fs besides [`COMMON`]: what a passthrough FUSE server does to the shared directory,
 /// including switching the thread's credentials to the caller's for creating files.
@@ -417,6 +429,7 @@ mod tests {
             ThreadRole::Vsock,
             ThreadRole::VsockNoConnect,
             ThreadRole::Fs,
+            ThreadRole::AgentReplies,
         ];
         for role in roles {
             let program = program(role).unwrap();

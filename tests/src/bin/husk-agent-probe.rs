@@ -25,6 +25,8 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
+    // Before any thread: the agent client's reply thread runs under a seccomp filter.
+    husk_vmm::seccomp::prepare_allocator();
     let cli = Cli::parse();
     let address = match (cli.vsock, cli.unix) {
         (Some(socket), None) => AgentAddress::vm(&socket),

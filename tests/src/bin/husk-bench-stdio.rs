@@ -92,6 +92,8 @@ impl Drop for PodVm {
 }
 
 fn main() -> Result<()> {
+    // Before any thread: the agent client's reply thread runs under a seccomp filter.
+    husk_vmm::seccomp::prepare_allocator();
     let cli = Cli::parse();
     let work = tempfile::tempdir()?;
     let share = work.path().join("share");

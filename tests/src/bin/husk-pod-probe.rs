@@ -33,6 +33,8 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
+    // Before any thread: the agent client's reply thread runs under a seccomp filter.
+    husk_vmm::seccomp::prepare_allocator();
     let cli = Cli::parse();
     install_busybox(&cli.share.join(BUSYBOX_IMAGE)).context("putting the busybox image into the share")?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
