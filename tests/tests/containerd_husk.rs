@@ -733,6 +733,9 @@ echo \"probe-mode: $(stat -c '%a %u' /tmp/vol2/setuid-probe)\"
 share=$(awk '$2 ~ /\\/target\\/mounts\\/0$/ {{ print $2; exit }}' /proc/mounts)
 echo \"via-share: $({probe} --exec-as 65534 \"$share/setuid-probe\" 2>&1)\"
 echo \"via-node-path: $({probe} --exec-as 65534 /tmp/vol2/setuid-probe 2>&1)\"
+# `ctr run --privileged` lists the node's devices in the spec (its disk /dev/vda among them): in
+# the VM the same numbers name the guest's devices (it has no disk: nothing to read).
+echo \"devices: in-pod=$(ctr task exec --exec-id dev attacker sh -c '[ -b /dev/vda ] && echo listed; head -c 4096 /dev/vda 2>/dev/null | md5sum | cut -c1-12' | tr '\\n' ' ')node=$(head -c 4096 /dev/vda | md5sum | cut -c1-12)\"
 # Guest connections to a host port nobody may reach, 200 at once then 100 in a row.
 shim=$(ps -o pid,args | grep '[c]ontainerd-shim-husk-v2' | awk '{{ print $1 }}' | head -1)
 fds_before=$(ls /proc/$shim/fd | wc -l)
@@ -756,7 +759,8 @@ echo \"node: race-victim-entries=$(ls -A /tmp/race-victim | wc -l) race-victim-m
 /// and links at every name of the next container while that container is created (the race
 /// the read-only share view closes: every plant fails, and the next container gets its volume);
 /// that container makes a copy of a probe in its volume setuid-root, which through the pod's
-/// share runs as its caller on the node (`nosuid`); and the attacker floods vsock with
+/// share runs as its caller on the node (`nosuid`); the node's disk, listed as a device of the
+/// privileged container, reads as the guest's device of that number (none); and the attacker floods vsock with
 /// connections to a host port it may not reach: all refused, no host descriptor or file made, and
 /// the pod keeps serving.
 #[test]
@@ -781,6 +785,13 @@ fn a_root_guest_racing_a_create_flooding_vsock_and_making_setuid_files_gains_not
     assert_eq!(field("probe-mode: "), "4755 0", "{text}");
     assert_eq!(field("via-share: "), "euid=65534", "{text}");
     assert_eq!(field("via-node-path: "), "euid=0", "{text}");
+    // The node's disk is listed in the container (its device node exists there), but what it
+    // reads is not the node's disk (the guest's device of that number, if it has one).
+    let devices = field("devices: ");
+    let (in_pod, node) = devices.split_once(" node=").unwrap_or_else(|| panic!("{devices}"));
+    let in_pod = in_pod.strip_prefix("in-pod=listed ").unwrap_or_else(|| panic!("not listed: {devices}"));
+    assert!(node.len() == 12 && node != "d41d8cd98f00", "the node reads its disk: {devices}");
+    assert_ne!(in_pod, node, "the pod reads the node's disk: {devices}");
     assert!(text.contains("flood-refused=100"), "{text}");
     let fds = field("shim-fds: ");
     let number = |key: &str| -> i64 {
