@@ -72,7 +72,7 @@ pub(super) async fn open_patiently(
                 stream.into_std().map_err(connect_error(&for_thread))
             })
             .await
-            .map_err(|source| AgentError::ReplyThread { address: address.clone(), source })?;
+            .map_err(super::reply_thread_error(address))?;
         match opened {
             Err(AgentError::Connect { source, .. })
                 if source.kind() == ErrorKind::UnexpectedEof && attempt < HANDSHAKE_ATTEMPTS =>

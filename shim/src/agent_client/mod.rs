@@ -118,10 +118,8 @@ impl AgentClient {
     /// Connects to the agent at `address`; each call (and the connection) must finish within
     /// `timeout`. Must run inside a tokio runtime.
     pub async fn connect(address: AgentAddress, timeout: Duration) -> Result<AgentClient, AgentError> {
-        let replies = ReplyThread::start()
-            .await
-            .map_err(|source| AgentError::ReplyThread { address: address.clone(), source })?;
-        AgentClient::connect_with(Arc::new(replies), address, timeout).await
+        let replies = start_reply_thread(&address).await?;
+        AgentClient::connect_with(replies, address, timeout).await
     }
 
     /// Connects through the reply thread `replies` (the socket is opened here, on a thread that
@@ -141,7 +139,7 @@ impl AgentClient {
                     Ok(agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(socket)))
                 })
                 .await
-                .map_err(|source| AgentError::ReplyThread { address: address.clone(), source })??;
+                .map_err(reply_thread_error(&address))??;
             Ok(AgentClient { address: address.clone(), rpc, replies: replies.clone(), timeout })
         };
         tokio::time::timeout(timeout, connecting).await.map_err(|_| AgentError::Timeout {
@@ -159,11 +157,7 @@ impl AgentClient {
         wait: Duration,
     ) -> Result<(AgentClient, CheckResponse), AgentError> {
         let deadline = tokio::time::Instant::now() + wait;
-        let replies = Arc::new(
-            ReplyThread::start()
-                .await
-                .map_err(|source| AgentError::ReplyThread { address: address.clone(), source })?,
-        );
+        let replies = start_reply_thread(&address).await?;
         loop {
             let attempt = async {
                 let client = AgentClient::connect_with(replies.clone(), address.clone(), timeout).await?;
@@ -458,6 +452,15 @@ impl AgentClient {
             Err(source) => Err(AgentError::ReplyThread { address, source }),
         }
     }
+}
+
+async fn start_reply_thread(address: &AgentAddress) -> Result<Arc<ReplyThread>, AgentError> {
+    ReplyThread::start().await.map(Arc::new).map_err(reply_thread_error(address))
+}
+
+/// An error of the reply thread serving the agent at `address`.
+fn reply_thread_error(address: &AgentAddress) -> impl Fn(std::io::Error) -> AgentError + '_ {
+    move |source| AgentError::ReplyThread { address: address.clone(), source }
 }
 
 #[cfg(test)]
