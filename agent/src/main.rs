@@ -13,6 +13,7 @@ mod guest_info;
 mod host_vsock;
 mod init;
 mod network;
+mod port_forward;
 mod reaper;
 mod sandbox;
 mod signals;

@@ -44,6 +44,52 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// opens one stream per stdin/stdout/stderr and names it with a [`StdioHello`] line.
 pub const STDIO_VSOCK_PORT: u32 = 1025;
 
+/// Guest vsock port of the agent's port forwarding (`kubectl port-forward`): the host opens one
+/// stream per forwarded TCP connection and names its target with a [`ForwardRequest`] line; the
+/// stream then carries that connection's bytes both ways.
+pub const FORWARD_VSOCK_PORT: u32 = 1026;
+
+/// The guest loopback port a forwarded connection goes to: `tcp4 PORT` (127.0.0.1) or
+/// `tcp6 PORT` (::1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardRequest {
+    pub ipv6: bool,
+    pub port: u16,
+}
+
+impl ForwardRequest {
+    /// The longest request line, newline included.
+    pub const MAX_LEN: usize = "tcp6 65535\n".len();
+
+    /// The line as sent, newline included.
+    pub fn render(&self) -> String {
+        format!("{} {}\n", if self.ipv6 { "tcp6" } else { "tcp4" }, self.port)
+    }
+
+    /// Parses a line (without its newline); port 0 is refused.
+    pub fn parse(line: &str) -> Option<ForwardRequest> {
+        let (family, text) = line.split_once(' ')?;
+        let ipv6 = match family {
+            "tcp4" => false,
+            "tcp6" => true,
+            _ => return None,
+        };
+        // Digits only, as rendered (u16's parser also takes a sign).
+        let port = text.parse::<u16>().ok().filter(|port| *port != 0 && port.to_string() == text)?;
+        Some(ForwardRequest { ipv6, port })
+    }
+
+    /// The guest address the connection is made to.
+    pub fn target(&self) -> std::net::SocketAddr {
+        let ip: std::net::IpAddr = if self.ipv6 {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        };
+        std::net::SocketAddr::new(ip, self.port)
+    }
+}
+
 /// Where the agent mounts the pod's shared file system in the guest (CreateSandbox): the host
 /// names shared rootfs and volumes below it in the specs it sends.
 pub const GUEST_SHARED_DIR: &str = "/run/husk/shared";
@@ -203,6 +249,21 @@ mod tests {
         assert_eq!(GuestEvent::from_byte(GuestEvent::Poweroff as u8), Some(GuestEvent::Poweroff));
         assert_eq!(GuestEvent::from_byte(0), None);
         assert_eq!(GuestEvent::from_byte(0xff), None);
+    }
+
+    #[test]
+    fn forward_requests_round_trip_and_others_are_refused() {
+        for request in
+            [ForwardRequest { ipv6: false, port: 8080 }, ForwardRequest { ipv6: true, port: 65535 }]
+        {
+            let line = request.render();
+            assert!(line.len() <= ForwardRequest::MAX_LEN);
+            assert_eq!(ForwardRequest::parse(line.trim_end()), Some(request));
+        }
+        assert_eq!(ForwardRequest { ipv6: true, port: 80 }.target().to_string(), "[::1]:80");
+        for bad in ["", "tcp4", "tcp4 0", "tcp4 65536", "tcp4 +80", "tcp4 080", "udp 53", "tcp4 80 x"] {
+            assert_eq!(ForwardRequest::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub const CHECKS: &[&str] = &[
     "a_restarted_container_runs_as_a_new_attempt_in_the_same_pod",
     "containers_sharing_the_pods_pid_namespace_see_each_other",
     "update_container_resources_changes_the_memory_limit",
+    "port_forward_reaches_a_listener_on_the_pods_loopback",
     "a_pods_stop_and_remove_are_idempotent",
 ];
 
@@ -176,12 +177,35 @@ impl Checks {
             "a_restarted_container_runs_as_a_new_attempt_in_the_same_pod" => self.restart_attempt().await,
             "containers_sharing_the_pods_pid_namespace_see_each_other" => self.shared_pid_namespace().await,
             "update_container_resources_changes_the_memory_limit" => self.update_resources().await,
+            "port_forward_reaches_a_listener_on_the_pods_loopback" => self.port_forward().await,
             "a_pods_stop_and_remove_are_idempotent" => self.pod_stop_and_remove().await,
             _ => bail!("no check named {check}"),
         }
     }
 
     // --- the checks -----------------------------------------------------------------------
+
+    /// `kubectl port-forward` as containerd carries it out: a connection to `localhost:PORT` made
+    /// inside the pod's network namespace on the node must reach a server the pod listens with
+    /// on its own loopback only.
+    async fn port_forward(&mut self) -> Result<()> {
+        const PAGE: &str = "port-forward-reached";
+        let script = format!("mkdir -p /tmp/www && echo {PAGE} > /tmp/www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /tmp/www");
+        self.shell("port-forward", &script, |_| {}).await?;
+        let netns = self.pod_netns().await?;
+        let deadline = Instant::now() + EVENT_DEADLINE;
+        loop {
+            let netns = netns.clone();
+            let seen = tokio::task::spawn_blocking(move || http_get_inside(&netns, 8080)).await?;
+            match seen {
+                Ok(page) if page.contains(PAGE) => return Ok(()),
+                seen if Instant::now() >= deadline => bail!(
+                    "no page from 127.0.0.1:8080 in the pod's namespace within {EVENT_DEADLINE:?}: last {seen:?}"
+                ),
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
 
     async fn hostname_is_the_pods(&mut self) -> Result<()> {
         let id = self.idle("hostname", |_| {}).await?;
@@ -685,6 +709,23 @@ impl Checks {
         reply.status.context("ContainerStatus: no status")
     }
 
+    /// The pod's network namespace on the node, from the sandbox's OCI spec in containerd's
+    /// verbose PodSandboxStatus.
+    async fn pod_netns(&mut self) -> Result<PathBuf> {
+        let request = PodSandboxStatusRequest { pod_sandbox_id: self.pod.clone(), verbose: true };
+        let reply = self.cri.pod_sandbox_status(request).await.context("PodSandboxStatus")?.into_inner();
+        let info = reply.info.get("info").context("PodSandboxStatus: no verbose info")?;
+        let info: serde_json::Value = serde_json::from_str(info).context("PodSandboxStatus: verbose info")?;
+        let namespaces =
+            info["runtimeSpec"]["linux"]["namespaces"].as_array().context("no namespaces in the spec")?;
+        let path = namespaces
+            .iter()
+            .find(|ns| ns["type"] == "network")
+            .and_then(|ns| ns["path"].as_str())
+            .context("the sandbox's spec names no network namespace path")?;
+        Ok(PathBuf::from(path))
+    }
+
     /// A fresh directory of this handler's work directory, for a volume.
     fn host_dir(&self, name: &str) -> Result<PathBuf> {
         let dir = self.work.join(name);
@@ -788,6 +829,29 @@ async fn stop_and_remove_pod(cri: &mut Cri, pod: &str) -> Result<()> {
         cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.into() }).await.context(call)?;
     }
     Ok(())
+}
+
+/// `GET /` from `127.0.0.1:port` inside the network namespace at `netns`, as containerd's port
+/// forwarding connects (on a thread of its own: `setns` moves only the calling thread).
+fn http_get_inside(netns: &Path, port: u16) -> Result<String> {
+    use std::io::{Read, Write};
+    let namespace = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .context("entering the pod's namespace")?;
+                let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut reply = String::new();
+                stream.read_to_string(&mut reply)?;
+                Ok(reply)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+    })
 }
 
 fn expect_output(seen: &str, expected: &str) -> Result<()> {

@@ -4,6 +4,7 @@
 
 pub mod server;
 
+pub(crate) use server::accept_from_host;
 use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;

@@ -16,6 +16,7 @@ use tokio::net::UnixStream;
 use ttrpc::r#async::transport::Listener;
 
 use crate::host_vsock;
+use crate::port_forward;
 use crate::stdio::StdioEndpoint;
 
 use super::AgentService;
@@ -123,6 +124,16 @@ async fn serve(endpoint: Endpoint, service: AgentService, bound: std::sync::mpsc
         let _ = bound.send(Err(anyhow::anyhow!("serving {}: {err}", endpoint.ttrpc_address())));
         return;
     }
+    // In a VM, port forwarding too (a host-mode agent shares the host's loopback: nothing to do).
+    if let Endpoint::Vsock(_) = endpoint {
+        match port_forward::listener() {
+            Ok(listener) => drop(tokio::spawn(port_forward::serve(listener))),
+            Err(err) => {
+                let _ = bound.send(Err(err));
+                return;
+            }
+        }
+    }
     let _ = bound.send(Ok(()));
     // `start` spawned the accept loop on this runtime; keep the runtime alive for it.
     std::future::pending::<()>().await;
@@ -143,7 +154,7 @@ fn host_listener(port: u32) -> Result<Listener> {
     Ok(Listener::new(accepted))
 }
 
-async fn accept_from_host(listener: &AsyncFd<OwnedFd>) -> std::io::Result<UnixStream> {
+pub(crate) async fn accept_from_host(listener: &AsyncFd<OwnedFd>) -> std::io::Result<UnixStream> {
     loop {
         let mut ready = listener.readable().await?;
         match ready.try_io(|fd| host_vsock::accept(fd.get_ref(), SockFlag::SOCK_NONBLOCK)) {

@@ -23,7 +23,8 @@ use husk_protocols::agent::{
     WaitProcessResponse,
 };
 use husk_protocols::{
-    agent_ttrpc, StdioHello, StdioStream, AGENT_API_VERSION, AGENT_VSOCK_PORT, STDIO_VSOCK_PORT,
+    agent_ttrpc, ForwardRequest, StdioHello, StdioStream, AGENT_API_VERSION, AGENT_VSOCK_PORT,
+    FORWARD_VSOCK_PORT, STDIO_VSOCK_PORT,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -57,12 +58,17 @@ impl AgentAddress {
     /// Where the same agent takes stdio streams: guest port [`STDIO_VSOCK_PORT`], or
     /// `<PATH>_1025` beside a host-mode agent's socket.
     pub fn stdio(&self) -> AgentAddress {
+        self.port(STDIO_VSOCK_PORT)
+    }
+
+    /// Guest port `port` of the same VM (`<PATH>_<port>` beside a host-mode agent's socket).
+    fn port(&self, port: u32) -> AgentAddress {
         match self {
             AgentAddress::HybridVsock { socket, .. } => {
-                AgentAddress::HybridVsock { socket: socket.clone(), port: STDIO_VSOCK_PORT }
+                AgentAddress::HybridVsock { socket: socket.clone(), port }
             }
             AgentAddress::Unix(path) => {
-                AgentAddress::Unix(PathBuf::from(format!("{}_{STDIO_VSOCK_PORT}", path.display())))
+                AgentAddress::Unix(PathBuf::from(format!("{}_{port}", path.display())))
             }
         }
     }
@@ -377,14 +383,29 @@ impl AgentClient {
 
     /// Opens one standard stream of a process to be created with `token`.
     pub async fn open_stdio(&self, token: &str, stream: StdioStream) -> Result<UnixStream, AgentError> {
-        let address = self.address.stdio();
-        let opening = handshake::open_patiently(&self.replies, &address);
-        let mut connection = tokio::time::timeout(self.timeout, opening).await.map_err(|_| {
-            AgentError::Timeout { address: address.clone(), what: "stdio connect", timeout: self.timeout }
-        })??;
         let hello = StdioHello { token: token.to_owned(), stream }.render();
+        self.open_stream(self.address.stdio(), "stdio connect", &hello).await
+    }
+
+    /// Opens a stream to TCP port `request.port` of the guest's loopback (port forwarding).
+    pub async fn open_forward(&self, request: ForwardRequest) -> Result<UnixStream, AgentError> {
+        self.open_stream(self.address.port(FORWARD_VSOCK_PORT), "port-forward connect", &request.render())
+            .await
+    }
+
+    /// A stream to `address`, opened within this client's deadline and named with `first_line`.
+    async fn open_stream(
+        &self,
+        address: AgentAddress,
+        what: &'static str,
+        first_line: &str,
+    ) -> Result<UnixStream, AgentError> {
+        let opening = handshake::open_patiently(&self.replies, &address);
+        let mut connection = tokio::time::timeout(self.timeout, opening)
+            .await
+            .map_err(|_| AgentError::Timeout { address: address.clone(), what, timeout: self.timeout })??;
         connection
-            .write_all(hello.as_bytes())
+            .write_all(first_line.as_bytes())
             .await
             .map_err(|source| AgentError::Connect { address: address.clone(), source })?;
         Ok(connection)

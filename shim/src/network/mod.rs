@@ -9,9 +9,13 @@
 //!
 //! - [`netns`]: running netlink work inside the pod's namespace.
 //! - [`netlink`]: the requests (links, addresses, routes, tc).
+//! - [`port_forward`]: `kubectl port-forward`, from the namespace's loopback to the guest's
+//!   ([`loopback`] catches the connections).
 
+pub mod loopback;
 pub mod netlink;
 pub mod netns;
+pub mod port_forward;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

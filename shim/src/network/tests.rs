@@ -2,6 +2,7 @@
 //! with an address and a default route. Needs root (as the shim does); skipped with a message
 //! otherwise.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -144,4 +145,35 @@ async fn a_killed_shims_redirection_is_removed_by_remove_leftovers() {
     remove_leftovers(&netns.path()).await.unwrap();
     assert!(!netns.tc(&["qdisc", "show", "dev", "eth0"]).contains("ingress"));
     remove_leftovers(Path::new("/run/netns/husk-gone")).await.unwrap();
+}
+
+/// Connects from inside the namespace at `netns` to `target` (`None`: refused).
+async fn connect_inside(netns: &Path, target: &'static str) -> Option<std::net::TcpStream> {
+    netns::run_in(netns, move |_| async move { Ok(std::net::TcpStream::connect(target).ok()) }).await.unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_loopback_connection_of_the_namespace_reaches_the_catchers_sockets_until_it_is_dropped() {
+    let Some(netns) = TestNetns::new("loopback", &["link set lo up".into()]) else { return };
+    let path = netns.path();
+    let (v4, v6) = netns::run_in(&path, |_| async {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        Ok((v4, v6))
+    })
+    .await
+    .unwrap();
+    let namespace = std::fs::File::open(&path).unwrap();
+    let catcher = loopback::LoopbackCatcher::attach(&namespace, v4.as_fd(), Some(v6.as_fd())).unwrap();
+    for (target, listener, port) in
+        [("127.0.0.1:8080", &v4, 8080), ("[::1]:9090", &v6, 9090), ("127.0.0.1:22", &v4, 22)]
+    {
+        let _client = connect_inside(&path, target).await.unwrap_or_else(|| panic!("{target} refused"));
+        let (accepted, _) = listener.accept().unwrap();
+        assert_eq!(accepted.local_addr().unwrap().port(), port, "{target}: the port asked for");
+    }
+    // Only 127.0.0.1 and ::1: the rest of 127/8 is left alone.
+    assert!(connect_inside(&path, "127.0.0.2:8080").await.is_none(), "127.0.0.2 was caught");
+    drop(catcher);
+    assert!(connect_inside(&path, "127.0.0.1:8080").await.is_none(), "detached with the catcher");
 }

@@ -22,6 +22,7 @@ pub use self::cgroup::{CgroupError, PodCgroup};
 pub use self::dir::{Propagation, SandboxDir, SandboxDirError};
 use crate::agent_client::{AgentAddress, AgentClient, AgentError};
 use crate::guest_image::GuestImage;
+use crate::network::port_forward::PortForwarder;
 use crate::network::PodNetwork;
 
 /// The virtio-fs tag of the pod's shared directory.
@@ -89,6 +90,8 @@ pub struct Sandbox {
     host_reason: OnceLock<String>,
     waiter: Mutex<Option<std::thread::JoinHandle<()>>>,
     network: Option<Arc<PodNetwork>>,
+    /// `kubectl port-forward` into the guest, while the pod has a network namespace.
+    port_forward: Mutex<Option<PortForwarder>>,
     // Dropped after the VM: it must be gone before its directory, and the shim leaves the pod's
     // cgroup last.
     dir: SandboxDir,
@@ -181,6 +184,7 @@ impl Sandbox {
                 host_reason: OnceLock::new(),
                 waiter: Mutex::new(Some(waiter)),
                 network: config.network.clone(),
+                port_forward: Mutex::new(None),
                 dir,
                 _cgroup: cgroup,
             },
@@ -194,7 +198,20 @@ impl Sandbox {
         };
         sandbox.set_up(&config.sysctls).await?;
         sandbox.set_up_network().await?;
+        sandbox.forward_ports().await;
         Ok(sandbox)
+    }
+
+    /// Starts `kubectl port-forward` support in the pod's namespace. A node that cannot (a kernel
+    /// without `sk_lookup`, 5.9+) runs the pod without it and says why.
+    async fn forward_ports(&self) {
+        let Some(network) = &self.network else { return };
+        match PortForwarder::start(network.netns(), self.client.clone(), &self.id).await {
+            Ok(forwarder) => {
+                *self.port_forward.lock().unwrap_or_else(PoisonError::into_inner) = Some(forwarder)
+            }
+            Err(err) => tracing::warn!(sandbox = %self.id, %err, "port forwarding to this pod will not work"),
+        }
     }
 
     /// Gives the guest NICs the pod interfaces' addresses, then the routes through them, before
@@ -309,6 +326,7 @@ impl Sandbox {
             tracing::warn!(sandbox = %self.id, %err, "DestroySandbox failed; stopping the VM anyway");
         }
         self.stop();
+        drop(self.port_forward.lock().unwrap_or_else(PoisonError::into_inner).take());
         if let Some(network) = &self.network {
             if let Err(err) = network.detach().await {
                 tracing::warn!(sandbox = %self.id, %err, "removing the pod's tc redirection");
