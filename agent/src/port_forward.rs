@@ -8,29 +8,16 @@
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use husk_protocols::{ForwardRequest, FORWARD_VSOCK_PORT};
-use nix::sys::socket::SockFlag;
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::api::accept_from_host;
-use crate::host_vsock;
 
 /// How long the host has to name the port, and the guest's listener to accept.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The forwarding port's listener (host connections only), for [`serve`].
-pub fn listener() -> Result<AsyncFd<OwnedFd>> {
-    let socket = host_vsock::bind(FORWARD_VSOCK_PORT, SockFlag::SOCK_NONBLOCK)?;
-    // SAFETY: the OwnedFd keeps its descriptor open, and names the same one, for as long as the
-    // AsyncFd that owns it lives.
-    unsafe { AsyncFd::register(socket) }
-        .map_err(std::io::Error::from)
-        .with_context(|| format!("registering vsock port {FORWARD_VSOCK_PORT}"))
-}
 
 /// Forwards every connection the host opens, each on a task of its own.
 pub async fn serve(listener: AsyncFd<OwnedFd>) {

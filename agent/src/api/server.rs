@@ -9,7 +9,7 @@ use std::os::fd::OwnedFd;
 
 use anyhow::{bail, Context, Result};
 use husk_protocols::agent_ttrpc::create_agent;
-use husk_protocols::{AGENT_VSOCK_PORT, STDIO_VSOCK_PORT};
+use husk_protocols::{AGENT_VSOCK_PORT, FORWARD_VSOCK_PORT, STDIO_VSOCK_PORT};
 use nix::sys::socket::SockFlag;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
@@ -126,7 +126,7 @@ async fn serve(endpoint: Endpoint, service: AgentService, bound: std::sync::mpsc
     }
     // In a VM, port forwarding too (a host-mode agent shares the host's loopback: nothing to do).
     if let Endpoint::Vsock(_) = endpoint {
-        match port_forward::listener() {
+        match listen(FORWARD_VSOCK_PORT) {
             Ok(listener) => drop(tokio::spawn(port_forward::serve(listener))),
             Err(err) => {
                 let _ = bound.send(Err(err));
@@ -141,17 +141,22 @@ async fn serve(endpoint: Endpoint, service: AgentService, bound: std::sync::mpsc
 
 /// The API's vsock listener as ttrpc takes it: connections from the host only ([`host_vsock`]).
 fn host_listener(port: u32) -> Result<Listener> {
-    let socket = host_vsock::bind(port, SockFlag::SOCK_NONBLOCK)?;
-    // SAFETY: the OwnedFd keeps its descriptor open, and names the same one, for as long as the
-    // AsyncFd that owns it lives.
-    let listener = unsafe { AsyncFd::register(socket) }
-        .map_err(std::io::Error::from)
-        .with_context(|| format!("registering vsock port {port}"))?;
+    let listener = listen(port)?;
     let accepted = futures_util::stream::unfold(listener, |listener| async move {
         let stream = accept_from_host(&listener).await;
         Some((stream, listener))
     });
     Ok(Listener::new(accepted))
+}
+
+/// A vsock listener on `port` for this runtime, to take with [`accept_from_host`].
+pub(crate) fn listen(port: u32) -> Result<AsyncFd<OwnedFd>> {
+    let socket = host_vsock::bind(port, SockFlag::SOCK_NONBLOCK)?;
+    // SAFETY: the OwnedFd keeps its descriptor open, and names the same one, for as long as the
+    // AsyncFd that owns it lives.
+    unsafe { AsyncFd::register(socket) }
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("registering vsock port {port}"))
 }
 
 pub(crate) async fn accept_from_host(listener: &AsyncFd<OwnedFd>) -> std::io::Result<UnixStream> {

@@ -173,14 +173,21 @@ fn program(map_fd: i32) -> Vec<Insn> {
     code
 }
 
-/// `bpf(cmd, attr)`, returning the new descriptor the command makes.
-fn bpf_fd<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<OwnedFd> {
+/// `bpf(cmd, attr)`: what the command returns. Every pointer in `attr` names a local of the
+/// caller, alive through the call.
+fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<i64> {
     // SAFETY: `attr` is the repr(C) attribute struct of `cmd`, valid for its size; the kernel
     // reads it (and writes only into buffers it points to, owned by the caller).
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
-    if fd < 0 {
+    let done = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if done < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(done)
+}
+
+/// [`bpf`] for a command that makes a descriptor.
+fn bpf_fd<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<OwnedFd> {
+    let fd = bpf(cmd, attr)?;
     // SAFETY: a successful command returns a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -243,19 +250,7 @@ fn update(map: &OwnedFd, key: u32, socket: BorrowedFd<'_>) -> io::Result<()> {
         value: &value as *const u64 as u64,
         ..Default::default()
     };
-    // SAFETY: as in `bpf_fd`; `key` and `value` outlive the call.
-    let done = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
-            &mut attr as *mut MapUpdate,
-            std::mem::size_of::<MapUpdate>(),
-        )
-    };
-    if done < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
 fn load(code: &[Insn]) -> io::Result<OwnedFd> {
