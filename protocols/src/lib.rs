@@ -49,6 +49,66 @@ pub const STDIO_VSOCK_PORT: u32 = 1025;
 /// stream then carries that connection's bytes both ways.
 pub const FORWARD_VSOCK_PORT: u32 = 1026;
 
+/// The mount options of a container's spec (`mounts[].options`) that the agent's runtime applies
+/// in the guest: what the shim reports to containerd as the runtime's `mountOptions` feature
+/// (containerd offers recursive read-only volumes only to a runtime that lists `rro`). The
+/// agent's tests check every one against its runtime's parser.
+pub const GUEST_MOUNT_OPTIONS: &[&str] = &[
+    // mount(2) flags and propagation
+    "defaults",
+    "ro",
+    "rw",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "exec",
+    "noexec",
+    "sync",
+    "async",
+    "dirsync",
+    "remount",
+    "mand",
+    "nomand",
+    "atime",
+    "noatime",
+    "diratime",
+    "nodiratime",
+    "bind",
+    "rbind",
+    "unbindable",
+    "runbindable",
+    "private",
+    "rprivate",
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    // mount_setattr(2) over the whole tree: recursive read-only and its kin
+    "rro",
+    "rrw",
+    "rnosuid",
+    "rsuid",
+    "rnodev",
+    "rdev",
+    "rnoexec",
+    "rexec",
+    "rnodiratime",
+    "rdiratime",
+    "rrelatime",
+    "rnorelatime",
+    "rnoatime",
+    "ratime",
+    "rstrictatime",
+    "rnostrictatime",
+    "rnosymfollow",
+    "rsymfollow",
+];
+
 /// The guest loopback port a forwarded connection goes to: `tcp4 PORT` (127.0.0.1) or
 /// `tcp6 PORT` (::1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

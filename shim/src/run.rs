@@ -16,7 +16,7 @@ use tokio::net::UnixStream;
 
 use crate::agent_client::AgentError;
 use crate::guest_image::{GuestImage, GuestImageError};
-use crate::sandbox::{Propagation, Sandbox, SandboxConfig, SandboxError};
+use crate::sandbox::{Access, Propagation, Sandbox, SandboxConfig, SandboxError};
 
 /// The container's name in the guest (one per sandbox).
 const CONTAINER_ID: &str = "run";
@@ -99,9 +99,10 @@ pub async fn run(options: &RunOptions) -> Result<i32, RunError> {
         cgroup: None,
     };
     let read_only = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
-    let sandbox =
-        Sandbox::boot(&config, |dir| dir.share(&rootfs, ROOTFS_NAME, true, Propagation::Private).map(drop))
-            .await?;
+    let sandbox = Sandbox::boot(&config, |dir| {
+        dir.share(&rootfs, ROOTFS_NAME, Access::ReadOnly, Propagation::Private).map(drop)
+    })
+    .await?;
     if let Some(root) = spec.root_mut() {
         root.set_path(PathBuf::from(ROOTFS_NAME));
         root.set_readonly(Some(read_only));

@@ -77,11 +77,15 @@ pub const CHECKS: &[&str] = &[
     "a_recursive_read_only_volume_is_read_only_all_through",
     "env_and_working_dir_apply",
     "a_container_that_cannot_start_names_its_command_and_is_removable",
+    "a_container_whose_volume_cannot_be_mounted_fails_and_leaves_no_mount",
+    "a_container_that_cannot_enter_its_working_dir_fails_and_leaves_no_mount",
+    "a_stop_its_caller_gave_up_on_leaves_the_container_stoppable_and_removable",
     "a_restarted_container_runs_as_a_new_attempt_in_the_same_pod",
     "containers_sharing_the_pods_pid_namespace_see_each_other",
     "update_container_resources_changes_the_memory_limit",
     "port_forward_reaches_a_listener_on_the_pods_loopback",
     "a_pods_stop_and_remove_are_idempotent",
+    "removing_a_running_pod_stops_it_and_leaves_no_mount",
 ];
 
 /// One check's outcome.
@@ -174,11 +178,21 @@ impl Checks {
             "a_recursive_read_only_volume_is_read_only_all_through" => self.recursive_read_only().await,
             "env_and_working_dir_apply" => self.env_and_working_dir().await,
             "a_container_that_cannot_start_names_its_command_and_is_removable" => self.failed_start().await,
+            "a_container_whose_volume_cannot_be_mounted_fails_and_leaves_no_mount" => {
+                self.failed_volume_mount().await
+            }
+            "a_container_that_cannot_enter_its_working_dir_fails_and_leaves_no_mount" => {
+                self.failed_working_dir().await
+            }
+            "a_stop_its_caller_gave_up_on_leaves_the_container_stoppable_and_removable" => {
+                self.abandoned_stop().await
+            }
             "a_restarted_container_runs_as_a_new_attempt_in_the_same_pod" => self.restart_attempt().await,
             "containers_sharing_the_pods_pid_namespace_see_each_other" => self.shared_pid_namespace().await,
             "update_container_resources_changes_the_memory_limit" => self.update_resources().await,
             "port_forward_reaches_a_listener_on_the_pods_loopback" => self.port_forward().await,
             "a_pods_stop_and_remove_are_idempotent" => self.pod_stop_and_remove().await,
+            "removing_a_running_pod_stops_it_and_leaves_no_mount" => self.running_pod_removed().await,
             _ => bail!("no check named {check}"),
         }
     }
@@ -525,6 +539,37 @@ impl Checks {
         Ok(())
     }
 
+    /// A file given as a volume over a directory of the image: the runtime's mount fails (at
+    /// StartContainer, where containerd makes the task), and once the container is removed
+    /// nothing it mounted for it on the node is left (Husk binds volumes into the pod's share
+    /// before the guest mounts them).
+    async fn failed_volume_mount(&mut self) -> Result<()> {
+        let file = self.host_dir("not-a-directory")?.join("file");
+        std::fs::write(&file, "a file").context("the volume's file")?;
+        let id = self.fail_to_start("bad-volume", |c| c.mounts = vec![volume(&file, "/etc", true)]).await?;
+        self.remove_leaving_no_mount(&id).await
+    }
+
+    /// A working directory that is a file of the image: the container fails to start and leaves
+    /// no mount once removed.
+    async fn failed_working_dir(&mut self) -> Result<()> {
+        let id = self.fail_to_start("bad-cwd", |c| c.working_dir = "/bin/sh".into()).await?;
+        self.remove_leaving_no_mount(&id).await
+    }
+
+    /// The kubelet's StopContainer can be cancelled by its deadline while the container still
+    /// has grace left (the CRI validation suite saw every later call fail with `context
+    /// canceled`): the next StopContainer and RemoveContainer must still work.
+    async fn abandoned_stop(&mut self) -> Result<()> {
+        let id = self.shell("abandoned", "trap '' TERM; while :; do sleep 1; done", |_| {}).await?;
+        let request = StopContainerRequest { container_id: id.clone(), timeout: 60 };
+        let gave_up = tokio::time::timeout(Duration::from_secs(2), self.cri.stop_container(request)).await;
+        ensure!(gave_up.is_err(), "StopContainer returned before its caller gave up: {gave_up:?}");
+        let took = self.stop(&id, 0).await.context("StopContainer after an abandoned one")?;
+        ensure!(took < PROMPT_STOP, "StopContainer after an abandoned one took {took:?}");
+        self.remove_leaving_no_mount(&id).await
+    }
+
     async fn restart_attempt(&mut self) -> Result<()> {
         let first = self.shell("restarted", "exit 3", |_| {}).await?;
         let code = exit_code_when_exited(&mut self.cri, &first).await?;
@@ -623,6 +668,30 @@ impl Checks {
         Ok(())
     }
 
+    /// RemovePodSandbox of a pod whose container runs (containerd stops it first): the pod, its
+    /// container and every mount naming either (the pod's /dev/shm, Husk's share) are gone.
+    async fn running_pod_removed(&mut self) -> Result<()> {
+        let logs = self.work.join("removed-pod-logs");
+        std::fs::create_dir_all(&logs).context("the removed pod's log directory")?;
+        let config = pod_config(&format!("conformance-{}-removed", self.handler), &logs);
+        let pod = run_pod(&mut self.cri, &config, &self.handler).await?;
+        let started = create_and_start(&mut self.cri, &pod, &config, "idle", idle_config("idle")).await;
+        let removed =
+            self.cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await;
+        let container = started?;
+        removed.context("RemovePodSandbox of a running pod")?;
+        let request = PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: false };
+        ensure!(
+            self.cri.pod_sandbox_status(request).await.is_err(),
+            "PodSandboxStatus of a removed pod answered"
+        );
+        for id in [&pod, &container] {
+            let left = mounts_naming(id)?;
+            ensure!(left.is_empty(), "mounts left of the removed pod's {id}: {left:?}");
+        }
+        Ok(())
+    }
+
     // --- helpers ---------------------------------------------------------------------------
 
     /// A container running `sleep` (its PID 1), changed by `adjust`, started.
@@ -670,6 +739,29 @@ impl Checks {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(started.elapsed())
+    }
+
+    /// Creates a container changed by `adjust` whose start must fail; its id.
+    async fn fail_to_start(
+        &mut self,
+        name: &str,
+        adjust: impl FnOnce(&mut ContainerConfig),
+    ) -> Result<String> {
+        let mut config = idle_config(name);
+        adjust(&mut config);
+        let id = create(&mut self.cri, &self.pod, &self.config, name, config).await?;
+        self.containers.push(id.clone());
+        let started = start_created(&mut self.cri, &id, name).await;
+        ensure!(started.is_err(), "the container {name} started");
+        Ok(id)
+    }
+
+    /// Stops and removes container `id`, then fails if a mount on the node still names it.
+    async fn remove_leaving_no_mount(&mut self, id: &str) -> Result<()> {
+        self.stop_and_remove(id).await?;
+        let left = mounts_naming(id)?;
+        ensure!(left.is_empty(), "mounts left of the removed container: {left:?}");
+        Ok(())
     }
 
     async fn exec(&mut self, id: &str, cmd: &[&str]) -> Result<String> {
@@ -852,6 +944,18 @@ fn http_get_inside(netns: &Path, port: u16) -> Result<String> {
             .join()
             .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
     })
+}
+
+/// The mount points on the node (this process's mount namespace, the shims' and containerd's)
+/// whose path names `id`: a container's rootfs and volumes, a pod's shm and share.
+fn mounts_naming(id: &str) -> Result<Vec<String>> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|point| point.contains(id))
+        .map(str::to_owned)
+        .collect())
 }
 
 fn expect_output(seen: &str, expected: &str) -> Result<()> {

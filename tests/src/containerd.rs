@@ -62,13 +62,15 @@ pub fn import_command(images: &[&ImageTar], cri: bool) -> String {
 
 /// What the CRI pods' network needs on the VM host: the CNI plugins of `tests/containerd-env`'s
 /// network (Debian's containernetworking-plugins) and iproute2 for the leftover checks (called by
-/// absolute path: busybox sh prefers its own `ip` and `tc` applets).
+/// absolute path: busybox sh prefers its own `ip` and `tc` applets); and nft, for the node that
+/// a privileged pod builds inside its VM (`tests/nested-node`).
 pub const CNI_FILES: &[&str] = &[
     "/usr/lib/cni/bridge",
     "/usr/lib/cni/host-local",
     "/usr/lib/cni/loopback",
     "/usr/sbin/ip",
     "/usr/sbin/tc",
+    "/usr/sbin/nft",
 ];
 
 /// Runs `args` beside a private containerd (with its CRI plugin and the `husk` handler when
@@ -96,9 +98,11 @@ pub const BUDGET: Duration = Duration::from_secs(900);
 /// reported as such), so that one wedged test leaves the others of its session their time.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Nothing of a pod is left: no shim, sandbox directory, /run/husk mount, shim socket or pod
-/// cgroup (containerd names `/<namespace>/<id>` when CRI gives no cgroup parent).
-pub const NOTHING_LEFT: &str = "left: shims=0 sandboxes=0 mounts=0 sockets=0 cgroups=0";
+/// Nothing of a pod is left: no shim, sandbox directory, /run/husk mount, shim socket, pod
+/// cgroup (containerd names `/<namespace>/<id>` when CRI gives no cgroup parent), CRI sandbox
+/// mount (a pod's /dev/shm, which a mount held elsewhere would keep busy) or pod network
+/// namespace.
+pub const NOTHING_LEFT: &str = "left: shims=0 sandboxes=0 mounts=0 sockets=0 cgroups=0 cri-mounts=0 netns=0";
 
 /// One test's shell steps (POSIX sh) for [`beside_one_containerd`], by a name unique in its
 /// session.
@@ -167,7 +171,8 @@ echo \"steps: status $status after $(( $(cut -d. -f1 /proc/uptime) - started )) 
 shims() {{ ls -l /proc/[0-9]*/exe 2>/dev/null | grep -c '/[c]ontainerd-shim-husk-v2$'; }}
 i=0; while [ \"$(shims)\" != 0 ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 left=\"left: shims=$(shims) sandboxes=$(ls /run/husk/sandboxes 2>/dev/null | wc -l) mounts=$(grep -c /run/husk/ /proc/mounts) \
-sockets=$(ls /run/containerd/s 2>/dev/null | wc -l) cgroups=$(ls -d /sys/fs/cgroup/default/*/ /sys/fs/cgroup/k8s.io/*/ 2>/dev/null | wc -l)\"
+sockets=$(ls /run/containerd/s 2>/dev/null | wc -l) cgroups=$(ls -d /sys/fs/cgroup/default/*/ /sys/fs/cgroup/k8s.io/*/ 2>/dev/null | wc -l) \
+cri-mounts=$(grep -c io.containerd.grpc.v1.cri/sandboxes/ /proc/mounts) netns=$(ls /var/run/netns 2>/dev/null | wc -l)\"
 echo \"$left\"
 if [ $status != 0 ] || [ \"$left\" != '{NOTHING_LEFT}' ]; then
     {STEP_LOG}

@@ -70,6 +70,17 @@ const TESTS: &[TestSteps] = &[
         steps: hostile_guest_steps,
     },
     TestSteps {
+        name: "rro",
+        test: "a_recursive_read_only_volume_is_read_only_all_through_in_the_guest_and_in_the_pods_share",
+        steps: rro_steps,
+    },
+    TestSteps {
+        name: "nested",
+        test:
+            "a_privileged_container_runs_containerd_and_runc_with_a_bridge_network_nat_and_overlay_in_its_vm",
+        steps: nested_steps,
+    },
+    TestSteps {
         name: "soak",
         test: "a_soak_of_pods_started_and_removed_in_rounds_leaves_the_node_as_it_was",
         steps: soak_steps,
@@ -804,4 +815,87 @@ fn a_root_guest_racing_a_create_flooding_vsock_and_making_setuid_files_gains_not
     assert_eq!(number("port-files="), 0, "no host socket was made for the guest: {fds}");
     assert_eq!(field("after-flood: "), "volume-content", "the pod keeps serving: {text}");
     assert!(text.contains("node: race-victim-entries=0 race-victim-mounts=0"), "{text}");
+}
+
+/// A privileged container becomes a node of its own inside its VM (`tests/nested-node/node.sh`):
+/// the test host's containerd, runc, CNI plugins, iproute2 (`/usr/bin/ip`) and nft, given to it as read-only
+/// volumes with their shared libraries, run a busybox container with a CNI bridge network, on
+/// overlayfs over a tmpfs, in a delegated cgroup tree that enforces their limits, and reaching a namespace
+/// behind a veth only through an nftables masquerade.
+fn nested_steps() -> String {
+    let root = workspace_root();
+    format!(
+        "mkdir -p /tmp/nested-images && ctr images export /tmp/nested-images/busybox.tar {IMAGE} || exit 1
+md5sum < /tmp/nested-images/busybox.tar > /tmp/nested-images/busybox.tar.md5
+libs=; for dir in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib64; do
+  [ -d $dir ] && libs=\"$libs --mount type=bind,src=$dir,dst=$dir,options=rbind:ro\"; done
+$husk --rm --privileged --memory-limit 536870912 $libs \\
+  --mount type=bind,src={containerd},dst=/usr/local/bin,options=rbind:ro \\
+  --mount type=bind,src=/usr/sbin,dst=/usr/sbin,options=rbind:ro \\
+  --mount type=bind,src=/usr/bin/ip,dst=/usr/bin/ip,options=rbind:ro \\
+  --mount type=bind,src=/usr/lib/cni,dst=/opt/cni/bin,options=rbind:ro \\
+  --mount type=bind,src={scripts},dst=/nested,options=rbind:ro \\
+  --mount type=bind,src=/tmp/nested-images,dst=/images,options=rbind:ro \\
+  {IMAGE} nested-node sh /nested/node.sh; echo \"nested-status=$?\"
+rm -rf /tmp/nested-images",
+        containerd = root.join("build/containerd/bin").display(),
+        scripts = root.join("tests/nested-node").display(),
+    )
+}
+
+/// Security-focused CI runners run Docker or containerd inside a privileged pod; inside a Husk VM
+/// that is safe, and it works as under runc: bridges, veth, netfilter NAT, overlayfs, network
+/// namespaces and a delegated cgroup tree (issue 20).
+#[test]
+fn a_privileged_container_runs_containerd_and_runc_with_a_bridge_network_nat_and_overlay_in_its_vm() {
+    let text = steps_output("nested");
+    let field =
+        |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("{key}: {text}"));
+    assert_eq!(field("nested-status="), "0", "{text}");
+    assert!(field("nested-cgroup-controllers=").contains("memory"), "{text}");
+    assert_eq!(field("nested-root-fs="), "overlay", "the nested container's root: {text}");
+    let address = field("nested-address=");
+    assert!(address.starts_with("10.99.0.") && address.ends_with("/24"), "a bridge address: {text}");
+    // The nested containers' cgroups are below the pod container's own, and their limits hold.
+    assert!(field("nested-cgroup=").ends_with("/nested-node/nested"), "{text}");
+    assert_eq!(field("nested-oom-status="), "137", "a nested container over its memory limit: {text}");
+    assert_eq!(field("nested-gateway="), "reached", "{text}");
+    // The outside namespace has no route to 10.99.0.0/24: the answer came back through the
+    // masquerade, which the outside saw as the veth's address.
+    assert_eq!(field("nested-outside-peer="), "192.0.2.1", "{text}");
+    let packets: u64 = field("nested-masquerade-packets=").parse().unwrap_or_else(|_| panic!("{text}"));
+    assert!(packets >= 1, "{text}");
+}
+
+/// A volume with a submount of its own, given `rro` (Kubernetes' recursive read-only volumes; the
+/// shim reports the option to containerd with `-info`): the container reads the submount's file
+/// and cannot write there, and neither can root in the guest through the pod's share (where the
+/// guest's own mount options do not count).
+fn rro_steps() -> String {
+    format!(
+        "mkdir -p /tmp/rro/sub && mount -t tmpfs -o size=1m tmpfs /tmp/rro/sub && echo from-the-node > /tmp/rro/sub/f || exit 1
+$husk --rm --privileged --mount type=bind,src=/tmp/rro,dst=/data,options=rbind:rro {IMAGE} rro sh -c '
+  echo \"rro-read=$(cat /data/sub/f)\"
+  touch /data/sub/written 2>/dev/null && echo rro-container=written || echo rro-container=refused
+  mkdir -p /mnt/s && mount -t virtiofs husk-shared /mnt/s || exit 9
+  sub=$(ls -d /mnt/s/*/mounts/0/sub)
+  echo \"rro-share-read=$(cat $sub/f)\"
+  touch $sub/written 2>/dev/null && echo rro-share=written || echo rro-share=refused'; echo \"rro-status=$?\"
+echo \"rro-node-files=$(ls /tmp/rro/sub | tr '\\n' ' ')\"
+umount /tmp/rro/sub && echo rro-node-unmounted; rm -rf /tmp/rro",
+    )
+}
+
+#[test]
+fn a_recursive_read_only_volume_is_read_only_all_through_in_the_guest_and_in_the_pods_share() {
+    let text = steps_output("rro");
+    assert!(text.contains("rro-status=0"), "{text}");
+    assert!(
+        text.contains("rro-read=from-the-node") && text.contains("rro-share-read=from-the-node"),
+        "{text}"
+    );
+    assert!(text.contains("rro-container=refused"), "the container wrote under its rro volume: {text}");
+    assert!(text.contains("rro-share=refused"), "root in the guest wrote through the share: {text}");
+    assert!(text.contains("rro-node-files=f \n"), "nothing was written on the node: {text}");
+    assert!(text.contains("rro-node-unmounted"), "the node's submount is released: {text}");
 }

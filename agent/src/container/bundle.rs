@@ -224,6 +224,25 @@ mod tests {
         namespaces.iter().map(|ns| ns.path().clone()).collect()
     }
 
+    /// What the shim reports to containerd as the runtime's mount options is what this
+    /// runtime's parser takes (mount(2) flags, or mount_setattr(2) attributes over the tree).
+    #[test]
+    fn every_mount_option_reported_to_containerd_is_one_libcontainer_applies() {
+        use libcontainer::syscall::linux::{MountOption, MountRecursive};
+        use std::str::FromStr;
+        let plain = MountOption::known_options();
+        for option in husk_protocols::GUEST_MOUNT_OPTIONS {
+            let known = plain.iter().any(|o| o == option) || MountRecursive::from_str(option).is_ok();
+            assert!(known, "{option} is reported but libcontainer does not apply it");
+        }
+        for option in plain {
+            assert!(
+                husk_protocols::GUEST_MOUNT_OPTIONS.contains(&option.as_str()),
+                "{option} is not reported"
+            );
+        }
+    }
+
     #[test]
     fn rootfs_propagation_takes_the_names_libcontainer_knows_and_refuses_others_by_name() {
         for (given, plain) in [("rslave", "slave"), ("rshared", "shared"), ("private", "private")] {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, MountBuilder, Spec};
 
-use crate::sandbox::Propagation;
+use crate::sandbox::{Access, Propagation};
 
 /// CRI's annotation naming the kind of container ("sandbox" for the pod's pause container).
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
@@ -129,7 +129,7 @@ pub struct HostShare {
     pub host: PathBuf,
     /// Relative to the shared directory.
     pub name: String,
-    pub read_only: bool,
+    pub access: Access,
     /// `rslave`/`rshared`: the share receives what the node mounts under `host` later.
     pub propagation: Propagation,
 }
@@ -267,11 +267,11 @@ fn guest_mount(id: &str, mount: Mount, shares: &mut Vec<HostShare>) -> Mount {
             .unwrap_or(mount);
     }
     let name = format!("{id}/mounts/{}", shares.len());
-    let read_only = options.iter().any(|o| o == "ro");
+    let access = Access::of_options(&options);
     // Mounts cannot propagate out of the VM: `rshared` gives the node-to-pod half, as `rslave`.
     let from_node = options.iter().any(|o| matches!(o.as_str(), "rslave" | "slave" | "rshared" | "shared"));
     let propagation = if from_node { Propagation::FromNode } else { Propagation::Private };
-    shares.push(HostShare { host: source, name: name.clone(), read_only, propagation });
+    shares.push(HostShare { host: source, name: name.clone(), access, propagation });
     let mut mount = mount;
     mount.set_source(Some(Path::new(GUEST_SHARED_DIR).join(&name)));
     mount
@@ -343,19 +343,19 @@ mod tests {
                 HostShare {
                     host: "/var/lib/cri/hosts".into(),
                     name: "c1/mounts/0".into(),
-                    read_only: true,
+                    access: Access::ReadOnly,
                     propagation: Propagation::Private
                 },
                 HostShare {
                     host: "/srv/vol".into(),
                     name: "c1/mounts/1".into(),
-                    read_only: false,
+                    access: Access::Writable,
                     propagation: Propagation::Private
                 },
                 HostShare {
                     host: "/srv/live".into(),
                     name: "c1/mounts/2".into(),
-                    read_only: false,
+                    access: Access::Writable,
                     propagation: Propagation::FromNode
                 },
             ]

@@ -8,6 +8,7 @@
 //! - [`log_uri`]: `file://` and `binary://` log URIs in place of FIFOs.
 //! - [`task`]: the ttrpc task service over the pod.
 //! - [`events`], [`metrics`], [`error`]: what containerd gets back.
+//! - [`features`]: the runtime's OCI features, for `-info`.
 //!
 //! The shim crate runs the process model: `start` spawns (or finds) the pod's shim server and
 //! prints its address, `delete` cleans up after a shim that died, and the server serves tasks
@@ -16,6 +17,7 @@
 pub mod bundle;
 pub mod error;
 pub mod events;
+pub mod features;
 pub mod log_uri;
 pub mod metrics;
 pub mod pod;
@@ -30,7 +32,9 @@ use containerd_shim::asynchronous::util::write_str_to_file;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{api, Config as ShimConfig, Error, Flags, StartOpts};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::types::introspection::RuntimeInfo;
 
 use self::bundle::{PodNetns, PodRole};
 use self::events::EventSink;
@@ -81,6 +85,12 @@ impl Shim for HuskShim {
             socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
+    }
+
+    /// `-info`: the runtime's features (recursive read-only mounts among them), asked by
+    /// containerd before any pod exists.
+    fn runtime_info(runtime_id: &str, options: Option<&Any>) -> Result<RuntimeInfo, Error> {
+        features::runtime_info(runtime_id, options).map_err(|err| Error::Other(err.to_string()))
     }
 
     /// `start`: one shim per pod, so the grouping key is the pod's id; a container of a running

@@ -34,7 +34,7 @@ use crate::agent_client::AgentError;
 use crate::config::{Config, ConfigError};
 use crate::guest_image::{Check, GuestImage};
 use crate::network::PodNetwork;
-use crate::sandbox::{Propagation, Sandbox, SandboxConfig};
+use crate::sandbox::{Access, Propagation, Sandbox, SandboxConfig};
 use husk_vmm::rate_limit::RateLimit;
 use husk_vmm::VmInspector;
 
@@ -287,7 +287,12 @@ impl Pod {
         let dir = sandbox.dir();
         let rootfs = bundle::rootfs_name(id);
         if req.rootfs.is_empty() {
-            dir.share(&bundle::host_rootfs(bundle_dir, &spec), &rootfs, false, Propagation::Private)?;
+            dir.share(
+                &bundle::host_rootfs(bundle_dir, &spec),
+                &rootfs,
+                Access::Writable,
+                Propagation::Private,
+            )?;
         }
         for mount in &req.rootfs {
             dir.mount(&rootfs, &mount.type_, &mount.source, &mount.options)?;
@@ -295,7 +300,7 @@ impl Pod {
         let guest = bundle::guest_spec(id, spec, &pod.kinds);
         tracing::debug!(container = id, namespaces = ?bundle::namespace_kinds(&guest.spec), "the guest's spec");
         for share in &guest.shares {
-            dir.share(&share.host, &share.name, share.read_only, share.propagation)?;
+            dir.share(&share.host, &share.name, share.access, share.propagation)?;
         }
         let init =
             Process::new("", Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal), Vec::new());

@@ -149,21 +149,21 @@ impl SandboxDir {
     }
 
     /// Makes host path `from` (a directory or a file) visible to the guest at `shared/<name>`
-    /// (a recursive bind, `nosuid,nodev`, its top read-only if `read_only`, receiving the node's
+    /// (a recursive bind, `nosuid,nodev`, read-only as `access` says, receiving the node's
     /// later mounts under `from` as `propagation` says); returns its mount point. `name` may have
     /// several components (`<container>/mounts/0`) but no `..`.
     pub fn share(
         &self,
         from: &Path,
         name: &str,
-        read_only: bool,
+        access: Access,
         propagation: Propagation,
     ) -> Result<PathBuf, SandboxDirError> {
         let is_dir = std::fs::metadata(from)
             .map_err(|source| SandboxDirError::Source { from: from.to_path_buf(), source })?
             .is_dir();
         let target = self.mount_point(name, is_dir)?;
-        self.install(&target, is_dir, read_only, propagation, |staged| {
+        self.install(&target, is_dir, access, propagation, |staged| {
             mount(Some(from), staged, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
                 .map_err(|source| SandboxDirError::Bind { from: from.to_path_buf(), source })
         })?;
@@ -182,7 +182,7 @@ impl SandboxDir {
         let target = self.mount_point(name, true)?;
         let fs = Some(fs_type).filter(|t| !t.is_empty());
         let src = Some(source).filter(|s| !s.is_empty());
-        self.install(&target, true, false, Propagation::Private, |staged| {
+        self.install(&target, true, Access::Writable, Propagation::Private, |staged| {
             mount_rootfs(fs, src, options, staged).map_err(|err| SandboxDirError::Mount {
                 fs_type: fs_type.to_owned(),
                 source_path: source.to_owned(),
@@ -201,13 +201,13 @@ impl SandboxDir {
         &self,
         target: &Path,
         is_dir: bool,
-        read_only: bool,
+        access: Access,
         propagation: Propagation,
         make: impl FnOnce(&Path) -> Result<(), SandboxDirError>,
     ) -> Result<(), SandboxDirError> {
         let n = self.next_staging.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staged = create_point(&self.staging().join(n.to_string()), is_dir)?;
-        let confined = |()| confine(&staged, read_only, propagation);
+        let confined = |()| confine(&staged, access, propagation);
         let installed = make(&staged).and_then(confined).and_then(|()| {
             mount(Some(&staged), target, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
                 .map_err(|source| SandboxDirError::Bind { from: staged.clone(), source })
@@ -261,6 +261,30 @@ fn create_point(target: &Path, is_dir: bool) -> Result<PathBuf, SandboxDirError>
     Ok(target.to_path_buf())
 }
 
+/// Whether the guest may write through a share, on the node's side of it (the guest's own
+/// mount options are the guest's to change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Writable,
+    /// runc's `ro`: the share's top mount is read-only, mounts under it keep their own flags.
+    ReadOnly,
+    /// `rro` (Kubernetes' recursive read-only volumes): read-only all through.
+    RecursiveReadOnly,
+}
+
+impl Access {
+    /// The access a bind mount's `options` ask for.
+    pub fn of_options(options: &[String]) -> Access {
+        if options.iter().any(|o| o == "rro") {
+            Access::RecursiveReadOnly
+        } else if options.iter().any(|o| o == "ro") {
+            Access::ReadOnly
+        } else {
+            Access::Writable
+        }
+    }
+}
+
 /// Whether a share receives the mounts the node makes under its source after the share was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Propagation {
@@ -276,19 +300,20 @@ pub enum Propagation {
 /// so that nothing done to it (an unmount at teardown, or of a failed install) propagates to the
 /// node it was bound from (a bind of a shared mount is a peer of it; a slave's events never reach
 /// its master); then `nosuid,nodev` all through, so nothing the guest writes there runs setuid or opens
-/// a device on the node; its top read-only if `read_only` (runc's `ro`: submounts keep their own).
+/// a device on the node; then read-only as `access` says.
 /// `mount_setattr(2)` (Linux 5.12) changes only the flags named, where a remount would also drop
 /// the source's own (`noexec`...).
-fn confine(at: &Path, read_only: bool, propagation: Propagation) -> Result<(), SandboxDirError> {
+fn confine(at: &Path, access: Access, propagation: Propagation) -> Result<(), SandboxDirError> {
     match propagation {
         Propagation::Private => make_private(at)?,
         Propagation::FromNode => make_slave(at)?,
     }
     set_mount_attr(at, true, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)?;
-    if read_only {
-        set_mount_attr(at, false, MOUNT_ATTR_RDONLY)?;
+    match access {
+        Access::Writable => Ok(()),
+        Access::ReadOnly => set_mount_attr(at, false, MOUNT_ATTR_RDONLY),
+        Access::RecursiveReadOnly => set_mount_attr(at, true, MOUNT_ATTR_RDONLY),
     }
-    Ok(())
 }
 
 /// Makes the mount tree at `at` private (`MS_REC | MS_PRIVATE`).
@@ -511,11 +536,11 @@ mod tests {
             let err = std::os::unix::fs::symlink("/etc", &planted).unwrap_err();
             assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{}", planted.display());
         }
-        dir.share(volume.path(), "c1/mounts/0", false, Propagation::Private).unwrap();
+        dir.share(volume.path(), "c1/mounts/0", Access::Writable, Propagation::Private).unwrap();
         std::fs::write(shared.join("c1/mounts/0/written-by-guest"), b"x").unwrap();
         assert!(volume.path().join("written-by-guest").is_file(), "the volume is writable through the view");
         assert!(std::fs::create_dir(shared.join("c1/mounts/9")).is_err(), "no new names beside it");
-        dir.share(volume.path(), "c1/mounts/1", true, Propagation::Private).unwrap();
+        dir.share(volume.path(), "c1/mounts/1", Access::ReadOnly, Propagation::Private).unwrap();
         assert!(is_read_only(&shared.join("c1/mounts/1")), "a read-only share is read-only in the view");
         assert!(std::fs::write(shared.join("c1/mounts/1/more"), b"x").is_err());
         assert!(is_read_only(&shared) && !is_read_only(&shared.join("c1/mounts/0")));
@@ -581,10 +606,31 @@ mod tests {
         let NodeVolume { volume, sub } = NodeVolume::shared(node.path());
         mount_tmpfs(&sub);
         let dir = SandboxDir::create(root.path(), "pod").unwrap();
-        dir.share(&volume, "c1/mounts/0", true, Propagation::Private).unwrap();
+        dir.share(&volume, "c1/mounts/0", Access::ReadOnly, Propagation::Private).unwrap();
         let seen = dir.shared().join("c1/mounts/0/sub");
         assert_ne!(mount_flags(&seen) & libc::ST_NOSUID, 0, "submounts are nosuid in the view too");
         assert!(is_read_only(&dir.shared().join("c1/mounts/0")) && !is_read_only(&seen), "ro is the top's");
+        dir.release("c1").unwrap();
+        drop(dir);
+        NodeVolume { volume, sub }.assert_left_alone_then_unmount(node.path());
+    }
+
+    /// A recursive read-only volume (`rro`) is read-only all through in the guest's view, its
+    /// submounts included, whatever the guest remounts on its side. Needs root.
+    #[test]
+    fn a_recursive_read_only_share_is_read_only_below_its_top_too() {
+        let root = tempfile::tempdir().unwrap();
+        let node = tempfile::tempdir().unwrap();
+        let NodeVolume { volume, sub } = NodeVolume::shared(node.path());
+        mount_tmpfs(&sub);
+        let dir = SandboxDir::create(root.path(), "pod").unwrap();
+        let rro = Access::of_options(&["rbind".into(), "rro".into()]);
+        assert_eq!(rro, Access::RecursiveReadOnly);
+        dir.share(&volume, "c1/mounts/0", rro, Propagation::Private).unwrap();
+        let seen = dir.shared().join("c1/mounts/0/sub");
+        assert!(is_read_only(&dir.shared().join("c1/mounts/0")) && is_read_only(&seen), "rro is all through");
+        assert!(std::fs::write(seen.join("written"), "x").is_err(), "a write under the submount failed");
+        assert!(!is_read_only(&sub), "the node's own submount stays writable");
         dir.release("c1").unwrap();
         drop(dir);
         NodeVolume { volume, sub }.assert_left_alone_then_unmount(node.path());
@@ -598,8 +644,8 @@ mod tests {
         let node = tempfile::tempdir().unwrap();
         let NodeVolume { volume, sub } = NodeVolume::shared(node.path());
         let dir = SandboxDir::create(root.path(), "pod").unwrap();
-        dir.share(&volume, "c1/mounts/0", true, Propagation::FromNode).unwrap();
-        dir.share(&volume, "c1/mounts/1", true, Propagation::Private).unwrap();
+        dir.share(&volume, "c1/mounts/0", Access::ReadOnly, Propagation::FromNode).unwrap();
+        dir.share(&volume, "c1/mounts/1", Access::ReadOnly, Propagation::Private).unwrap();
         mount_tmpfs(&sub);
         std::fs::write(sub.join("late"), b"mounted after the share").unwrap();
         let shared = dir.shared();

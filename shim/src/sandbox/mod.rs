@@ -19,7 +19,7 @@ use husk_vmm::devices::virtio::vsock::HostPorts;
 use husk_vmm::{DeviceConfig, VmConfig, VmExit, VmHandle, VmInspector, VmStopper, DEFAULT_CMDLINE};
 
 pub use self::cgroup::{CgroupError, PodCgroup};
-pub use self::dir::{Propagation, SandboxDir, SandboxDirError};
+pub use self::dir::{Access, Propagation, SandboxDir, SandboxDirError};
 use crate::agent_client::{AgentAddress, AgentClient, AgentError};
 use crate::guest_image::GuestImage;
 use crate::network::port_forward::PortForwarder;
