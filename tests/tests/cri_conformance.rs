@@ -14,7 +14,8 @@ use husk_tests::target_bin;
 const KNOWN_DIFFERENCES: &[(&str, &str)] = &[(
     "a_recursive_read_only_volume_is_read_only_all_through",
     "containerd 2.1 asks only runc-type runtimes for their features, so it reports no \
-         recursive read-only mounts for the husk handler",
+         recursive read-only mounts for the husk handler (Husk's -info lists rro; containerd#13504 \
+         asks every runtime)",
 )];
 
 /// `(passed, detail)` of `check` with `handler` in the probe's output.
