@@ -16,6 +16,25 @@ pub fn uptime_ms() -> Result<u64> {
     Ok((seconds * 1000.0) as u64)
 }
 
+/// The guest's boot clock (`CLOCK_BOOTTIME`: from the kernel's start), microseconds.
+pub fn boottime_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+}
+
+static AGENT_STARTED_US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Notes when the agent started: `first`, the first process's moment handed over when it
+/// re-executed itself, or now.
+pub fn note_agent_started(first: Option<u64>) {
+    AGENT_STARTED_US.get_or_init(|| first.unwrap_or_else(boottime_us));
+}
+
+/// When the agent started ([`note_agent_started`]), microseconds of the boot clock; 0 if unknown.
+pub fn agent_started_us() -> u64 {
+    AGENT_STARTED_US.get().copied().unwrap_or(0)
+}
+
 /// Online CPUs as the kernel lists them, e.g. `0-1`.
 pub fn cpus_online() -> Result<String> {
     read_trimmed("/sys/devices/system/cpu/online")

@@ -26,6 +26,7 @@ use std::process::ExitCode;
 use api::server::{self, Endpoint};
 
 fn main() -> ExitCode {
+    guest_info::note_agent_started(switch_root::first_start_us());
     // As PID 1 the arguments are whatever the kernel passed on from its command line: not ours.
     if std::process::id() == 1 {
         return run_as_init();

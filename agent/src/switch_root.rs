@@ -14,10 +14,16 @@ use anyhow::{Context, Result};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{mknod, Mode, SFlag};
 
-/// Set in the environment of the re-executed init: the root is the tmpfs already.
+/// Set in the environment of the re-executed init: the root is the tmpfs already. Its value is
+/// when the first process started (`guest_info::agent_started_us`).
 const SWITCHED: &str = "HUSK_AGENT_SWITCHED_ROOT";
 /// Where the tmpfs is built before it becomes `/`.
 const NEW_ROOT: &str = "/.husk-root";
+
+/// When the first process of this init started, as the process that re-executed it said.
+pub fn first_start_us() -> Option<u64> {
+    std::env::var(SWITCHED).ok()?.parse().ok()
+}
 
 /// Whether this init still runs from the initramfs.
 pub fn needed() -> bool {
@@ -60,7 +66,7 @@ pub fn switch_to_tmpfs() -> Result<std::convert::Infallible> {
     let arg0 = CString::new("init")?;
     let env: Vec<CString> = std::env::vars_os()
         .map(|(k, v)| CString::new([k.as_bytes(), b"=", v.as_bytes()].concat()))
-        .chain(std::iter::once(CString::new(format!("{SWITCHED}=1"))))
+        .chain(std::iter::once(CString::new(format!("{SWITCHED}={}", crate::guest_info::agent_started_us()))))
         .collect::<Result<_, _>>()?;
     let err = nix::unistd::execve(&init, &[arg0], &env).unwrap_err();
     Err(err).context("executing /init from the new root")

@@ -16,5 +16,6 @@ pub mod config;
 pub mod containerd;
 pub mod guest_image;
 pub mod network;
+pub mod phases;
 pub mod run;
 pub mod sandbox;

@@ -16,6 +16,7 @@ pub mod diagnostics;
 pub mod elf;
 pub mod host_agent;
 pub mod pod_cgroup;
+pub mod pod_phases;
 
 pub use console_scenario::ConsoleScenario;
 

@@ -28,6 +28,7 @@ fn the_containerd_benchmark_prints_each_figure_beside_runc() {
     let output = run_beside_containerd(false, BUDGET, &args);
     assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    println!("{text}");
     for (figure, baseline) in [
         ("ctr_run_ms", "runc_ctr_run_ms"),
         ("shim_rss_mib", "runc_shim_rss_mib"),
@@ -36,6 +37,42 @@ fn the_containerd_benchmark_prints_each_figure_beside_runc() {
         assert_figure_beside_baseline(&text, figure, baseline);
     }
     assert_figure_records(&text, &["ctr_run_ms", "shim_rss_mib", "pod_overhead_mib"]);
+    assert_phases_chain_through_the_run(&text);
+}
+
+/// Husk's `ctr run` phase by phase: the boot's phases the VMM and the guest observed and the
+/// shim's own, no interval negative (the phases happened in their order), and the chain
+/// from `ctr run` invoked to its exit adding up to `ctr_run_ms`.
+fn assert_phases_chain_through_the_run(text: &str) {
+    let figures = husk_tests::bench::Figure::parse_all(text);
+    let phases: Vec<_> = figures.iter().filter(|f| f.name.starts_with("ctr_run_phase_")).collect();
+    for phase in [
+        "shim_serving",
+        "task_create",
+        "guest_image_checked",
+        "vm_created",
+        "kernel_entered",
+        "agent_started",
+        "agent_ready",
+        "agent_connected",
+        "sandbox_created",
+        "container_shared",
+        "container_created",
+        "container_started",
+        "exit_seen",
+        "vm_gone",
+        "container_deleted",
+        "exited",
+    ] {
+        let name = format!("ctr_run_phase_{phase}_ms");
+        let figure = phases.iter().find(|f| f.name == name).unwrap_or_else(|| panic!("no {name}: {text}"));
+        // The start's reply and the exit (of `true`, at once) reach the shim on different tasks:
+        // their marks may swap by a few milliseconds.
+        assert!(figure.samples.iter().all(|&ms| ms >= -20.0), "{name} went back in time: {figure:?}");
+    }
+    let total: f64 = phases.iter().map(|f| f.samples[0]).sum();
+    let run = figures.iter().find(|f| f.name == "ctr_run_ms").map(|f| f.samples[0]).unwrap_or_default();
+    assert!((total - run).abs() < 50.0, "the phases add up to {total:.1} ms, the run took {run:.1}: {text}");
 }
 
 /// The CRI benchmarks, run one after another beside one containerd in one boot of the test host

@@ -76,3 +76,31 @@ fn a_figure_with_nothing_to_compare_against_is_expected_alone() {
         .unwrap();
     assert!(status.success());
 }
+
+/// Phase figures of `ctr run` are drawn as one stacked bar per configuration: Husk's phases in
+/// their order (not the figures' alphabetical one), runc's whole run beside it.
+#[test]
+fn ctr_runs_phases_are_stacked_in_their_order_beside_runcs_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("ctr.log");
+    let line = |name: &str, ms: f64| {
+        let figure = Figure::new(name, "ms", "the phase before", "this phase").samples(&[ms]);
+        format!("BENCH {}\n", serde_json::to_string(&figure).unwrap())
+    };
+    let phases = [("ctr_run_phase_vm_created_ms", 30.0), ("ctr_run_phase_agent_ready_ms", 50.0)];
+    let text: String = phases.iter().map(|(name, ms)| line(name, *ms)).collect();
+    std::fs::write(&log, format!("{}{text}", log_with_figures())).unwrap();
+    let out = dir.path().join("bench");
+    let status = Command::new(target_bin("husk-bench-report"))
+        .args(["--out", out.to_str().unwrap(), log.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("![phases](plots/ctr_run_phases.svg)"), "{md}");
+    let svg = std::fs::read_to_string(out.join("plots/ctr_run_phases.svg")).unwrap();
+    let (vm, agent) = (svg.find("vm_created: 30.0").unwrap(), svg.find("agent_ready: 50.0").unwrap());
+    assert!(vm < agent, "vm_created comes first: {svg}");
+    assert!(svg.contains(">runc<") && svg.contains(">51<"), "runc's run beside: {svg}");
+    assert!(svg.contains(">80<"), "Husk's phases add up: {svg}");
+}

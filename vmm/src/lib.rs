@@ -42,6 +42,7 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use crate::boot::{cpuid, mptable, regs, BootError};
 use crate::device_manager::Transports;
 pub use crate::device_manager::{DeviceConfig, MAX_VIRTIO_DEVICES};
+pub use crate::devices::legacy::ReadyWait;
 use crate::devices::legacy::{Console, GuestTimestamps};
 pub use crate::devices::virtio::inspect::DeviceState;
 use crate::devices::virtio::MmioTransport;
@@ -137,6 +138,50 @@ pub struct BootTimings {
     /// First `KVM_RUN` to the boot-timer write: the agent (`/init`) reporting ready on the guest
     /// event port.
     pub boot_to_init: Option<Duration>,
+}
+
+/// The moments of a VM's boot, readable from any thread while it runs (the VM's owner may have
+/// moved its [`VmHandle`] to a thread that waits for its end).
+#[derive(Debug, Clone)]
+pub struct BootClock {
+    setup_started: Instant,
+    timestamps: Arc<GuestTimestamps>,
+}
+
+impl BootClock {
+    /// When [`VmHandle::start`] began (or `VmConfig::setup_started`).
+    pub fn setup_started(&self) -> Instant {
+        self.setup_started
+    }
+
+    /// The VM made (memory, guest loaded, devices), its vCPU threads about to start.
+    pub fn vcpus_starting(&self) -> Option<Instant> {
+        self.timestamps.vcpus_starting.get().copied()
+    }
+
+    /// The boot vCPU's first `KVM_RUN`: the guest kernel's entry.
+    pub fn kernel_entry(&self) -> Option<Instant> {
+        self.timestamps.first_vcpu_entry.get().copied()
+    }
+
+    /// The agent's ready report on the guest event port.
+    pub fn guest_ready(&self) -> Option<Instant> {
+        self.timestamps.guest_ready.get().copied()
+    }
+
+    /// Blocks until the agent reports ready, the VM ends, or `timeout` passes.
+    pub fn wait_ready(&self, timeout: Duration) -> ReadyWait {
+        self.timestamps.wait_ready(timeout)
+    }
+
+    /// Boot timings so far.
+    pub fn timings(&self) -> BootTimings {
+        let (entry, ready) = (self.kernel_entry(), self.guest_ready());
+        BootTimings {
+            vmm_setup: entry.map(|e| e.duration_since(self.setup_started)),
+            boot_to_init: entry.zip(ready).map(|(e, r)| r.duration_since(e)),
+        }
+    }
 }
 
 /// How a VM ended.
@@ -278,6 +323,7 @@ impl VmHandle {
                 .map_err(|cause| VmError::Io { what: "starting the console input thread", cause })?;
             handle.input_thread = Some(thread);
         }
+        let _ = handle.timestamps.vcpus_starting.set(Instant::now());
         for (index, fd) in vcpus.into_iter().enumerate() {
             let thread = vcpu::spawn(index as u8, fd, shared.clone())
                 .map_err(|cause| VmError::Io { what: "starting a vCPU thread", cause })?;
@@ -296,20 +342,21 @@ impl VmHandle {
         VmInspector(Arc::downgrade(&self.transports))
     }
 
+    /// A reader of this VM's boot moments for other threads.
+    pub fn boot_clock(&self) -> BootClock {
+        BootClock { setup_started: self.setup_started, timestamps: Arc::clone(&self.timestamps) }
+    }
+
     /// Boot timings so far.
     pub fn timings(&self) -> BootTimings {
-        let entry = self.timestamps.first_vcpu_entry.get().copied();
-        let ready = self.timestamps.guest_ready.get().copied();
-        BootTimings {
-            vmm_setup: entry.map(|e| e.duration_since(self.setup_started)),
-            boot_to_init: entry.zip(ready).map(|(e, r)| r.duration_since(e)),
-        }
+        self.boot_clock().timings()
     }
 
     /// Blocks until the VM ends (guest poweroff/reboot/panic, error, or [`VmStopper::stop`]), then
     /// stops every vCPU and joins its thread.
     pub fn wait(mut self) -> VmExit {
         let reason = self.exits.recv().unwrap_or(ExitReason::Stopped);
+        self.timestamps.set_ended();
         let reason = match reason {
             ExitReason::Reboot | ExitReason::TripleFault { .. }
                 if self.console.tail_text().contains(PANIC_MARKER) =>

@@ -95,6 +95,7 @@ impl Agent for AgentService {
             api_version: AGENT_API_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_ms,
+            agent_started_us: guest_info::agent_started_us(),
             ..Default::default()
         })
     }

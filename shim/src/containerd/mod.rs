@@ -41,6 +41,7 @@ use self::events::EventSink;
 use self::pod::{sandbox_name, Pod};
 use self::task::TaskService;
 use crate::config::Config;
+use crate::phases::{self, Phase};
 use crate::sandbox::{PodCgroup, SandboxDir};
 
 /// The runtime name containerd knows Husk by (`ctr run --runtime io.containerd.husk.v2`).
@@ -178,6 +179,7 @@ impl Shim for HuskShim {
             tracing::error!(%err, "reading Husk's configuration: every create will fail");
         }
         tracing::info!(namespace = %self.namespace, id = %self.id, "containerd-shim-husk-v2 serving");
+        phases::mark(&sandbox_name(&self.namespace, &self.id), "", Phase::ShimServing);
         // Husk forwards its events itself (see `events`); the crate's publisher only names the address.
         let events = EventSink::new(&publisher.address, &self.namespace);
         let pod = Arc::new(Pod::new(&self.namespace, config, events, Arc::clone(&self.exit)));

@@ -34,6 +34,7 @@ use crate::agent_client::AgentError;
 use crate::config::{Config, ConfigError};
 use crate::guest_image::{Check, GuestImage};
 use crate::network::PodNetwork;
+use crate::phases::{self, Phase};
 use crate::sandbox::{Access, Propagation, Sandbox, SandboxConfig};
 use husk_vmm::rate_limit::RateLimit;
 use husk_vmm::VmInspector;
@@ -159,6 +160,7 @@ impl Pod {
         let spec = bundle::load_spec(&bundle_dir)?;
         let annotations = bundle::annotations(&spec);
         let role = PodRole::of(id, &annotations)?;
+        phases::mark(&sandbox_name(&self.namespace, role.pod_id()), id, Phase::TaskCreate);
         let mut state = self.state.lock().await;
         if state.containers.contains_key(id) {
             return Err(ShimError::AlreadyExists(format!("container {id}: exists in this pod")));
@@ -233,8 +235,14 @@ impl Pod {
             true => GuestImage::locate_checking(Check::Size)?,
             false => GuestImage::open_checking(&h.image_dir, Check::Size)?,
         };
+        let id = sandbox_name(&self.namespace, pod_id);
+        phases::mark(&id, "", Phase::GuestImageChecked);
+        let network = attach_network(pod_id, bundle::pod_netns(spec)).await?;
+        if network.is_some() {
+            phases::mark(&id, "", Phase::NetworkAttached);
+        }
         let config = SandboxConfig {
-            id: sandbox_name(&self.namespace, pod_id),
+            id,
             root: self.config.runtime.sandbox_dir.clone(),
             image,
             vcpus: sizing.vcpus,
@@ -243,7 +251,7 @@ impl Pod {
             agent_timeout: Duration::from_secs(self.config.agent.boot_timeout_s),
             console_to_stdout: false,
             sysctls: bundle::pod_net_sysctls(spec),
-            network: attach_network(pod_id, bundle::pod_netns(spec)).await?,
+            network,
             seccomp: h.seccomp,
             fs_max_fds: h.virtio_fs_max_fds,
             cgroup: bundle::cgroups_path(spec),
@@ -302,6 +310,7 @@ impl Pod {
         for share in &guest.shares {
             dir.share(&share.host, &share.name, share.access, share.propagation)?;
         }
+        phases::mark(sandbox.id(), id, Phase::ContainerShared);
         let init =
             Process::new("", Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal), Vec::new());
         let client = sandbox.client();
@@ -319,6 +328,7 @@ impl Pod {
             init.abort_io().await;
             return Err(err);
         }
+        phases::mark(sandbox.id(), id, Phase::ContainerCreated);
         Ok(Container { bundle: req.bundle.clone(), init, execs: HashMap::new(), paused: false })
     }
 
@@ -330,6 +340,7 @@ impl Pod {
         if exec_id.is_empty() {
             expect_created(&container.init, id, exec_id)?;
             client.start_container(id).await.map_err(|err| agent_error(&sandbox, err))?;
+            phases::mark(sandbox.id(), id, Phase::ContainerStarted);
             container.init.mark_started();
             drop(state);
             let event = TaskStart { container_id: id.to_owned(), pid: self.pid(), ..Default::default() };
@@ -457,6 +468,9 @@ impl Pod {
             }
         }
         let exit_shim = state.containers.is_empty() && state.shutdown_asked;
+        if let Some(pod_id) = &state.pod_id {
+            phases::mark(&sandbox_name(&self.namespace, pod_id), id, Phase::ContainerDeleted);
+        }
         drop(state);
         let response = self.delete_response(exit);
         let event = TaskDelete {
@@ -648,6 +662,7 @@ impl Pod {
     /// publishes TaskExit.
     fn watch_exit(&self, sandbox: &Arc<Sandbox>, id: &str, process: &Process) {
         let client = sandbox.client().clone();
+        let sandbox_id = sandbox.id().to_owned();
         let sandbox = Arc::downgrade(sandbox);
         let (id, exec_id) = (id.to_owned(), process.exec_id.clone());
         let (io, logs) = (process.io.clone(), process.logs.clone());
@@ -656,7 +671,12 @@ impl Pod {
         let pid = self.pid();
         tokio::spawn(async move {
             let exit = match client.wait_process(&id, &exec_id).await {
-                Ok(ended) => Exit::at_unix_ns(ended.status as u32, ended.exited_at_unix_ns),
+                Ok(ended) => {
+                    if exec_id.is_empty() {
+                        phases::mark(&sandbox_id, &id, Phase::ExitSeen);
+                    }
+                    Exit::at_unix_ns(ended.status as u32, ended.exited_at_unix_ns)
+                }
                 Err(err) => {
                     if let Some(sandbox) = sandbox.upgrade() {
                         sandbox.ended_within(VM_END_GRACE).await;

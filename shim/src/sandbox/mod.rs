@@ -11,12 +11,14 @@ mod health;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use husk_protocols::agent::CreateSandboxRequest;
 use husk_vmm::devices::legacy::Console;
 use husk_vmm::devices::virtio::vsock::HostPorts;
-use husk_vmm::{DeviceConfig, VmConfig, VmExit, VmHandle, VmInspector, VmStopper, DEFAULT_CMDLINE};
+use husk_vmm::{
+    DeviceConfig, ReadyWait, VmConfig, VmExit, VmHandle, VmInspector, VmStopper, DEFAULT_CMDLINE,
+};
 
 pub use self::cgroup::{CgroupError, PodCgroup};
 pub use self::dir::{Access, Propagation, SandboxDir, SandboxDirError};
@@ -24,6 +26,7 @@ use crate::agent_client::{AgentAddress, AgentClient, AgentError};
 use crate::guest_image::GuestImage;
 use crate::network::port_forward::PortForwarder;
 use crate::network::PodNetwork;
+use crate::phases::{self, Phase};
 
 /// The virtio-fs tag of the pod's shared directory.
 pub const SHARED_FS_TAG: &str = "husk-shared";
@@ -156,6 +159,13 @@ impl Sandbox {
         };
         let handle =
             VmHandle::start(vm_config).map_err(|source| SandboxError::Vm { id: id.clone(), source })?;
+        let boot_clock = handle.boot_clock();
+        phases::mark_instant(
+            &id,
+            "",
+            Phase::VmCreated,
+            boot_clock.vcpus_starting().unwrap_or_else(Instant::now),
+        );
         let stopper = handle.stopper();
         let inspector = handle.inspector();
         let exit = Arc::new(Mutex::new(None));
@@ -163,6 +173,7 @@ impl Sandbox {
         let sandbox_id = id.clone();
         let waiter = std::thread::Builder::new().name(format!("vm-{id}")).spawn(move || {
             let ended = handle.wait();
+            phases::mark(&sandbox_id, "", Phase::VmGone);
             tracing::info!(sandbox = %sandbox_id, reason = %ended.reason, "the pod's VM ended");
             *recorded.lock().unwrap_or_else(PoisonError::into_inner) = Some(ended);
         });
@@ -171,23 +182,35 @@ impl Sandbox {
             Err(source) => return Err(SandboxError::Console { id, source }),
         };
         let address = AgentAddress::vm(&dir.vsock_socket());
-        let connected =
-            AgentClient::connect_when_ready(address, config.agent_timeout, config.agent_timeout).await;
+        // The agent listens before it reports ready on the guest event port: connect once it has
+        // (not on a timer); a VM that ended or an agent that never reported gets one attempt,
+        // whose error goes with the VM's end and console below.
+        let clock = boot_clock.clone();
+        let agent_timeout = config.agent_timeout;
+        let reported = tokio::task::spawn_blocking(move || clock.wait_ready(agent_timeout)).await;
+        let retry_for = match reported {
+            Ok(ReadyWait::Ready(_)) => config.agent_timeout,
+            Ok(ReadyWait::Ended | ReadyWait::TimedOut) | Err(_) => Duration::ZERO,
+        };
+        let connected = AgentClient::connect_when_ready(address, config.agent_timeout, retry_for).await;
         let sandbox = match connected {
-            Ok((client, _)) => Sandbox {
-                id: id.clone(),
-                client,
-                stopper,
-                inspector,
-                console,
-                exit,
-                host_reason: OnceLock::new(),
-                waiter: Mutex::new(Some(waiter)),
-                network: config.network.clone(),
-                port_forward: Mutex::new(None),
-                dir,
-                _cgroup: cgroup,
-            },
+            Ok((client, check)) => {
+                mark_boot(&id, &boot_clock, check.agent_started_us);
+                Sandbox {
+                    id: id.clone(),
+                    client,
+                    stopper,
+                    inspector,
+                    console,
+                    exit,
+                    host_reason: OnceLock::new(),
+                    waiter: Mutex::new(Some(waiter)),
+                    network: config.network.clone(),
+                    port_forward: Mutex::new(None),
+                    dir,
+                    _cgroup: cgroup,
+                }
+            }
             Err(source) => {
                 stopper.stop();
                 let _ = waiter.join();
@@ -197,7 +220,11 @@ impl Sandbox {
             }
         };
         sandbox.set_up(&config.sysctls).await?;
-        sandbox.set_up_network().await?;
+        phases::mark(&id, "", Phase::SandboxCreated);
+        if sandbox.network.is_some() {
+            sandbox.set_up_network().await?;
+            phases::mark(&id, "", Phase::GuestNetworkConfigured);
+        }
         sandbox.forward_ports().await;
         Ok(sandbox)
     }
@@ -341,6 +368,23 @@ impl Sandbox {
             let _ = waiter.join();
         }
     }
+}
+
+/// The boot's phases the VMM and the guest observed, stamped when they happened: the kernel's
+/// entry (the boot vCPU's first run), the agent's start (`agent_started_us` of the guest's boot
+/// clock, which starts at that entry) and its ready report; then the connection, now.
+fn mark_boot(id: &str, clock: &husk_vmm::BootClock, agent_started_us: u64) {
+    if let Some(entry) = clock.kernel_entry() {
+        phases::mark_instant(id, "", Phase::KernelEntered, entry);
+        if agent_started_us > 0 {
+            let started = entry + Duration::from_micros(agent_started_us);
+            phases::mark_instant(id, "", Phase::AgentStarted, started);
+        }
+    }
+    if let Some(ready) = clock.guest_ready() {
+        phases::mark_instant(id, "", Phase::AgentReady, ready);
+    }
+    phases::mark(id, "", Phase::AgentConnected);
 }
 
 impl Drop for Sandbox {

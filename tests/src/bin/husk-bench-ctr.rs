@@ -11,13 +11,19 @@
 //!   its descendants (runc: the container's own processes; Husk: none, they live in the guest).
 //! - `mem_available_drop_mib` (shown, not compared): how much the host's `MemAvailable` fell when
 //!   the pod started (kernel memory and page cache included; noisy).
+//! - `ctr_run_phase_<phase>_ms`: Husk's `ctr run` phase by phase, from the shim's phase lines in
+//!   containerd's log (`$CONTAINERD_LOG`): from `ctr run` invoked to the shim's first phase,
+//!   between consecutive phases, and from the last to the exit (runc's shim has no such phases:
+//!   no baseline).
 
+use std::collections::BTreeMap;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use husk_tests::bench::{mem_available_kib, spread, vm_host_description, Figure};
+use husk_tests::pod_phases::{intervals, Interval};
 
 const IMAGE: &str = "docker.io/library/busybox:husk";
 const HUSK: &str = "io.containerd.husk.v2";
@@ -37,8 +43,10 @@ fn main() -> Result<()> {
     ctr(&["images", "import", &args.image_tar]).context("importing the image")?;
     println!("husk-bench-ctr: {}", vm_host_description());
     println!("start: `ctr run --rm` invoked; end: it exited (image unpacked by a warm-up run)");
-    let husk_runs = time_runs(HUSK, args.runs)?;
-    let runc_runs = time_runs(RUNC, args.runs)?;
+    let husk_timed = time_runs(HUSK, args.runs)?;
+    let runc_runs: Vec<f64> = time_runs(RUNC, args.runs)?.iter().map(|run| run.ms).collect();
+    let husk_runs: Vec<f64> = husk_timed.iter().map(|run| run.ms).collect();
+    report_phases(&husk_timed)?;
     report("ctr_run_ms", &husk_runs, "runc_ctr_run_ms", &runc_runs);
     let husk = idle_pod(HUSK, "containerd-shim-husk-v2")?;
     let runc = idle_pod(RUNC, "containerd-shim-runc-v2")?;
@@ -87,18 +95,59 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Wall-clock milliseconds of `runs` timed `ctr run --rm ... true`, after one warm-up run.
-fn time_runs(runtime: &str, runs: usize) -> Result<Vec<f64>> {
+/// One timed `ctr run`.
+struct TimedRun {
+    id: String,
+    invoked: SystemTime,
+    exited: SystemTime,
+    ms: f64,
+}
+
+/// `runs` timed `ctr run --rm ... true`, after one warm-up run.
+fn time_runs(runtime: &str, runs: usize) -> Result<Vec<TimedRun>> {
     let mut times = Vec::with_capacity(runs);
     for run in 0..=runs {
         let id = format!("bench-{}-{run}", runtime.rsplit('.').nth(1).unwrap_or("rt"));
-        let started = Instant::now();
+        let (invoked, started) = (SystemTime::now(), Instant::now());
         ctr(&["run", "--rm", "--runtime", runtime, IMAGE, &id, "true"])?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
         if run > 0 {
-            times.push(started.elapsed().as_secs_f64() * 1000.0);
+            times.push(TimedRun { id, invoked, exited: SystemTime::now(), ms });
         }
     }
     Ok(times)
+}
+
+/// Prints and emits Husk's `ctr run` phase by phase: each interval every run reached, with its
+/// median. A run without phase lines (a shim that logs none) is an error: the figures would lie.
+fn report_phases(runs: &[TimedRun]) -> Result<()> {
+    let log_path =
+        std::env::var("CONTAINERD_LOG").context("CONTAINERD_LOG (run inside tests/containerd-env)")?;
+    let log = std::fs::read_to_string(&log_path).with_context(|| format!("reading {log_path}"))?;
+    let namespace = std::env::var("CONTAINERD_NAMESPACE").unwrap_or_else(|_| "default".into());
+    let mut by_name: BTreeMap<String, (Interval, Vec<f64>)> = BTreeMap::new();
+    let mut order = Vec::new();
+    for run in runs {
+        let found = intervals(&log, &format!("{namespace}-{}", run.id), run.invoked, run.exited);
+        if found.is_empty() {
+            bail!("no phase lines of {} in {log_path}", run.id);
+        }
+        for interval in found {
+            if !order.contains(&interval.name) {
+                order.push(interval.name.clone());
+            }
+            let entry =
+                by_name.entry(interval.name.clone()).or_insert_with(|| (interval.clone(), Vec::new()));
+            entry.1.push(interval.ms);
+        }
+    }
+    println!("ctr run, phase by phase (Husk; median of the runs that reached each phase):");
+    for name in order {
+        let Some((interval, samples)) = by_name.remove(&name) else { continue };
+        println!("  {name}={:.1} ({} -> {})", spread(&samples).0, interval.start, interval.end);
+        Figure::new(&name, "ms", &interval.start, &interval.end).samples(&samples).emit();
+    }
+    Ok(())
 }
 
 /// Memory of one idle pod, MiB.

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use husk_shim::phases::Phase;
 use husk_tests::bench::{spread, Figure, TRUSTWORTHY_SPREAD};
 use serde_json::json;
 
@@ -51,7 +52,11 @@ fn main() -> Result<()> {
     for figure in figures.values() {
         write(&cli.out.join("plots").join(format!("{}.svg", figure.name)), &strip_plot(figure))?;
     }
-    write(&cli.out.join("report.md"), &markdown(&figures, &machine))?;
+    let phases = phase_bars(&figures);
+    if let Some(svg) = &phases {
+        write(&cli.out.join("plots").join(PHASE_PLOT), svg)?;
+    }
+    write(&cli.out.join("report.md"), &markdown(&figures, &machine, phases.is_some()))?;
     println!("report: {} figures in {}", figures.len(), cli.out.join("report.md").display());
     let missing: Vec<&String> = cli
         .expect
@@ -109,7 +114,7 @@ fn record(figure: &Figure, machine: &serde_json::Value) -> serde_json::Value {
     record
 }
 
-fn markdown(figures: &BTreeMap<String, Figure>, machine: &serde_json::Value) -> String {
+fn markdown(figures: &BTreeMap<String, Figure>, machine: &serde_json::Value, phase_plot: bool) -> String {
     let mut md = String::from("# Husk benchmark report\n\n");
     let _ = writeln!(
         md,
@@ -146,12 +151,76 @@ fn markdown(figures: &BTreeMap<String, Figure>, machine: &serde_json::Value) -> 
             figure.end
         );
     }
+    if phase_plot {
+        let _ = writeln!(
+            md,
+            "\n## `ctr run`, phase by phase\n\nMedians of `ctr_run_phase_*_ms`, stacked in their order, \
+             beside runc's whole `ctr run` (its shim has no phases).\n\n![phases](plots/{PHASE_PLOT})"
+        );
+    }
     md.push_str("\n## Distributions\n\n");
     for figure in figures.values() {
         let better = if figure.higher_is_better { "higher is better" } else { "lower is better" };
         let _ = writeln!(md, "### `{}` ({better})\n\n![{0}](plots/{0}.svg)\n", figure.name);
     }
     md
+}
+
+/// The stacked phase bars' file in `plots/`.
+const PHASE_PLOT: &str = "ctr_run_phases.svg";
+
+/// One bar per configuration of `ctr run` on one axis from 0: Husk's phases (the medians of its
+/// `ctr_run_phase_*_ms` figures, stacked in the phases' order, each labelled below) and runc's
+/// whole run. None without phase figures.
+fn phase_bars(figures: &BTreeMap<String, Figure>) -> Option<String> {
+    let names = Phase::ALL.iter().map(|p| p.name()).chain(std::iter::once("exited"));
+    let segments: Vec<(&str, f64)> = names
+        .filter_map(|phase| {
+            let figure = figures.get(&format!("ctr_run_phase_{phase}_ms"))?;
+            Some((phase, spread(&figure.samples).0.max(0.0)))
+        })
+        .collect();
+    if segments.is_empty() {
+        return None;
+    }
+    let runc = figures.get("ctr_run_ms").and_then(|f| f.baseline.as_ref()).map(|b| spread(&b.samples).0);
+    let husk_total: f64 = segments.iter().map(|(_, ms)| ms).sum();
+    let max = husk_total.max(runc.unwrap_or(0.0)).max(f64::MIN_POSITIVE);
+    let (width, left, right) = (760.0, 70.0, 20.0);
+    let scale = |ms: f64| ms / (max * 1.05) * (width - left - right);
+    let colors = ["#c0392b", "#2980b9", "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7f8c8d", "#f39c12"];
+    let height = 120.0 + 16.0 * segments.len() as f64;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">ctr run, phase by phase (ms, medians)</text>\n\
+         <text x=\"10\" y=\"49\">husk</text>\n"
+    );
+    let mut x = left;
+    for (i, (phase, ms)) in segments.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let w = scale(*ms);
+        let _ =
+            writeln!(svg, "<rect x=\"{x:.1}\" y=\"35\" width=\"{w:.1}\" height=\"20\" fill=\"{color}\"/>");
+        let y = 110.0 + 16.0 * i as f64;
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{left}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{color}\"/>",
+            y - 9.0
+        );
+        let _ = writeln!(svg, "<text x=\"{}\" y=\"{y}\">{phase}: {ms:.1}</text>", left + 16.0);
+        x += w;
+    }
+    let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"49\">{husk_total:.0}</text>", x + 4.0);
+    if let Some(runc) = runc {
+        let w = scale(runc);
+        let _ = writeln!(svg, "<text x=\"10\" y=\"79\">runc</text>");
+        let _ =
+            writeln!(svg, "<rect x=\"{left}\" y=\"65\" width=\"{w:.1}\" height=\"20\" fill=\"#2c3e50\"/>");
+        let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"79\">{runc:.0}</text>", left + w + 4.0);
+    }
+    svg.push_str("</svg>\n");
+    Some(svg)
 }
 
 /// Every sample of Husk (top row) and of the baseline (bottom row) on one axis from 0, with each
