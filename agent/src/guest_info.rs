@@ -35,6 +35,19 @@ pub fn agent_started_us() -> u64 {
     AGENT_STARTED_US.get().copied().unwrap_or(0)
 }
 
+static AGENT_READY_US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Notes that the agent is about to report ready.
+pub fn note_agent_ready() {
+    AGENT_READY_US.get_or_init(boottime_us);
+}
+
+/// When the agent reported ready ([`note_agent_ready`]), microseconds of the boot clock; 0 if not
+/// yet.
+pub fn agent_ready_us() -> u64 {
+    AGENT_READY_US.get().copied().unwrap_or(0)
+}
+
 /// Online CPUs as the kernel lists them, e.g. `0-1`.
 pub fn cpus_online() -> Result<String> {
     read_trimmed("/sys/devices/system/cpu/online")

@@ -77,6 +77,7 @@ pub fn run() -> Result<Infallible> {
     StdioBroker::global().listen(&stdio).context("listening for stdio streams")?;
     println!("husk-agent: serving the agent API on {:?}", api.endpoint);
     println!("{}", ready_line()?.render());
+    guest_info::note_agent_ready();
     report(GuestEvent::Ready);
 
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();

@@ -96,6 +96,7 @@ impl Agent for AgentService {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_ms,
             agent_started_us: guest_info::agent_started_us(),
+            agent_ready_us: guest_info::agent_ready_us(),
             ..Default::default()
         })
     }

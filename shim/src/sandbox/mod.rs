@@ -195,7 +195,7 @@ impl Sandbox {
         let connected = AgentClient::connect_when_ready(address, config.agent_timeout, retry_for).await;
         let sandbox = match connected {
             Ok((client, check)) => {
-                mark_boot(&id, &boot_clock, check.agent_started_us);
+                mark_boot(&id, &boot_clock, &check);
                 Sandbox {
                     id: id.clone(),
                     client,
@@ -371,17 +371,21 @@ impl Sandbox {
 }
 
 /// The boot's phases the VMM and the guest observed, stamped when they happened: the kernel's
-/// entry (the boot vCPU's first run), the agent's start (`agent_started_us` of the guest's boot
-/// clock, which starts at that entry) and its ready report; then the connection, now.
-fn mark_boot(id: &str, clock: &husk_vmm::BootClock, agent_started_us: u64) {
-    if let Some(entry) = clock.kernel_entry() {
+/// entry (the boot vCPU's first run) and the agent's ready report, both seen by the VMM; between
+/// them the agent's start, placed back from the report by the interval the guest's own clock
+/// measured (its clock may start late or run slow against the host's: under emulation the
+/// kernel's part would otherwise be undercounted by seconds); then the connection, now.
+fn mark_boot(id: &str, clock: &husk_vmm::BootClock, check: &husk_protocols::agent::CheckResponse) {
+    let (entry, ready) = (clock.kernel_entry(), clock.guest_ready());
+    if let Some(entry) = entry {
         phases::mark_instant(id, "", Phase::KernelEntered, entry);
-        if agent_started_us > 0 {
-            let started = entry + Duration::from_micros(agent_started_us);
-            phases::mark_instant(id, "", Phase::AgentStarted, started);
-        }
     }
-    if let Some(ready) = clock.guest_ready() {
+    let agent_ran = Duration::from_micros(check.agent_ready_us.saturating_sub(check.agent_started_us));
+    if let Some(started) = ready.filter(|_| check.agent_started_us > 0).and_then(|r| r.checked_sub(agent_ran))
+    {
+        phases::mark_instant(id, "", Phase::AgentStarted, entry.map_or(started, |e| started.max(e)));
+    }
+    if let Some(ready) = ready {
         phases::mark_instant(id, "", Phase::AgentReady, ready);
     }
     phases::mark(id, "", Phase::AgentConnected);
