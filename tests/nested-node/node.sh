@@ -54,12 +54,16 @@ until ctr version >/dev/null 2>&1; do
     i=$((i + 1)); [ $i -le 600 ] || fail "containerd did not answer on $CONTAINERD_ADDRESS within 120 s"
     sleep 0.2
 done
-# The image archive as the node wrote it (its digest beside it), read through the pod's share.
-[ "$(md5sum </images/busybox.tar)" = "$(cat /images/busybox.tar.md5)" ] || fail "/images/busybox.tar differs from the node's"
-# --local: ctr reads the archive itself. Streamed through containerd 2.1's transfer service, the
-# import of this intact archive failed now and then ("untar manifest: unexpected EOF"; cf.
-# containerd#9864 on that proxy's short reads).
-ctr images import --local /images/busybox.tar >/dev/null || fail "ctr images import"
+# The image archive as the node wrote it (its digest beside it), copied through the pod's share
+# into this node's own storage and checked there; the import reads the copy. (Read by ctr straight
+# off the share, the import failed twice in CI with an "unexpected EOF" on an intact archive: with
+# the transfer service in containerd 2.1 and with --local. Whether the share or containerd cut
+# that read short is not settled, see docs/reliability.md; a share that does fails the check here.)
+cp /images/busybox.tar /var/lib/busybox.tar || fail "copying /images/busybox.tar"
+[ "$(md5sum </var/lib/busybox.tar)" = "$(cat /images/busybox.tar.md5)" ] \
+    || fail "/images/busybox.tar read through the share differs from the node's ($(stat -c %s /var/lib/busybox.tar) bytes copied, $(stat -c %s /images/busybox.tar) listed)"
+ctr images import --local /var/lib/busybox.tar >/dev/null || fail "ctr images import"
+rm -f /var/lib/busybox.tar
 
 cat >/etc/cni/net.d/10-nested.conflist <<CNI || fail "CNI config"
 {"cniVersion": "1.0.0", "name": "nested", "plugins": [{

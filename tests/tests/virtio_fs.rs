@@ -49,6 +49,10 @@ const SCENARIOS: &[NamedScenario] = &[
         "a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_bound",
         a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_bound_scenario,
     ),
+    (
+        "a_large_file_reads_back_whole_while_its_pages_are_dropped_and_read_again",
+        a_large_file_reads_back_whole_while_its_pages_are_dropped_and_read_again_scenario,
+    ),
 ];
 
 /// The output of test `name`'s scenario, whose VM ran and ended well.
@@ -260,4 +264,38 @@ fn a_guest_holding_too_many_files_gets_enfile_and_the_host_stays_within_the_boun
     // it, one per file the guest opened.
     assert!(value("host-fds=") < 400, "{text}");
     assert!(text.contains("after-forget=x"), "forgotten inodes make room again: {text}");
+}
+
+/// Four readers at once (three `md5sum`s, a `dd` in 32 KiB blocks) and a fifth reading it twice over,
+/// in rounds with the guest's page cache dropped between them: every open makes the guest drop the
+/// file's cached pages and read it again through the share, where a reply cut short would end
+/// the file early for the guest (`whole_read`).
+fn a_large_file_reads_back_whole_while_its_pages_are_dropped_and_read_again_scenario() -> ConsoleScenario {
+    let mut scenario = shared(
+        "guest 'cd /mnt/share; r=0; while [ $r -lt 40 ]; do echo 3 > /proc/sys/vm/drop_caches; for k in 1 2 3; do md5sum < big >> /tmp/sums & done; cat big big > /dev/null & dd if=big bs=32k 2>/dev/null | md5sum >> /tmp/sums; wait; stat -c %s big >> /tmp/sizes; r=$((r+1)); done; for k in sums sizes; do sort /tmp/$k | uniq -c | sed \"s/^ */$k-seen=/\"; done; cd /'
+  sync_guest read",
+    );
+    scenario.host_setup = "mkdir -p $work/share; head -c 3000000 /dev/urandom > $work/share/big; \
+         echo \"host-sum=$(md5sum < $work/share/big)\""
+        .into();
+    scenario
+}
+
+#[test]
+fn a_large_file_reads_back_whole_while_its_pages_are_dropped_and_read_again() {
+    let text = scenario_output("a_large_file_reads_back_whole_while_its_pages_are_dropped_and_read_again");
+    let seen = |key: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(key))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    let host_sum = seen("host-sum=");
+    let host_sum = host_sum.first().unwrap_or_else(|| panic!("no host-sum: {text}"));
+    assert_eq!(seen("sums-seen="), vec![format!("160 {host_sum}")], "every read, whole and intact: {text}");
+    assert_eq!(
+        seen("sizes-seen="),
+        vec!["40 3000000".to_owned()],
+        "the guest never saw the file shrink: {text}"
+    );
 }

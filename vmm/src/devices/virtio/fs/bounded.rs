@@ -27,6 +27,8 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+use super::whole_read::read_whole;
+
 /// The default limit: half of the open-file limit the VMM's binaries ask for
 /// ([`crate::host::WANTED_FD_LIMIT`]), leaving the other half to the rest of the process.
 pub const DEFAULT_MAX_FDS: usize = (crate::host::WANTED_FD_LIMIT / 2) as usize;
@@ -312,6 +314,24 @@ where
         })
     }
 
+    /// The passthrough's reads, repeated until the request is filled or the file ends: a short
+    /// reply would end the file for the guest ([`super::whole_read`]).
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        read_whole(size, offset, |size, offset| {
+            self.inner.read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+        })
+    }
+
     forward! {
         fn getattr(&self, ctx: &Context, inode: Self::Inode, handle: Option<u64>) -> io::Result<(stat64, Duration)>;
         fn setattr(&self, ctx: &Context, inode: Self::Inode, attr: stat64, handle: Option<u64>, valid: SetattrValid) -> io::Result<(stat64, Duration)>;
@@ -319,7 +339,6 @@ where
         fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()>;
         fn rmdir(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()>;
         fn rename(&self, ctx: &Context, olddir: Self::Inode, oldname: &CStr, newdir: Self::Inode, newname: &CStr, flags: u32) -> io::Result<()>;
-        fn read(&self, ctx: &Context, inode: Self::Inode, handle: u64, w: &mut dyn ZeroCopyWriter, size: u32, offset: u64, lock_owner: Option<u64>, flags: u32) -> io::Result<usize>;
         fn write(&self, ctx: &Context, inode: Self::Inode, handle: u64, r: &mut dyn ZeroCopyReader, size: u32, offset: u64, lock_owner: Option<u64>, delayed_write: bool, flags: u32, fuse_flags: u32) -> io::Result<usize>;
         fn flush(&self, ctx: &Context, inode: Self::Inode, handle: u64, lock_owner: u64) -> io::Result<()>;
         fn fsync(&self, ctx: &Context, inode: Self::Inode, datasync: bool, handle: u64) -> io::Result<()>;

@@ -6,6 +6,7 @@
 //! - [`share`]: the host side: the shared directory, its passthrough file system and the
 //!   options that confine the guest to it.
 //! - [`bounded`]: the bound on host files the guest may hold open through the share.
+//! - [`whole_read`]: reads that stop short only at the end of the file (FUSE's meaning of short).
 //! - [`request`]: serving one guest request (untrusted FUSE bytes in a descriptor chain).
 //! - [`device`]: the virtio device: configuration space (tag), queues, worker.
 //!
@@ -27,6 +28,7 @@ pub mod request;
 pub mod share;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;
+pub mod whole_read;
 
 pub use bounded::DEFAULT_MAX_FDS;
 pub use device::{FsDevice, FsError};
