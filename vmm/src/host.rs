@@ -51,6 +51,16 @@ pub enum KvmKind {
     Unknown,
 }
 
+impl KvmKind {
+    /// The vendor extension behind this KVM, when known.
+    pub fn vendor(&self) -> Option<CpuVendor> {
+        match self {
+            KvmKind::Hardware { vendor } | KvmKind::Nested { vendor } => Some(*vendor),
+            KvmKind::Pvm { .. } | KvmKind::Unknown => None,
+        }
+    }
+}
+
 /// The CPU vendor extension behind hardware KVM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -14,6 +14,7 @@
 //! - [`rate_limit`]: limits on what the guest makes the host repeat (log lines, events).
 //! - [`seccomp`]: the syscall filters of vCPU and device threads; [`threads`]: device threads,
 //!   made with the VM before any vCPU runs.
+//! - [`snapshot`]: a VM's state saved to a directory, and VMs restored from it.
 
 pub mod boot;
 pub mod device_manager;
@@ -25,12 +26,13 @@ pub mod layout;
 pub mod memory_usage;
 pub mod rate_limit;
 pub mod seccomp;
+pub mod snapshot;
 pub mod threads;
 pub mod vcpu;
 pub mod vm;
 
 use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, Weak};
@@ -43,12 +45,13 @@ use crate::boot::{cpuid, mptable, regs, BootError};
 use crate::device_manager::Transports;
 pub use crate::device_manager::{DeviceConfig, MAX_VIRTIO_DEVICES};
 pub use crate::devices::legacy::ReadyWait;
-use crate::devices::legacy::{Console, GuestTimestamps};
+use crate::devices::legacy::{Console, GuestTimestamps, Serial};
 pub use crate::devices::virtio::inspect::DeviceState;
 use crate::devices::virtio::MmioTransport;
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
 pub use crate::exit::ExitReason;
+use crate::snapshot::{SnapshotError, SnapshotState};
 use crate::vcpu::VcpuShared;
 use crate::vm::{Vm, VmSetupError};
 
@@ -122,6 +125,23 @@ pub enum VmError {
     Io { what: &'static str, cause: std::io::Error },
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error("snapshot {dir}: {cause}")]
+    Snapshot { dir: PathBuf, cause: SnapshotError },
+}
+
+/// What to restore from a snapshot ([`VmHandle::restore`]), and how to run it.
+#[derive(Debug)]
+pub struct RestoreConfig {
+    /// The snapshot directory ([`snapshot`]).
+    pub snapshot: PathBuf,
+    /// Where the serial console goes.
+    pub console: Console,
+    /// Start point of `vmm_setup` (default: when [`VmHandle::restore`] is called).
+    pub setup_started: Option<Instant>,
+    /// Input for the serial console.
+    pub console_input: Option<std::os::fd::OwnedFd>,
+    /// Whether vCPU threads run under their seccomp filter.
+    pub seccomp: bool,
 }
 
 /// The largest guest memory (the boot page tables and e820 describe at most this much).
@@ -145,6 +165,8 @@ pub struct BootTimings {
 #[derive(Debug, Clone)]
 pub struct BootClock {
     setup_started: Instant,
+    /// Restored from a snapshot: no boot to time.
+    restored: bool,
     timestamps: Arc<GuestTimestamps>,
 }
 
@@ -179,7 +201,7 @@ impl BootClock {
         let (entry, ready) = (self.kernel_entry(), self.guest_ready());
         BootTimings {
             vmm_setup: entry.map(|e| e.duration_since(self.setup_started)),
-            boot_to_init: entry.zip(ready).map(|(e, r)| r.duration_since(e)),
+            boot_to_init: entry.zip(ready).filter(|_| !self.restored).map(|(e, r)| r.duration_since(e)),
         }
     }
 }
@@ -245,11 +267,13 @@ pub struct VmHandle {
     exits: Receiver<ExitReason>,
     notifier: ExitNotifier,
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<Option<VcpuFd>>>,
+    serial: Arc<Mutex<Serial>>,
     input_thread: Option<JoinHandle<()>>,
     console: Console,
     timestamps: Arc<GuestTimestamps>,
     setup_started: Instant,
+    restored: bool,
     transports: Arc<Transports>,
     /// The devices, kept here so that they go on this handle's thread once the vCPU threads are
     /// joined (a vCPU thread under its filter may not do what a device's teardown does).
@@ -280,46 +304,132 @@ impl VmHandle {
         mptable::write(vm.memory(), config.vcpus)?;
         regs::write_boot_tables(vm.memory()).map_err(|cause| VmError::Regs { index: 0, cause })?;
 
-        let (notifier, exits) = ExitNotifier::new();
-        let timestamps = Arc::new(GuestTimestamps::default());
-        let (pio, serial) = device_manager::legacy_devices(&vm, &config.console, &notifier, &timestamps)?;
-        if config.seccomp {
-            seccomp::install_reporter()?;
-        }
-        let (mmio, transports) = device_manager::virtio_devices(&vm, &config.devices, config.seccomp)?;
-        let shared = VcpuShared {
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            exit: notifier.clone(),
-            stop: Arc::new(AtomicBool::new(false)),
-            timestamps: timestamps.clone(),
-            seccomp: config.seccomp,
-        };
-
-        vcpu::install_kick_handler()
-            .map_err(|cause| VmError::Io { what: "installing the vCPU kick signal", cause })?;
+        let devices = Devices::new(&vm, &config.console, &config.devices, config.seccomp)?;
         let vcpus = create_vcpus(&kvm, &vm, config.vcpus, entry)?;
-
-        let mut handle = VmHandle {
-            exits,
-            notifier,
-            stop: shared.stop.clone(),
-            threads: Vec::with_capacity(vcpus.len()),
-            console: config.console.clone(),
-            input_thread: None,
-            timestamps,
-            setup_started,
-            transports: Arc::new(transports),
-            _devices: [shared.pio.clone(), shared.mmio.clone()],
-            vm,
-        };
         tracing::debug!(
             elapsed_us = setup_started.elapsed().as_micros(),
             vcpus = config.vcpus,
             "vCPUs configured"
         );
-        if let Some(input) = config.console_input {
-            let thread = devices::legacy::console_input::spawn(input, serial, handle.stop.clone())
+        let run = RunOptions {
+            restored: false,
+            console: config.console,
+            console_input: config.console_input,
+            seccomp: config.seccomp,
+        };
+        VmHandle::launch(vm, devices, vcpus, run, setup_started)
+    }
+
+    /// Restores the VM saved in `config.snapshot` and starts its vCPUs where they stopped. The
+    /// guest's agent was ready when the snapshot was taken: the restored VM counts as ready once
+    /// its vCPUs start.
+    pub fn restore(config: RestoreConfig) -> Result<VmHandle, VmError> {
+        let setup_started = config.setup_started.unwrap_or_else(Instant::now);
+        let snapshot_error = |cause| VmError::Snapshot { dir: config.snapshot.clone(), cause };
+        let (state, memory) = snapshot::read(&config.snapshot).map_err(snapshot_error)?;
+        let kind = host::detect_kind_here();
+        if let Err(reason) = host::usable_kind(&kind) {
+            return Err(VmError::UnusableKvm(reason));
+        }
+        let svm = kind.vendor() == Some(host::CpuVendor::Amd);
+        let kvm = Kvm::new().map_err(host::HostError::Open)?;
+        let vm = Vm::from_memory_file(&kvm, state.mem_bytes, &memory)?;
+        let devices = Devices::new(&vm, &config.console, &[], config.seccomp)?;
+        devices
+            .serial
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .set_state(&state.serial)
+            .map_err(|cause| VmError::Io { what: "restoring the serial port", cause })?;
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (index, saved) in state.vcpus.iter().enumerate() {
+            let fd = vm
+                .fd()
+                .create_vcpu(index as u64)
+                .map_err(|cause| VmError::Kvm { what: "KVM_CREATE_VCPU", cause })?;
+            saved.restore(&fd, svm).map_err(snapshot_error)?;
+            vcpus.push(fd);
+        }
+        state.machine.restore(vm.fd()).map_err(snapshot_error)?;
+        tracing::debug!(
+            elapsed_us = setup_started.elapsed().as_micros(),
+            vcpus = vcpus.len(),
+            mem_mib = state.mem_bytes >> 20,
+            "VM restored"
+        );
+        let timestamps = Arc::clone(&devices.timestamps);
+        let run = RunOptions {
+            restored: true,
+            console: config.console,
+            console_input: config.console_input,
+            seccomp: config.seccomp,
+        };
+        let handle = VmHandle::launch(vm, devices, vcpus, run, setup_started)?;
+        timestamps.set_ready(Instant::now());
+        Ok(handle)
+    }
+
+    /// Stops the VM's vCPUs where they are and saves the VM into `dir` ([`snapshot`]); the VM
+    /// is gone afterwards. Meant for a guest at rest (its agent ready, nothing in flight).
+    pub fn snapshot(mut self, dir: &Path) -> Result<(), VmError> {
+        let snapshot_error = |cause| VmError::Snapshot { dir: dir.to_path_buf(), cause };
+        if !self.transports.is_empty() {
+            return Err(snapshot_error(SnapshotError::VirtioDevices { count: self.transports.len() }));
+        }
+        let expected = self.threads.len();
+        let vcpus = self.stop_vcpus();
+        if vcpus.len() != expected || self.exits.try_recv().is_ok() {
+            return Err(snapshot_error(SnapshotError::Ended));
+        }
+        let serial = self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).state();
+        let kvm = Kvm::new().map_err(host::HostError::Open)?;
+        let msrs = snapshot::vcpu::msrs_to_save(&kvm).map_err(snapshot_error)?;
+        let vcpus = vcpus
+            .iter()
+            .map(|fd| snapshot::vcpu::VcpuState::save(fd, &msrs))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(snapshot_error)?;
+        let machine = snapshot::machine::MachineState::save(self.vm.fd()).map_err(snapshot_error)?;
+        let mem_bytes = self.vm.mem_bytes();
+        let state = SnapshotState { version: snapshot::FORMAT_VERSION, mem_bytes, vcpus, machine, serial };
+        snapshot::write(dir, &state, self.vm.memory()).map_err(snapshot_error)
+    }
+
+    /// Makes the handle over a VM whose devices and vCPUs are set up, and starts the vCPUs.
+    fn launch(
+        vm: Vm,
+        devices: Devices,
+        vcpus: Vec<VcpuFd>,
+        run: RunOptions,
+        setup_started: Instant,
+    ) -> Result<VmHandle, VmError> {
+        vcpu::install_kick_handler()
+            .map_err(|cause| VmError::Io { what: "installing the vCPU kick signal", cause })?;
+        let shared = VcpuShared {
+            pio: Arc::new(devices.pio),
+            mmio: Arc::new(devices.mmio),
+            exit: devices.notifier.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            timestamps: devices.timestamps.clone(),
+            seccomp: run.seccomp,
+        };
+        let mut handle = VmHandle {
+            exits: devices.exits,
+            notifier: devices.notifier,
+            stop: shared.stop.clone(),
+            threads: Vec::with_capacity(vcpus.len()),
+            serial: devices.serial.clone(),
+            console: run.console,
+            input_thread: None,
+            timestamps: devices.timestamps,
+            setup_started,
+            restored: run.restored,
+            transports: Arc::new(devices.transports),
+            _devices: [shared.pio.clone(), shared.mmio.clone()],
+            vm,
+        };
+        if let Some(input) = run.console_input {
+            let thread = devices::legacy::console_input::spawn(input, devices.serial, handle.stop.clone())
                 .map_err(|cause| VmError::Io { what: "starting the console input thread", cause })?;
             handle.input_thread = Some(thread);
         }
@@ -344,7 +454,11 @@ impl VmHandle {
 
     /// A reader of this VM's boot moments for other threads.
     pub fn boot_clock(&self) -> BootClock {
-        BootClock { setup_started: self.setup_started, timestamps: Arc::clone(&self.timestamps) }
+        BootClock {
+            setup_started: self.setup_started,
+            restored: self.restored,
+            timestamps: Arc::clone(&self.timestamps),
+        }
     }
 
     /// Boot timings so far.
@@ -379,19 +493,63 @@ impl VmHandle {
     /// Stops all vCPU threads: raise the stop flag, then kick each thread out of `KVM_RUN` until it
     /// has exited (a kick that lands just before `KVM_RUN` is repeated, so none is lost).
     fn shutdown(&mut self) {
+        drop(self.stop_vcpus());
+        // It polls the stop flag, so it ends within one poll interval.
+        if let Some(thread) = self.input_thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Stops and joins the vCPU threads; returns the vCPUs of those that were running (a thread
+    /// whose vCPU ended the VM returns none).
+    fn stop_vcpus(&mut self) -> Vec<VcpuFd> {
         self.stop.store(true, Ordering::Release);
+        let mut stopped = Vec::with_capacity(self.threads.len());
         for thread in self.threads.drain(..) {
             while !thread.is_finished() {
                 // SAFETY: the pthread is alive (not yet joined), and the kick signal has a handler.
                 unsafe { libc::pthread_kill(thread.as_pthread_t(), vcpu::kick_signal()) };
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let _ = thread.join();
+            if let Ok(Some(fd)) = thread.join() {
+                stopped.push(fd);
+            }
         }
-        // It polls the stop flag, so it ends within one poll interval.
-        if let Some(thread) = self.input_thread.take() {
-            let _ = thread.join();
+        stopped
+    }
+}
+
+/// How a VM's handle runs it.
+struct RunOptions {
+    /// The VM comes from a snapshot.
+    restored: bool,
+    console: Console,
+    console_input: Option<std::os::fd::OwnedFd>,
+    seccomp: bool,
+}
+
+/// A VM's devices and the channels its vCPUs report through, before the vCPUs run.
+struct Devices {
+    notifier: ExitNotifier,
+    exits: Receiver<ExitReason>,
+    timestamps: Arc<GuestTimestamps>,
+    pio: Bus,
+    serial: Arc<Mutex<Serial>>,
+    mmio: Bus,
+    transports: Transports,
+}
+
+impl Devices {
+    /// The legacy devices and the virtio devices of `configs` of `vm`.
+    fn new(vm: &Vm, console: &Console, configs: &[DeviceConfig], seccomp: bool) -> Result<Devices, VmError> {
+        let (notifier, exits) = ExitNotifier::new();
+        let timestamps = Arc::new(GuestTimestamps::default());
+        let (pio, serial) = device_manager::legacy_devices(vm, console, &notifier, &timestamps)?;
+        if seccomp {
+            seccomp::install_reporter()?;
         }
+        let (mmio, transports) = device_manager::virtio_devices(vm, configs, seccomp)?;
+        Ok(Devices { notifier, exits, timestamps, pio, serial, mmio, transports })
     }
 }
 

@@ -23,8 +23,8 @@ const EXIT_REBOOT: u8 = 3;
 #[command(name = "husk-vmm", version, about = "Boot a Linux guest with Husk's VMM")]
 struct Cli {
     /// Guest kernel: ELF vmlinux or bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
     /// Initial ramdisk (uncompressed cpio for Husk's guest kernel).
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -82,7 +82,18 @@ struct Cli {
     /// Where the guest's serial console goes: a file path, or `-` for stdout (repeatable).
     #[arg(long, default_value = "-")]
     console: Vec<String>,
+    /// Once the guest's agent reports ready, save the VM into this directory and exit (the VM
+    /// must have no virtio devices yet: with --no-rng, without --vsock, --fs, --net-tap).
+    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
+    snapshot_on_ready: Option<PathBuf>,
+    /// Restore the VM saved in this directory (by --snapshot-on-ready) instead of booting one;
+    /// its size comes from the snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "vsock", "fs", "net_tap"])]
+    restore: Option<PathBuf>,
 }
+
+/// How long --snapshot-on-ready waits for the agent.
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `TAG=DIR` of `--fs`.
 fn parse_share(value: &str) -> Result<(String, PathBuf), String> {
@@ -150,22 +161,79 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
             log = Some(File::create(target).with_context(|| format!("--console {target}"))?);
         }
     }
-    let config = VmConfig {
+    let console = Console::new(log, stdout);
+    let console_input = if cli.console_input {
+        Some(std::io::stdin().as_fd().try_clone_to_owned().context("duplicating stdin")?)
+    } else {
+        None
+    };
+    if let Some(snapshot) = cli.restore {
+        let config = husk_vmm::RestoreConfig {
+            snapshot,
+            console,
+            setup_started: Some(started),
+            console_input,
+            seccomp: !cli.no_seccomp,
+        };
+        let signals = block_stop_signals()?;
+        let handle = VmHandle::restore(config)?;
+        eprintln!("husk-vmm: restored; restore_ms={:.2}", started.elapsed().as_secs_f64() * 1000.0);
+        return wait_for_end(handle, signals);
+    }
+    let snapshot_on_ready = cli.snapshot_on_ready.clone();
+    let config = vm_config(cli, console, console_input, started)?;
+    let signals = block_stop_signals()?;
+    let handle = VmHandle::start(config)?;
+    if let Some(dir) = snapshot_on_ready {
+        return snapshot_when_ready(handle, &dir);
+    }
+    wait_for_end(handle, signals)
+}
+
+/// Waits for the agent's ready report, then saves the VM into `dir`.
+fn snapshot_when_ready(handle: VmHandle, dir: &std::path::Path) -> Result<ExitCode> {
+    let clock = handle.boot_clock();
+    match clock.wait_ready(READY_TIMEOUT) {
+        husk_vmm::ReadyWait::Ready(_) => {}
+        other => {
+            let exit = handle.wait();
+            anyhow::bail!(
+                "the guest's agent never reported ready ({other:?}); the VM ended: {}\n--- guest console (last lines) ---\n{}",
+                exit.reason,
+                exit.console_tail
+            );
+        }
+    }
+    let ready = Instant::now();
+    handle.snapshot(dir)?;
+    eprintln!(
+        "husk-vmm: snapshot saved to {}; boot_to_init_ms={:.2} snapshot_ms={:.2}",
+        dir.display(),
+        clock.timings().boot_to_init.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        ready.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The VM the command line describes.
+fn vm_config(
+    cli: Cli,
+    console: Console,
+    console_input: Option<std::os::fd::OwnedFd>,
+    started: Instant,
+) -> Result<VmConfig> {
+    Ok(VmConfig {
         vcpus: cli.vcpus,
         mem_mib: cli.mem,
-        kernel: cli.kernel,
+        kernel: cli.kernel.context("--kernel is required")?,
         initrd: cli.initrd,
         cmdline: match cli.append {
             Some(extra) => format!("{} {extra}", cli.cmdline),
             None => cli.cmdline,
         },
-        console: Console::new(log, stdout),
+        console,
         setup_started: Some(started),
-        console_input: if cli.console_input {
-            Some(std::io::stdin().as_fd().try_clone_to_owned().context("duplicating stdin")?)
-        } else {
-            None
-        },
+        console_input,
         seccomp: !cli.no_seccomp,
         devices: {
             let mut devices = Vec::new();
@@ -193,11 +261,13 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
             }
             devices
         },
-    };
-    // SIGINT/SIGTERM stop the VM cleanly: block them before any thread exists (threads inherit the
-    // mask) and wait for them on a thread of their own.
-    let signals = block_stop_signals()?;
-    let handle = VmHandle::start(config)?;
+    })
+}
+
+/// Runs the VM until it ends (SIGINT/SIGTERM stop it), and reports how.
+fn wait_for_end(handle: VmHandle, signals: libc::sigset_t) -> Result<ExitCode> {
+    // SIGINT/SIGTERM stop the VM cleanly: blocked before any thread exists (threads inherit the
+    // mask), waited for on a thread of their own.
     let stopper = handle.stopper();
     std::thread::Builder::new()
         .name("signals".into())

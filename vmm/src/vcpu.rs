@@ -47,8 +47,9 @@ pub fn install_kick_handler() -> io::Result<()> {
         .map_err(io::Error::from_raw_os_error)
 }
 
-/// Starts vCPU `index` on its own thread.
-pub fn spawn(index: u8, vcpu: VcpuFd, shared: VcpuShared) -> io::Result<JoinHandle<()>> {
+/// Starts vCPU `index` on its own thread. The thread hands its vCPU back when it was stopped
+/// (for a snapshot to read its state), nothing when the VM ended.
+pub fn spawn(index: u8, vcpu: VcpuFd, shared: VcpuShared) -> io::Result<JoinHandle<Option<VcpuFd>>> {
     std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
         crate::threads::mask_process_signals();
         run(index, vcpu, &shared)
@@ -66,18 +67,19 @@ impl Drop for PanicGuard<'_> {
     }
 }
 
-fn run(index: u8, mut vcpu: VcpuFd, shared: &VcpuShared) {
+fn run(index: u8, mut vcpu: VcpuFd, shared: &VcpuShared) -> Option<VcpuFd> {
     let _guard = PanicGuard(index, &shared.exit);
     if shared.seccomp {
         // Before the guest runs a single instruction on this vCPU.
         if let Err(err) = crate::seccomp::apply(crate::seccomp::ThreadRole::Vcpu) {
             shared.exit.notify(ExitReason::Error(format!("vCPU {index}: {err}")));
-            return;
+            return None;
         }
     }
     loop {
         if shared.stop.load(Ordering::Acquire) {
-            return;
+            complete_pending_io(&mut vcpu);
+            return Some(vcpu);
         }
         if index == 0 {
             let _ = shared.timestamps.first_vcpu_entry.set(Instant::now());
@@ -92,9 +94,18 @@ fn run(index: u8, mut vcpu: VcpuFd, shared: &VcpuShared) {
         };
         if let Some(reason) = end {
             shared.exit.notify(reason);
-            return;
+            return None;
         }
     }
+}
+
+/// An I/O or MMIO exit is completed by the next `KVM_RUN` (the value read goes into the guest's
+/// register then): entering once with `immediate_exit` set completes it and returns at once, so
+/// the vCPU's state holds the finished instruction (KVM's documented way before saving state).
+fn complete_pending_io(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
 }
 
 /// The registers that say where a vCPU was when it stopped (one line, for the exit message). After

@@ -9,7 +9,7 @@ pub mod serial;
 pub use console::Console;
 pub use guest_events::{GuestEvents, GuestTimestamps, ReadyWait};
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
-pub use serial::{Serial, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
+pub use serial::{Serial, SerialState, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 
 use crate::devices::BusDevice;
 

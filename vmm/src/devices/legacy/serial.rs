@@ -3,6 +3,7 @@
 
 use std::io;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
@@ -54,6 +55,62 @@ impl Serial {
     }
 }
 
+/// The UART's registers and the input the guest has not read, as a snapshot keeps them
+/// (vm-superio's own state struct, in a form serde can write).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl Serial {
+    /// The UART's state.
+    pub fn state(&self) -> SerialState {
+        let s = self.0.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts the UART in `state`, keeping its interrupt line and console.
+    pub fn set_state(&mut self, state: &SerialState) -> io::Result<()> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let irq = IrqLine(self.0.interrupt_evt().0.try_clone()?);
+        let restored = vm_superio::Serial::from_state(&s, irq, NoEvents, self.0.writer().clone())
+            .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        self.0 = restored;
+        Ok(())
+    }
+}
+
 impl ByteRegisters for Serial {
     fn read_register(&mut self, offset: u8) -> u8 {
         self.0.read(offset)
@@ -69,6 +126,27 @@ impl ByteRegisters for Serial {
 mod tests {
     use super::*;
     use crate::devices::BusDevice;
+
+    #[test]
+    fn the_state_round_trips_through_a_new_uart_with_its_unread_input() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut serial = Serial::new(irq.try_clone().unwrap(), Console::new(None, false));
+        serial.write(3, &[0x03]); // LCR: 8 data bits
+        serial.write(1, &[0x01]); // IER: received data interrupt
+        serial.write(7, &[0x5a]); // scratch
+        serial.enqueue_input(b"ab");
+        let state = serial.state();
+        let json = serde_json::to_string(&state).unwrap();
+
+        let mut restored = Serial::new(irq.try_clone().unwrap(), Console::new(None, false));
+        restored.set_state(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(restored.state(), state);
+        let mut byte = [0u8];
+        restored.read(0, &mut byte);
+        assert_eq!(&byte, b"a", "the guest reads the input it had not read");
+        let too_much = SerialState { in_buffer: vec![0; 4096], ..state };
+        assert!(restored.set_state(&too_much).is_err(), "more input than the FIFO holds");
+    }
 
     #[test]
     fn transmitted_bytes_reach_the_console_and_raise_the_interrupt() {
