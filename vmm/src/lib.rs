@@ -334,7 +334,17 @@ impl VmHandle {
         let svm = kind.vendor() == Some(host::CpuVendor::Amd);
         let kvm = Kvm::new().map_err(host::HostError::Open)?;
         let vm = Vm::from_memory_file(&kvm, state.mem_bytes, &memory)?;
-        let devices = Devices::new(&vm, &config.console, &[], config.seccomp)?;
+        let configs = state
+            .virtio
+            .iter()
+            .map(|saved| match saved.device_type {
+                virtio_bindings::virtio_ids::VIRTIO_ID_RNG => Ok(DeviceConfig::Rng),
+                device_type => Err(snapshot_error(SnapshotError::Device(
+                    devices::virtio::mmio::TransportSnapshotError::NotRestorable { device_type },
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let devices = Devices::new(&vm, &config.console, &configs, config.seccomp)?;
         devices
             .serial
             .lock()
@@ -351,6 +361,15 @@ impl VmHandle {
             vcpus.push(fd);
         }
         state.machine.restore(vm.fd()).map_err(snapshot_error)?;
+        // Last: a device's restore may raise its interrupt, which the interrupt controllers'
+        // state would otherwise overwrite.
+        for (transport, saved) in devices.transports.iter().zip(&state.virtio) {
+            transport
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .restore(saved)
+                .map_err(|cause| snapshot_error(cause.into()))?;
+        }
         tracing::debug!(
             elapsed_us = setup_started.elapsed().as_micros(),
             vcpus = vcpus.len(),
@@ -373,15 +392,18 @@ impl VmHandle {
     /// is gone afterwards. Meant for a guest at rest (its agent ready, nothing in flight).
     pub fn snapshot(mut self, dir: &Path) -> Result<(), VmError> {
         let snapshot_error = |cause| VmError::Snapshot { dir: dir.to_path_buf(), cause };
-        if !self.transports.is_empty() {
-            return Err(snapshot_error(SnapshotError::VirtioDevices { count: self.transports.len() }));
-        }
         let expected = self.threads.len();
         let vcpus = self.stop_vcpus();
         if vcpus.len() != expected || self.exits.try_recv().is_ok() {
             return Err(snapshot_error(SnapshotError::Ended));
         }
         let serial = self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).state();
+        let virtio = self
+            .transports
+            .iter()
+            .map(|transport| transport.lock().unwrap_or_else(std::sync::PoisonError::into_inner).snapshot())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|cause| snapshot_error(cause.into()))?;
         let kvm = Kvm::new().map_err(host::HostError::Open)?;
         let msrs = snapshot::vcpu::msrs_to_save(&kvm).map_err(snapshot_error)?;
         let vcpus = vcpus
@@ -391,7 +413,8 @@ impl VmHandle {
             .map_err(snapshot_error)?;
         let machine = snapshot::machine::MachineState::save(self.vm.fd()).map_err(snapshot_error)?;
         let mem_bytes = self.vm.mem_bytes();
-        let state = SnapshotState { version: snapshot::FORMAT_VERSION, mem_bytes, vcpus, machine, serial };
+        let state =
+            SnapshotState { version: snapshot::FORMAT_VERSION, mem_bytes, vcpus, machine, serial, virtio };
         snapshot::write(dir, &state, self.vm.memory()).map_err(snapshot_error)
     }
 

@@ -82,8 +82,8 @@ struct Cli {
     /// Where the guest's serial console goes: a file path, or `-` for stdout (repeatable).
     #[arg(long, default_value = "-")]
     console: Vec<String>,
-    /// Once the guest's agent reports ready, save the VM into this directory and exit (the VM
-    /// must have no virtio devices yet: with --no-rng, without --vsock, --fs, --net-tap).
+    /// Once the guest's agent reports ready, save the VM into this directory and exit (of the
+    /// virtio devices, only virtio-rng is saved yet: without --vsock, --fs, --net-tap).
     #[arg(long, value_name = "DIR", conflicts_with = "restore")]
     snapshot_on_ready: Option<PathBuf>,
     /// Restore the VM saved in this directory (by --snapshot-on-ready) instead of booting one;

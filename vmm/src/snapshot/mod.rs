@@ -12,8 +12,9 @@
 //! Both are readable by their owner alone (the memory of a guest is the guest's secrets); the
 //! directory is the caller's to keep from others.
 //!
-//! Devices: the serial console and the legacy ports so far. A VM with virtio devices is refused
-//! ([`SnapshotError::VirtioDevices`]) until their transports and queues are saved too.
+//! Devices: the serial port, and each virtio device's transport with its queues' positions
+//! ([`crate::devices::virtio::mmio::TransportSnapshot`]) for devices that keep nothing else
+//! (virtio-rng so far); a VM with any other virtio device is refused.
 
 pub mod machine;
 pub mod memory;
@@ -58,8 +59,8 @@ pub enum SnapshotError {
     Invalid(&'static str),
     #[error("KVM refused MSR {index:#x} of the snapshot")]
     MsrRefused { index: u32 },
-    #[error("the VM has {count} virtio devices; snapshots of virtio devices are not supported yet")]
-    VirtioDevices { count: usize },
+    #[error(transparent)]
+    Device(#[from] crate::devices::virtio::mmio::TransportSnapshotError),
     #[error("the VM ended before it could be snapshotted")]
     Ended,
 }
@@ -74,6 +75,8 @@ pub struct SnapshotState {
     pub vcpus: Vec<VcpuState>,
     pub machine: MachineState,
     pub serial: SerialState,
+    /// The virtio devices in MMIO slot order.
+    pub virtio: Vec<crate::devices::virtio::mmio::TransportSnapshot>,
 }
 
 /// Writes a snapshot of `state` and `guest_memory` into `dir` (created, mode 0700, if missing).
@@ -196,6 +199,7 @@ mod tests {
                 clock: Default::default(),
             },
             serial: SerialState { scratch: 7, ..Default::default() },
+            virtio: Vec::new(),
         };
         write(dir, &state, &memory).unwrap();
         memory

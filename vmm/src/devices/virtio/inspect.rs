@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 pub struct Rings {
     pub size: u16,
     pub ready: bool,
+    pub desc: u64,
     pub avail: u64,
     pub used: u64,
 }
@@ -22,7 +23,13 @@ pub struct Rings {
 impl Rings {
     /// The ring addresses of `queue`.
     pub fn of(queue: &Queue) -> Rings {
-        Rings { size: queue.size(), ready: queue.ready(), avail: queue.avail_ring(), used: queue.used_ring() }
+        Rings {
+            size: queue.size(),
+            ready: queue.ready(),
+            desc: queue.desc_table(),
+            avail: queue.avail_ring(),
+            used: queue.used_ring(),
+        }
     }
 }
 
@@ -130,7 +137,7 @@ mod tests {
         mem.write_obj(1u16.to_le(), GuestAddress(0x1000)).unwrap(); // avail.flags: no interrupts
         mem.write_obj(300u16.to_le(), GuestAddress(0x1002)).unwrap();
         mem.write_obj(44u16.to_le(), GuestAddress(0x2002)).unwrap();
-        let rings = Rings { size: 256, ready: true, avail: 0x1000, used: 0x2000 };
+        let rings = Rings { size: 256, ready: true, desc: 0, avail: 0x1000, used: 0x2000 };
         let state = QueueState::read(&mem, &rings);
         assert_eq!(
             state,

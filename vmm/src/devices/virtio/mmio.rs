@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -58,6 +59,49 @@ mod reg {
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
     pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// `VIRTIO_RING_F_EVENT_IDX`.
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// A transport as a snapshot keeps it: the driver's registers and, once the device is active, where
+/// each queue's rings are and how far the device has gone in them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub status: u32,
+    pub acked_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub activated: bool,
+    pub interrupt_status: u32,
+    /// Empty unless activated.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// One active queue in a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    /// The next chain the device takes and the next used entry it writes: the same for a device
+    /// at rest ([`super::VirtioDevice::restorable`]), `used.idx` in guest memory.
+    pub next: u16,
+}
+
+/// Why a transport cannot be saved or restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportSnapshotError {
+    #[error("virtio device {device_type}: its state cannot be saved yet")]
+    NotRestorable { device_type: u32 },
+    #[error("virtio device {device_type}: the driver is setting it up (status {status:#x})")]
+    Negotiating { device_type: u32, status: u32 },
+    #[error("virtio device {device_type}: {what}")]
+    Mismatch { device_type: u32, what: &'static str },
 }
 
 /// One virtio device behind its MMIO registers.
@@ -143,6 +187,94 @@ impl MmioTransport {
             queues: self.active_rings.iter().map(|rings| QueueState::read(&self.mem, rings)).collect(),
             device: self.device.debug_state(),
         }
+    }
+
+    /// The transport's registers and queue positions, for a snapshot taken with the vCPUs
+    /// stopped. A device that keeps more than its queues, or one the driver is still setting up,
+    /// is refused.
+    pub fn snapshot(&self) -> Result<TransportSnapshot, TransportSnapshotError> {
+        let device_type = self.device.device_type();
+        if !self.device.restorable() {
+            return Err(TransportSnapshotError::NotRestorable { device_type });
+        }
+        if self.status != 0 && !self.activated {
+            return Err(TransportSnapshotError::Negotiating { device_type, status: self.status });
+        }
+        let mut queues = Vec::with_capacity(self.active_rings.len());
+        for rings in &self.active_rings {
+            let used_idx = QueueState::read(&self.mem, rings).used_idx;
+            let next = used_idx
+                .ok_or(TransportSnapshotError::Mismatch { device_type, what: "used ring unreadable" })?;
+            queues.push(QueueSnapshot {
+                size: rings.size,
+                ready: rings.ready,
+                desc_table: rings.desc,
+                avail_ring: rings.avail,
+                used_ring: rings.used,
+                next,
+            });
+        }
+        Ok(TransportSnapshot {
+            device_type,
+            status: self.status,
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            activated: self.activated,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        })
+    }
+
+    /// Puts a new transport (of a restored VM, its device made as the snapshot's was) in the
+    /// state of `snapshot`: an active device is activated over the saved queues, told to look at
+    /// every queue once (what the driver made available while it was saved), and a pending
+    /// interrupt is raised again. Guest memory is the snapshot's, so the rings are where they were.
+    pub fn restore(&mut self, snapshot: &TransportSnapshot) -> Result<(), TransportSnapshotError> {
+        let device_type = self.device.device_type();
+        let mismatch = |what| TransportSnapshotError::Mismatch { device_type, what };
+        if snapshot.device_type != device_type {
+            return Err(mismatch("another device type in the snapshot"));
+        }
+        if self.activated || self.status != 0 {
+            return Err(mismatch("the transport is in use"));
+        }
+        self.device_features_sel = snapshot.device_features_sel;
+        self.driver_features_sel = snapshot.driver_features_sel;
+        self.queue_sel = snapshot.queue_sel;
+        self.acked_features = snapshot.acked_features;
+        if snapshot.activated {
+            if snapshot.queues.len() != self.queues.len() || !self.features_acceptable() {
+                return Err(mismatch("queues or features do not match the device"));
+            }
+            let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+            for (queue, saved) in self.queues.iter_mut().zip(&snapshot.queues) {
+                let state = virtio_queue::QueueState {
+                    max_size: queue.max_size(),
+                    next_avail: saved.next,
+                    next_used: saved.next,
+                    event_idx_enabled: event_idx,
+                    size: saved.size,
+                    ready: saved.ready,
+                    desc_table: saved.desc_table,
+                    avail_ring: saved.avail_ring,
+                    used_ring: saved.used_ring,
+                };
+                *queue = Queue::try_from(state).map_err(|_| mismatch("a saved queue is invalid"))?;
+            }
+            if !self.activate() {
+                return Err(mismatch("activation over the saved queues failed"));
+            }
+            for event in &self.queue_events {
+                let _ = event.write(1);
+            }
+        }
+        self.status = snapshot.status;
+        if snapshot.interrupt_status != 0 {
+            self.interrupt.trigger(snapshot.interrupt_status);
+        }
+        Ok(())
     }
 
     /// Number of queues the device has.
@@ -341,12 +473,15 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use std::sync::Mutex;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
 
     #[derive(Debug, Default)]
     struct Calls {
         activated: Vec<(usize, u64, u16)>, // queues, acked features, first queue size
         resets: usize,
+        restorable: bool,
+        /// The first queue's next available and used entries at each activation.
+        positions: Vec<(u16, u16)>,
     }
 
     struct MockDevice(Arc<Mutex<Calls>>);
@@ -368,8 +503,13 @@ mod tests {
         }
         fn activate(&mut self, context: DeviceContext) -> Result<(), super::super::ActivateError> {
             let size = context.queues[0].size();
-            self.0.lock().unwrap().activated.push((context.queues.len(), context.acked_features, size));
+            let mut calls = self.0.lock().unwrap();
+            calls.activated.push((context.queues.len(), context.acked_features, size));
+            calls.positions.push((context.queues[0].next_avail(), context.queues[0].next_used()));
             Ok(())
+        }
+        fn restorable(&self) -> bool {
+            self.0.lock().unwrap().restorable
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
@@ -425,6 +565,61 @@ mod tests {
     }
 
     const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+    #[test]
+    fn an_active_transport_restores_over_its_saved_queues_and_looks_at_them_once() {
+        let (mut t, calls, _) = transport();
+        calls.lock().unwrap().restorable = true;
+        let features = VIRTIO_F_VERSION_1 | MOCK_FEATURE;
+        negotiate(&mut t, features);
+        setup_queue(&mut t, 0x1000);
+        w(&mut t, reg::STATUS, ALL_OK);
+        // The device has completed 5 chains (used.idx in guest memory).
+        t.mem.write_obj(5u16.to_le(), GuestAddress(0x3002)).unwrap();
+        let saved = t.snapshot().unwrap();
+        let expected = QueueSnapshot {
+            size: 16,
+            ready: true,
+            desc_table: 0x1000,
+            avail_ring: 0x2000,
+            used_ring: 0x3000,
+            next: 5,
+        };
+        assert_eq!((saved.status, saved.activated, saved.queues.as_slice()), (ALL_OK, true, &[expected][..]));
+        let saved: TransportSnapshot = serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+
+        let (mut restored, restored_calls, notify) = transport();
+        restored.restore(&saved).unwrap();
+        assert_eq!(r(&mut restored, reg::STATUS), ALL_OK);
+        assert_eq!(r(&mut restored, reg::QUEUE_READY), 1);
+        let calls = restored_calls.lock().unwrap();
+        assert_eq!(calls.activated, vec![(1, features, 16)]);
+        assert_eq!(calls.positions, vec![(5, 5)], "the device goes on where it was");
+        assert_eq!(notify.read().unwrap(), 1, "and looks at its queue once");
+    }
+
+    #[test]
+    fn devices_with_state_of_their_own_or_being_set_up_are_not_saved_and_mismatches_not_restored() {
+        let (mut t, calls, _) = transport();
+        assert_eq!(t.snapshot(), Err(TransportSnapshotError::NotRestorable { device_type: 42 }));
+        calls.lock().unwrap().restorable = true;
+        let untouched = t.snapshot().unwrap();
+        assert!(!untouched.activated && untouched.queues.is_empty());
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        assert!(matches!(t.snapshot(), Err(TransportSnapshotError::Negotiating { device_type: 42, .. })));
+
+        let (mut other, _, _) = transport();
+        let err = other.restore(&TransportSnapshot { device_type: 7, ..untouched.clone() }).unwrap_err();
+        assert!(err.to_string().contains("another device type"), "{err}");
+        let broken = TransportSnapshot {
+            activated: true,
+            status: ALL_OK,
+            acked_features: VIRTIO_F_VERSION_1,
+            ..untouched
+        };
+        let err = other.restore(&broken).unwrap_err();
+        assert!(err.to_string().contains("queues or features"), "{err}");
+    }
 
     #[test]
     fn identity_registers_describe_a_version_2_device() {

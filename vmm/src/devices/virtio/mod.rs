@@ -196,6 +196,12 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, context: DeviceContext) -> Result<(), ActivateError>;
     /// Stops serving and forgets the queues (driver reset or VM teardown).
     fn reset(&mut self);
+    /// Whether a snapshot may save this device with its transport alone ([`mmio::TransportSnapshot`]):
+    /// it keeps no state of its own beyond its queues, and completes what the driver makes
+    /// available before the vCPUs stop (nothing in flight).
+    fn restorable(&self) -> bool {
+        false
+    }
     /// The device's own counters for a diagnostic report ([`inspect`]), if it keeps any.
     fn debug_state(&self) -> Option<String> {
         None

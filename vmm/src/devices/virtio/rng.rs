@@ -66,6 +66,11 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.worker = None;
     }
+
+    /// Each request is served as soon as the driver makes it available.
+    fn restorable(&self) -> bool {
+        true
+    }
 }
 
 /// The request queue and what serving it needs (lives on the worker thread).
