@@ -127,6 +127,8 @@ pub enum VmError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("snapshot {dir}: {cause}")]
     Snapshot { dir: PathBuf, cause: SnapshotError },
+    #[error("restoring vCPU {index}: {cause}")]
+    RestoreVcpu { index: usize, cause: SnapshotError },
 }
 
 /// What to restore from a snapshot ([`VmHandle::restore`]), and how to run it.
@@ -327,6 +329,12 @@ impl VmHandle {
         let setup_started = config.setup_started.unwrap_or_else(Instant::now);
         let snapshot_error = |cause| VmError::Snapshot { dir: config.snapshot.clone(), cause };
         let (state, memory) = snapshot::read(&config.snapshot).map_err(snapshot_error)?;
+        if state.vcpus.is_empty() || state.vcpus.len() > usize::from(mptable::MAX_VCPUS) {
+            return Err(snapshot_error(SnapshotError::Invalid("vCPUs")));
+        }
+        if !(MIN_MEM_MIB << 20..=MAX_MEM_BYTES).contains(&state.mem_bytes) {
+            return Err(snapshot_error(SnapshotError::Invalid("memory size")));
+        }
         let kind = host::detect_kind_here();
         if let Err(reason) = host::usable_kind(&kind) {
             return Err(VmError::UnusableKvm(reason));
@@ -334,16 +342,7 @@ impl VmHandle {
         let svm = kind.vendor() == Some(host::CpuVendor::Amd);
         let kvm = Kvm::new().map_err(host::HostError::Open)?;
         let vm = Vm::from_memory_file(&kvm, state.mem_bytes, &memory)?;
-        let configs = state
-            .virtio
-            .iter()
-            .map(|saved| match saved.device_type {
-                virtio_bindings::virtio_ids::VIRTIO_ID_RNG => Ok(DeviceConfig::Rng),
-                device_type => Err(snapshot_error(SnapshotError::Device(
-                    devices::virtio::mmio::TransportSnapshotError::NotRestorable { device_type },
-                ))),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let configs = restored_device_configs(&state).map_err(snapshot_error)?;
         let devices = Devices::new(&vm, &config.console, &configs, config.seccomp)?;
         devices
             .serial
@@ -351,15 +350,7 @@ impl VmHandle {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .set_state(&state.serial)
             .map_err(|cause| VmError::Io { what: "restoring the serial port", cause })?;
-        let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for (index, saved) in state.vcpus.iter().enumerate() {
-            let fd = vm
-                .fd()
-                .create_vcpu(index as u64)
-                .map_err(|cause| VmError::Kvm { what: "KVM_CREATE_VCPU", cause })?;
-            saved.restore(&fd, svm).map_err(snapshot_error)?;
-            vcpus.push(fd);
-        }
+        let vcpus = restore_vcpus(&vm, &state, svm)?;
         state.machine.restore(vm.fd()).map_err(snapshot_error)?;
         // Last: a device's restore may raise its interrupt, which the interrupt controllers'
         // state would otherwise overwrite.
@@ -574,6 +565,34 @@ impl Devices {
         let (mmio, transports) = device_manager::virtio_devices(vm, configs, seccomp)?;
         Ok(Devices { notifier, exits, timestamps, pio, serial, mmio, transports })
     }
+}
+
+/// The virtio devices to make for a restored VM, in the snapshot's slot order.
+fn restored_device_configs(state: &SnapshotState) -> Result<Vec<DeviceConfig>, SnapshotError> {
+    state
+        .virtio
+        .iter()
+        .map(|saved| match saved.device_type {
+            virtio_bindings::virtio_ids::VIRTIO_ID_RNG => Ok(DeviceConfig::Rng),
+            device_type => {
+                Err(devices::virtio::mmio::TransportSnapshotError::NotRestorable { device_type }.into())
+            }
+        })
+        .collect()
+}
+
+/// Creates the snapshot's vCPUs in `vm` and gives each its saved state.
+fn restore_vcpus(vm: &Vm, state: &SnapshotState, svm: bool) -> Result<Vec<VcpuFd>, VmError> {
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in state.vcpus.iter().enumerate() {
+        let fd = vm
+            .fd()
+            .create_vcpu(index as u64)
+            .map_err(|cause| VmError::Kvm { what: "KVM_CREATE_VCPU", cause })?;
+        saved.restore(&fd, svm).map_err(|cause| VmError::RestoreVcpu { index, cause })?;
+        vcpus.push(fd);
+    }
+    Ok(vcpus)
 }
 
 /// Checks the configuration (the user's mistakes first, so they are reported whatever the host),
