@@ -50,6 +50,8 @@ containerd:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	@# fuzz/ has a lock file of its own: a dependency change in the workspace must reach it too.
+	$(CARGO) metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 
 ## fuzz: build the fuzz targets and run each from its committed corpus (FUZZ_SECONDS, default 300)
 FUZZ_SECONDS ?= 300
