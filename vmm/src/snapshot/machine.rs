@@ -8,7 +8,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
-use super::SnapshotError;
+use super::{kvm_error as kvm, SnapshotError};
 
 const IRQCHIPS: [u32; 3] = [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC];
 
@@ -19,10 +19,6 @@ pub struct MachineState {
     pub irqchips: Vec<kvm_irqchip>,
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
-}
-
-fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
-    move |cause| SnapshotError::Kvm { what, cause }
 }
 
 impl MachineState {

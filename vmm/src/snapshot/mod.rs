@@ -90,10 +90,7 @@ pub fn write(
 ) -> Result<(), SnapshotError> {
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(file_error(dir))?;
     let state_path = dir.join(STATE_FILE);
-    match fs::remove_file(&state_path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(file_error(&state_path)(err)),
-        _ => {}
-    }
+    remove_if_present(&state_path)?;
     let memory_path = dir.join(MEMORY_FILE);
     write_replacing(&memory_path, |file| {
         let written = memory::save(guest_memory, file)?;
@@ -121,10 +118,7 @@ fn write_replacing(
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
-    match fs::remove_file(&partial) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(file_error(&partial)(err)),
-        _ => {}
-    }
+    remove_if_present(&partial)?;
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -137,6 +131,18 @@ fn write_replacing(
     }
     filled?;
     fs::rename(&partial, path).map_err(file_error(path))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), SnapshotError> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(file_error(path)(err)),
+        _ => Ok(()),
+    }
+}
+
+/// The error of a KVM call named `what`, for `map_err`.
+fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
+    move |cause| SnapshotError::Kvm { what, cause }
 }
 
 fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {

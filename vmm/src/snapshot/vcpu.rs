@@ -8,7 +8,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
-use super::SnapshotError;
+use super::{kvm_error as kvm, SnapshotError};
 
 /// `IA32_TSC`.
 const MSR_IA32_TSC: u32 = 0x10;
@@ -31,10 +31,6 @@ pub struct VcpuState {
     pub lapic: kvm_lapic_state,
     pub msrs: Vec<kvm_msr_entry>,
     pub events: kvm_vcpu_events,
-}
-
-fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
-    move |cause| SnapshotError::Kvm { what, cause }
 }
 
 /// The MSRs worth saving on this host: KVM's list of the ones it migrates, less the x2APIC range.
